@@ -1,0 +1,132 @@
+"""Frozen teachers: a timm architecture plus a local weights file, loaded strictly, eval mode, no grad.
+
+The regression target is the teacher's pooled *backbone* feature (not its SSL projection head).
+"""
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from simreg.models.errors import TeacherLoadError
+from simreg.models.students import build_backbone, feature_dim
+
+# Keys that wrap a state dict in common training checkpoints ({"state_dict": {...}}).
+_WRAPPER_KEYS = ("state_dict", "model", "module")
+
+
+@dataclass(frozen=True)
+class InputTransform:
+    """Maps a view in [0, 1], (B, C, H, W) with C in {1, 3}, to a model's normalized RGB input."""
+
+    size: int
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+
+    def __call__(self, view: torch.Tensor) -> torch.Tensor:
+        x = view.float()
+        if x.shape[1] == 1:
+            x = x.expand(-1, 3, -1, -1)  # grayscale -> RGB
+        if x.shape[-2:] != (self.size, self.size):
+            x = F.interpolate(x, size=(self.size, self.size), mode="bilinear", align_corners=False, antialias=True)
+        mean = torch.tensor(self.mean, dtype=x.dtype, device=x.device).view(1, 3, 1, 1)
+        std = torch.tensor(self.std, dtype=x.dtype, device=x.device).view(1, 3, 1, 1)
+        return (x - mean) / std  # (B, 3, size, size)
+
+
+def load_weights_file(path: str | Path) -> dict[str, torch.Tensor]:
+    """Read a state dict from safetensors or a torch file (``weights_only=True``, never pickle code)."""
+    p = Path(path)
+    if not p.is_file():
+        raise TeacherLoadError(f"teacher weights file {str(p)!r} does not exist: check teachers[].weights")
+    try:
+        if p.suffix == ".safetensors":
+            from safetensors.torch import load_file
+
+            sd: object = load_file(str(p))
+        else:
+            sd = torch.load(str(p), map_location="cpu", weights_only=True)
+    except Exception as e:  # corrupt file, pickle with code, wrong format
+        raise TeacherLoadError(
+            f"cannot read teacher weights {str(p)!r}: {type(e).__name__}: {e}. "
+            "Use a .safetensors file or a torch state dict saved with torch.save(model.state_dict(), path)"
+        ) from e
+    for _ in range(3):
+        if isinstance(sd, Mapping):
+            inner = [sd[k] for k in _WRAPPER_KEYS if k in sd and isinstance(sd[k], Mapping)]
+            if inner and not any(isinstance(v, torch.Tensor) for v in sd.values()):
+                sd = inner[0]
+                continue
+        break
+    if not isinstance(sd, Mapping) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
+        raise TeacherLoadError(
+            f"teacher weights {str(p)!r} hold no flat state dict of tensors: save the backbone's state_dict()"
+        )
+    return dict(sd)
+
+
+def file_sha256(path: str | Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _describe_keys(keys: Sequence[str], limit: int = 8) -> str:
+    keys = sorted(keys)
+    shown = ", ".join(keys[:limit])
+    return f"{len(keys)} [{shown}{', ...' if len(keys) > limit else ''}]"
+
+
+class Teacher(nn.Module):
+    """A frozen backbone with its own input transform. forward(view) -> (B, d) pooled feature."""
+
+    def __init__(self, name: str, arch: str, backbone: nn.Module, transform: InputTransform) -> None:
+        super().__init__()
+        self.name = name
+        self.arch = arch
+        self.backbone = backbone
+        self.transform = transform
+        self.feature_dim = feature_dim(backbone, transform.size)
+        self.backbone.requires_grad_(False)
+        self.eval()
+
+    def train(self, mode: bool = True) -> Teacher:
+        # A teacher never leaves eval mode: BN statistics and dropout stay frozen whatever the caller does.
+        return super().train(False)
+
+    @torch.no_grad()
+    def forward(self, view: torch.Tensor) -> torch.Tensor:
+        return self.backbone(self.transform(view))
+
+
+def load_teacher(
+    name: str, arch: str, weights: str | Path, transform: InputTransform, *, key: str = "teachers[0]"
+) -> Teacher:
+    """Build ``arch`` with timm and load ``weights`` strictly; list missing and unexpected keys on mismatch."""
+    backbone = build_backbone(arch, key=f"{key}.arch")
+    sd = load_weights_file(weights)
+    own = backbone.state_dict()
+    missing = [k for k in own if k not in sd]
+    unexpected = [k for k in sd if k not in own]
+    if missing or unexpected:
+        raise TeacherLoadError(
+            f"{key}.weights={str(weights)!r} does not match timm arch {arch!r}: "
+            f"missing keys {_describe_keys(missing)}; unexpected keys {_describe_keys(unexpected)}. "
+            f"Check {key}.arch, or save the backbone with timm.create_model({arch!r}, num_classes=0).state_dict()"
+        )
+    bad_shapes = [f"{k}: file {tuple(sd[k].shape)} vs model {tuple(v.shape)}" for k, v in own.items() if sd[k].shape != v.shape]
+    if bad_shapes:
+        raise TeacherLoadError(
+            f"{key}.weights={str(weights)!r} has shapes that differ from timm arch {arch!r}: "
+            + "; ".join(bad_shapes[:5])
+            + f" ({len(bad_shapes)} in all). Check {key}.arch"
+        )
+    backbone.load_state_dict({k: v.float() if v.is_floating_point() else v for k, v in sd.items()}, strict=True)
+    return Teacher(name, arch, backbone, transform)

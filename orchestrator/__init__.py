@@ -1,0 +1,1 @@
+"""Orchestration of SimReg on Ray: config, CLI, data pipeline, teacher pool, workers, tracking, export."""

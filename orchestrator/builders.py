@@ -1,0 +1,68 @@
+"""Config -> constructor arguments: the only place that maps config keys onto the models' arguments."""
+from __future__ import annotations
+
+import math
+
+import torch
+
+from simreg.models import InputTransform, SimRegObjective, build_backbone
+from simreg.orchestrator.config import SimRegConfig
+from simreg.orchestrator.teacher_pool import TeacherSpec
+from simreg.orchestrator.views import ViewSpec
+
+
+def teacher_specs(cfg: SimRegConfig) -> list[TeacherSpec]:
+    return [
+        TeacherSpec(t.name, t.arch, str(t.weights_path()), t.input_size, t.mean, t.std, key=f"teachers.{i}")
+        for i, t in enumerate(cfg.teachers)
+    ]
+
+
+def view_spec(cfg: SimRegConfig) -> ViewSpec:
+    return ViewSpec(size=cfg.data.view_size, scale=cfg.augment.crop_scale, hflip_p=cfg.augment.hflip_p)
+
+
+def student_transform(cfg: SimRegConfig) -> InputTransform:
+    return InputTransform(cfg.student_input_size, cfg.student.mean, cfg.student.std)
+
+
+def build_objective(cfg: SimRegConfig, teacher_dims: dict[str, int]) -> SimRegObjective:
+    return SimRegObjective(
+        build_backbone(cfg.student.arch),
+        student_transform(cfg),
+        teacher_dims,
+        depth=cfg.heads.depth,
+        width_mult=cfg.heads.width_mult,
+        layout=cfg.heads.layout,
+        teacher_weights={t.name: t.weight for t in cfg.teachers},
+    )
+
+
+def build_optimizer(
+    cfg: SimRegConfig, model: torch.nn.Module, steps_per_epoch: int
+) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LambdaLR]:
+    """SGD with momentum (the paper's optimizer), linear warm-up, then cosine decay to 0 per step."""
+    opt = torch.optim.SGD(
+        model.parameters(), lr=cfg.optim.lr, momentum=cfg.optim.momentum, weight_decay=cfg.optim.weight_decay
+    )
+    total = max(1, cfg.train.epochs * steps_per_epoch)
+    warm = int(cfg.optim.warmup_epochs * steps_per_epoch)
+
+    def factor(step: int) -> float:
+        if step < warm:
+            return (step + 1) / warm
+        return 0.5 * (1.0 + math.cos(math.pi * min(1.0, (step - warm) / max(1, total - warm))))
+
+    return opt, torch.optim.lr_scheduler.LambdaLR(opt, factor)
+
+
+def shard_plan(n_images: int, batch_size: int, num_workers: int) -> tuple[int, int, int]:
+    """(rows per worker, per-worker batch, steps per epoch) under Ray Train's equal split.
+
+    Ray Train splits with ``equal=True``: each worker gets floor(N / W) rows and the N mod W rows left
+    over are dropped that epoch; a last batch of one row is skipped by every worker (BatchNorm).
+    """
+    rows = n_images // num_workers
+    per_worker = max(2, batch_size // num_workers)
+    steps = rows // per_worker + (1 if rows % per_worker >= 2 else 0)
+    return rows, per_worker, steps

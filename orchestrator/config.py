@@ -1,0 +1,296 @@
+"""One typed config for a SimReg run: YAML file + ``key=value`` overrides -> frozen pydantic model.
+
+The same dotted names (``heads.depth``, ``optim.lr``, ``teachers.0.arch``) are used on the command
+line, in search spaces and as MLflow params. Every problem is reported at once, each with the bad value
+and the fix.
+"""
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from simreg.models.errors import ConfigError
+
+BUILTIN_PREFIX = "builtin:"
+WEIGHTS_DIR = Path(__file__).resolve().parent.parent / "models" / "weights"
+FMNIST_MEAN = (0.2860, 0.2860, 0.2860)
+FMNIST_STD = (0.3530, 0.3530, 0.3530)
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class DataConfig(_Strict):
+    source: Literal["fashion-mnist", "image-folder"] = "fashion-mnist"
+    root: str | None = Field(None, description="folder of the source; null = Debian package, then download cache")
+    download: bool = Field(True, description="download Fashion-MNIST when it is not installed")
+    train_size: int | None = Field(10000, ge=2, description="images of the train split distilled on (null = all)")
+    knn_bank_size: int | None = Field(10000, ge=1, description="labelled train images forming the k-NN bank")
+    knn_query_size: int | None = Field(2000, ge=1, description="held-out images queried in the k-NN eval")
+    view_size: int = Field(64, ge=8, description="resolution of the shared view (teacher input size)")
+    store_size: int = Field(96, ge=8, description="image-folder images are decoded and stored at this size")
+    holdout_fraction: float = Field(0.1, gt=0, lt=1, description="image-folder held-out share when no val/ split")
+
+    @model_validator(mode="after")
+    def _root_needed(self) -> DataConfig:
+        if self.source == "image-folder" and not self.root:
+            raise ValueError("data.source=image-folder needs data.root=/path/to/folder (one subfolder per class)")
+        return self
+
+
+class AugmentConfig(_Strict):
+    crop_scale: tuple[float, float] = Field((0.2, 1.0), description="RandomResizedCrop area range")
+    hflip_p: float = Field(0.5, ge=0, le=1)
+
+    @field_validator("crop_scale")
+    @classmethod
+    def _scale(cls, v: tuple[float, float]) -> tuple[float, float]:
+        if not (0 < v[0] <= v[1] <= 1):
+            raise ValueError(f"crop_scale={list(v)} must satisfy 0 < low <= high <= 1, e.g. [0.2, 1.0]")
+        return v
+
+
+class TeacherConfig(_Strict):
+    name: str = Field(pattern=r"^[A-Za-z][A-Za-z0-9_]*$", description="identifier used in metric names")
+    arch: str = Field(description="timm architecture of the backbone")
+    weights: str = Field(description="safetensors / torch state dict path, or builtin:<name>")
+    input_size: int = Field(64, ge=8)
+    mean: tuple[float, float, float] = FMNIST_MEAN
+    std: tuple[float, float, float] = FMNIST_STD
+    weight: float = Field(1.0, gt=0, description="weight of this teacher in the mean over teachers")
+
+    def weights_path(self) -> Path:
+        if self.weights.startswith(BUILTIN_PREFIX):
+            return WEIGHTS_DIR / f"{self.weights[len(BUILTIN_PREFIX):]}.safetensors"
+        return Path(self.weights).expanduser()
+
+
+class StudentConfig(_Strict):
+    arch: str = "resnet10t"
+    input_size: int | None = Field(32, ge=8, description="student input resolution (null = view_size)")
+    mean: tuple[float, float, float] = FMNIST_MEAN
+    std: tuple[float, float, float] = FMNIST_STD
+
+
+class HeadsConfig(_Strict):
+    depth: int = Field(4, ge=1, le=16)
+    width_mult: float = Field(2.0, gt=0)
+    layout: Literal["paper", "official"] = "paper"
+
+
+class OptimConfig(_Strict):
+    lr: float = Field(0.05, gt=0, description="SGD learning rate at train.batch_size")
+    momentum: float = Field(0.9, ge=0, lt=1)
+    weight_decay: float = Field(1e-4, ge=0)
+    warmup_epochs: float = Field(0.0, ge=0)
+
+
+class TrainConfig(_Strict):
+    epochs: int = Field(4, ge=1)
+    batch_size: int = Field(128, ge=2, description="global batch, split over the workers")
+
+
+class ScalingConfig(_Strict):
+    num_workers: int = Field(2, ge=1)
+    use_gpu: Literal["auto", True, False] = "auto"
+    cpus_per_worker: float = Field(0.5, gt=0)
+    threads_per_worker: int = Field(1, ge=1, description="torch threads in each student worker")
+
+
+class TeacherPoolConfig(_Strict):
+    actors_per_teacher: int = Field(1, ge=1)
+    cpus_per_actor: float = Field(0.5, gt=0, description="also the view stage's request, so Ray Data fuses them")
+    gpus_per_actor: Literal["auto"] | float = "auto"
+    threads: int = Field(2, ge=1, description="torch threads in each teacher actor")
+    batch_size: int = Field(128, ge=1)
+
+
+class EvalConfig(_Strict):
+    batch_size: int = Field(256, ge=1)
+    threads: int = Field(2, ge=1)
+
+
+class TrackingConfig(_Strict):
+    tracking_uri: str | None = Field(None, description="null = sqlite:///<output_dir>/mlflow.db")
+    experiment: str = "simreg"
+
+
+class RayConfig(_Strict):
+    address: str | None = Field(None, description="null = start a local cluster; 'auto' = join a running one")
+    num_cpus: int | None = Field(None, ge=1, description="CPUs of the local cluster (null = all)")
+
+
+class SimRegConfig(_Strict):
+    """A whole SimReg distillation run. The defaults are the offline demo."""
+
+    name: str = "demo"
+    seed: int = 0
+    data: DataConfig = DataConfig()
+    augment: AugmentConfig = AugmentConfig()
+    teachers: tuple[TeacherConfig, ...] = (
+        TeacherConfig(name="simclr_r50", arch="resnet50", weights="builtin:fmnist_simclr_resnet50"),
+    )
+    student: StudentConfig = StudentConfig()
+    heads: HeadsConfig = HeadsConfig()
+    optim: OptimConfig = OptimConfig()
+    train: TrainConfig = TrainConfig()
+    scaling: ScalingConfig = ScalingConfig()
+    teacher_pool: TeacherPoolConfig = TeacherPoolConfig()
+    eval: EvalConfig = EvalConfig()
+    tracking: TrackingConfig = TrackingConfig()
+    ray: RayConfig = RayConfig()
+
+    @model_validator(mode="after")
+    def _teachers(self) -> SimRegConfig:
+        if not self.teachers:
+            raise ValueError("teachers is empty: give at least one teacher (name, arch, weights)")
+        names = [t.name for t in self.teachers]
+        dup = sorted({n for n in names if names.count(n) > 1})
+        if dup:
+            raise ValueError(f"teachers have duplicate names {dup}: give each teacher its own name")
+        if self.train.batch_size < 2 * self.scaling.num_workers:
+            raise ValueError(
+                f"train.batch_size={self.train.batch_size} gives fewer than 2 images per worker "
+                f"(scaling.num_workers={self.scaling.num_workers}): raise the batch or lower the workers"
+            )
+        return self
+
+    @property
+    def student_input_size(self) -> int:
+        return self.student.input_size or self.data.view_size
+
+
+# ---------------------------------------------------------------- loading, overrides, flattening
+
+
+def _format_errors(err: ValidationError, source: str) -> str:
+    lines = []
+    for e in err.errors():
+        loc = ".".join(str(p) for p in e["loc"]) or "(top level)"
+        msg = e["msg"].removeprefix("Value error, ")
+        if e["type"] == "extra_forbidden":
+            parent = _model_at(e["loc"][:-1])
+            valid = sorted(parent.model_fields) if parent else []
+            msg = f"unknown key; valid keys here: {valid}"
+        inp = e.get("input")
+        shown = "" if e["type"] in ("missing",) or isinstance(inp, dict) else f" (got {inp!r})"
+        lines.append(f"  - {loc}: {msg}{shown}")
+    n = len(lines)
+    return f"Found {n} error{'s' if n > 1 else ''} in the config ({source}):\n" + "\n".join(lines)
+
+
+def _model_at(loc: tuple[Any, ...]) -> type[BaseModel] | None:
+    model: type[BaseModel] = SimRegConfig
+    for part in loc:
+        if isinstance(part, int):
+            continue
+        field = model.model_fields.get(str(part))
+        if field is None:
+            return None
+        ann = field.annotation
+        inner = getattr(ann, "__args__", None)
+        cand = [a for a in (inner or (ann,)) if isinstance(a, type) and issubclass(a, BaseModel)]
+        if not cand:
+            return None
+        model = cand[0]
+    return model
+
+
+def _parse_value(raw: str) -> Any:
+    try:
+        return yaml.safe_load(raw)
+    except yaml.YAMLError:
+        return raw
+
+
+def apply_override(tree: dict[str, Any], dotted: str, value: Any) -> None:
+    """Set ``a.b.0.c`` in a nested dict/list tree (list indices are integers)."""
+    parts = dotted.split(".")
+    node: Any = tree
+    for i, part in enumerate(parts):
+        last = i == len(parts) - 1
+        if isinstance(node, list):
+            if not part.isdigit() or int(part) >= len(node):
+                raise ConfigError(f"override {dotted}: index {part!r} is out of range (list has {len(node)} items)")
+            if last:
+                node[int(part)] = value
+            else:
+                node = node[int(part)]
+            continue
+        if not isinstance(node, dict):
+            raise ConfigError(f"override {dotted}: {'.'.join(parts[:i])} is not a section")
+        if last:
+            node[part] = value
+        else:
+            if node.get(part) is None:
+                node[part] = {}
+            node = node[part]
+
+
+def parse_overrides(pairs: list[str]) -> list[tuple[str, Any]]:
+    out = []
+    for p in pairs:
+        if "=" not in p or not re.match(r"^[A-Za-z_][\w.]*=", p):
+            raise ConfigError(f"override {p!r} is not key=value: write e.g. heads.depth=2 or teachers.0.arch=resnet50")
+        k, v = p.split("=", 1)
+        out.append((k, _parse_value(v)))
+    return out
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> SimRegConfig:
+    """Defaults <- YAML file <- overrides, validated; raises ConfigError listing every problem."""
+    tree: dict[str, Any] = json.loads(SimRegConfig().model_dump_json())
+    source = "defaults"
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"config file {str(p)!r} does not exist: pass an existing YAML file to --config")
+        try:
+            loaded = yaml.safe_load(p.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f"config file {str(p)!r} is not valid YAML: {e}") from e
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"config file {str(p)!r} must hold a mapping of sections (data:, teachers:, ...)")
+        tree = _deep_merge(tree, loaded)
+        source = str(p)
+    for k, v in parse_overrides(overrides or []):
+        apply_override(tree, k, v)
+    return validate_config(tree, source)
+
+
+def validate_config(tree: dict[str, Any], source: str = "dict") -> SimRegConfig:
+    try:
+        return SimRegConfig.model_validate(tree)
+    except ValidationError as e:
+        raise ConfigError(_format_errors(e, source)) from None
+
+
+def _deep_merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for k, v in over.items():
+        out[k] = _deep_merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def flatten(cfg: SimRegConfig) -> dict[str, Any]:
+    """Dotted keys -> scalar values (lists of scalars as JSON), the MLflow param set."""
+    out: dict[str, Any] = {}
+
+    def rec(prefix: str, node: Any) -> None:
+        if isinstance(node, dict):
+            for k, v in node.items():
+                rec(f"{prefix}.{k}" if prefix else k, v)
+        elif isinstance(node, list) and any(isinstance(x, dict) for x in node):
+            for i, v in enumerate(node):
+                rec(f"{prefix}.{i}", v)
+        else:
+            out[prefix] = json.dumps(node) if isinstance(node, list) else node
+
+    rec("", json.loads(cfg.model_dump_json()))
+    return out

@@ -1,0 +1,315 @@
+"""``distill(cfg)``: one SimReg distillation on Ray, in numbered phases.
+
+    simreg distill                                   # the offline demo (Fashion-MNIST, SimCLR ResNet-50 teacher)
+    simreg distill --config my.yaml train.epochs=8   # a YAML config plus dotted overrides
+    simreg distill --output-dir runs/x --tracking-uri http://127.0.0.1:5000
+
+1 data -> 2 teachers -> 3 Ray + pipeline -> 4 trainer -> 5 fit -> 6 evaluate -> 7 export -> 8 summary.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from simreg.models.errors import ConfigError, SimRegError
+from simreg.orchestrator.builders import shard_plan, teacher_specs, view_spec
+from simreg.orchestrator.config import SimRegConfig, flatten
+from simreg.orchestrator.data import ImageSet, load_splits
+from simreg.orchestrator.tracking import Tracker, default_tracking_uri
+
+log = logging.getLogger("simreg")
+
+
+@dataclass(frozen=True)
+class EvalSets:
+    bank: ImageSet
+    query: ImageSet
+
+
+def _eval_task(
+    cfg_dict: dict[str, Any], teacher_dicts: list[dict[str, Any]], teacher_dims: dict[str, int],
+    student_state: dict[str, Any], bank: ImageSet, query: ImageSet,
+) -> dict[str, Any]:
+    """k-NN of every teacher, the distilled student and the same student at random init (runs remotely)."""
+    import torch
+
+    from simreg.models import build_backbone
+    from simreg.orchestrator.builders import student_transform
+    from simreg.orchestrator.config import validate_config
+    from simreg.orchestrator.evaluation import knn_report
+    from simreg.orchestrator.teacher_pool import TeacherSpec
+
+    cfg = validate_config(cfg_dict, "eval config")
+    torch.set_num_threads(cfg.eval.threads)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    tf = student_transform(cfg)
+
+    def run(encode: Any) -> dict[str, float]:
+        return knn_report(encode, bank.images, bank.labels, query.images, query.labels, cfg.data.view_size, cfg.eval.batch_size, device)
+
+    out: dict[str, Any] = {"teacher_knn": {}}
+    t0 = time.perf_counter()
+    for td in teacher_dicts:
+        spec = TeacherSpec(**{**td, "mean": tuple(td["mean"]), "std": tuple(td["std"])})
+        teacher = spec.build().to(device)
+        out["teacher_knn"][spec.name] = run(teacher)
+        del teacher
+    torch.manual_seed(cfg.seed)  # the very initialisation the student started from
+    random_student = build_backbone(cfg.student.arch).to(device).eval()
+    out["random_student_knn"] = run(lambda v: random_student(tf(v)))
+    student = build_backbone(cfg.student.arch)
+    student.load_state_dict(student_state, strict=True)
+    student = student.to(device).eval()
+    out["student_knn"] = run(lambda v: student(tf(v)))
+    out["eval_s"] = time.perf_counter() - t0
+    return out
+
+
+def _resource_check(cfg: SimRegConfig, cluster: dict[str, float], use_gpu: bool, teacher_gpus: float) -> None:
+    """Refuse a plan whose CPU requests exceed the cluster: Ray Data would wait forever, silently."""
+    cpus = cluster.get("CPU", 0.0)
+    workers = cfg.scaling.num_workers * (0 if use_gpu else cfg.scaling.cpus_per_worker)
+    actors = len(cfg.teachers) * cfg.teacher_pool.actors_per_teacher * cfg.teacher_pool.cpus_per_actor
+    view = cfg.teacher_pool.cpus_per_actor if teacher_gpus > 0 else 0.0  # fused into the CPU actor otherwise
+    need = workers + actors + view
+    if need > cpus + 1e-9:
+        raise ConfigError(
+            f"the plan needs {need:g} CPUs (scaling.num_workers={cfg.scaling.num_workers} x "
+            f"scaling.cpus_per_worker={cfg.scaling.cpus_per_worker:g} + {len(cfg.teachers)} teacher(s) x "
+            f"teacher_pool.actors_per_teacher={cfg.teacher_pool.actors_per_teacher} x "
+            f"teacher_pool.cpus_per_actor={cfg.teacher_pool.cpus_per_actor:g}"
+            + (f" + view stage {view:g}" if view else "")
+            + f") but the Ray cluster has {cpus:g}: lower those keys or add CPUs (ray.num_cpus)"
+        )
+    if use_gpu and cluster.get("GPU", 0.0) < cfg.scaling.num_workers + len(cfg.teachers) * cfg.teacher_pool.actors_per_teacher * teacher_gpus:
+        raise ConfigError(
+            f"the plan needs {cfg.scaling.num_workers} student GPU(s) plus teacher GPUs but the cluster has "
+            f"{cluster.get('GPU', 0):g}: set scaling.use_gpu=false, teacher_pool.gpus_per_actor=0, or fewer workers"
+        )
+
+
+class _Progress:
+    """Driver-side thread: a progress bar per epoch and MLflow logging of epoch metrics as they land."""
+
+    def __init__(self, state: Any, tracker: Tracker, images_per_epoch: int, epochs: int) -> None:
+        self.state, self.tracker, self.total, self.epochs = state, tracker, images_per_epoch, epochs
+        self.history: list[dict[str, float]] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def __enter__(self) -> _Progress:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self._stop.set()
+        self._thread.join(timeout=10)
+        self._drain()
+
+    def _drain(self) -> tuple[int, int]:
+        import ray
+
+        epoch, done, new = ray.get(self.state.poll.remote(len(self.history)))
+        for m in new:
+            self.history.append(m)
+            self.tracker.log_metrics(m, step=int(m["epoch"]))
+            log.info(
+                "epoch %d/%d: loss %.4f, %.0f images/s, %.1f s", int(m["epoch"]) + 1, self.epochs,
+                m["train/loss"], m["train/images_per_s"], m["train/epoch_s"],
+            )
+        return epoch, done
+
+    def _run(self) -> None:
+        from tqdm import tqdm
+
+        bar, bar_epoch = None, -1
+        while not self._stop.wait(0.5):
+            try:
+                epoch, done = self._drain()
+            except Exception:  # the state actor is gone: the run is ending
+                break
+            if epoch != bar_epoch and epoch >= 0:
+                if bar is not None:
+                    bar.close()
+                bar = tqdm(total=self.total, desc=f"epoch {epoch + 1}/{self.epochs}", unit="img", leave=True)
+                bar_epoch = epoch
+            if bar is not None:
+                bar.n = min(done, self.total)
+                bar.refresh()
+        if bar is not None:
+            bar.n = bar.total if self.history and int(self.history[-1]["epoch"]) == bar_epoch else bar.n
+            bar.close()
+
+
+def distill(cfg: SimRegConfig, output_dir: Path, tracking_uri: str | None = None) -> dict[str, Any]:
+    """Run one distillation; writes ``output_dir/summary.json`` and returns the summary."""
+    import ray
+    import ray.train
+    from ray.train.torch import TorchTrainer
+
+    from simreg.orchestrator.export import export_student
+    from simreg.orchestrator.pipeline import PoolResources, RunState, build_train_dataset
+    from simreg.orchestrator.worker import train_loop_per_worker
+
+    t_start = time.perf_counter()
+    output_dir = output_dir.resolve()
+    output_dir.mkdir(parents=True, exist_ok=True)
+    (output_dir / "config.json").write_text(cfg.model_dump_json(indent=2))
+
+    # 1. data: the distillation subset and the labelled k-NN bank (train split), queries (held-out split)
+    train_full, held_out = load_splits(
+        cfg.data.source, cfg.data.root, cfg.data.download, cfg.data.store_size, cfg.seed, cfg.data.holdout_fraction
+    )
+    train = train_full.subset(cfg.data.train_size, cfg.seed)
+    evals = EvalSets(train_full.subset(cfg.data.knn_bank_size, cfg.seed + 1), held_out.subset(cfg.data.knn_query_size, cfg.seed + 2))
+    log.info("data: %s, %d images distilled on; k-NN bank %d, queries %d (%s)", train.name, len(train), len(evals.bank), len(evals.query), held_out.name)
+
+    # 2. teachers: load each once here so a bad file or name fails before Ray starts; record feature dims
+    specs = teacher_specs(cfg)
+    teacher_dims: dict[str, int] = {}
+    for s in specs:
+        teacher_dims[s.name] = s.build().feature_dim
+    from simreg.orchestrator.builders import build_objective
+
+    build_objective(cfg, teacher_dims)  # fails early on an unknown student arch or a bad head design
+
+    # 3. Ray + pipeline
+    if not ray.is_initialized():
+        ray.init(
+            address=cfg.ray.address, num_cpus=cfg.ray.num_cpus if cfg.ray.address is None else None,
+            # The dashboard serves Ray's state API, which Ray Train polls; it binds to loopback only.
+            dashboard_host="127.0.0.1", log_to_driver=True, logging_level=logging.WARNING,
+            runtime_env={"env_vars": {"HF_HUB_OFFLINE": os.environ.get("HF_HUB_OFFLINE", "1")}},
+        )
+    cluster = ray.cluster_resources()
+    has_gpu = cluster.get("GPU", 0.0) >= 1
+    use_gpu = has_gpu if cfg.scaling.use_gpu == "auto" else bool(cfg.scaling.use_gpu)
+    teacher_gpus = (1.0 if has_gpu else 0.0) if cfg.teacher_pool.gpus_per_actor == "auto" else float(cfg.teacher_pool.gpus_per_actor)
+    _resource_check(cfg, cluster, use_gpu, teacher_gpus)
+    log.info(
+        "ray: %g CPUs, %g GPUs; %d student worker(s) on %s; teacher actors on %s",
+        cluster.get("CPU", 0), cluster.get("GPU", 0), cfg.scaling.num_workers, "GPU" if use_gpu else "CPU",
+        f"{teacher_gpus:g} GPU each" if teacher_gpus else f"CPU ({cfg.teacher_pool.threads} threads each)",
+    )
+    tracker = Tracker(
+        tracking_uri or cfg.tracking.tracking_uri or default_tracking_uri(output_dir),
+        cfg.tracking.experiment, output_dir, cfg.name, {"simreg.command": "distill", "simreg.output_dir": str(output_dir)},
+    )
+    tracker.log_params(flatten(cfg))
+    status = "FAILED"
+    state = RunState.remote()
+    try:
+        ray.data.DataContext.get_current().enable_progress_bars = False  # the driver draws one bar per epoch
+        res = PoolResources(cfg.teacher_pool.actors_per_teacher, cfg.teacher_pool.cpus_per_actor, teacher_gpus,
+                            cfg.teacher_pool.threads, cfg.teacher_pool.batch_size)
+        dataset = build_train_dataset(train, specs, state, cfg.seed, view_spec(cfg), res)
+
+        # 4. trainer
+        rows, _, _ = shard_plan(len(train), cfg.train.batch_size, cfg.scaling.num_workers)
+        trainer = TorchTrainer(
+            train_loop_per_worker,
+            train_loop_config={
+                "cfg": json.loads(cfg.model_dump_json()), "state": state, "teacher_dims": teacher_dims, "n_train": len(train),
+            },
+            scaling_config=ray.train.ScalingConfig(
+                num_workers=cfg.scaling.num_workers, use_gpu=use_gpu,
+                resources_per_worker=None if use_gpu else {"CPU": cfg.scaling.cpus_per_worker},
+            ),
+            run_config=ray.train.RunConfig(
+                name="train", storage_path=str(output_dir / "ray"),
+                checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2),
+                failure_config=ray.train.FailureConfig(max_failures=0),
+                logging_config=ray.train.LoggingConfig(log_level="WARNING"),
+            ),
+            datasets={"train": dataset},
+        )
+
+        # 5. fit
+        t_fit = time.perf_counter()
+        with _Progress(state, tracker, rows * cfg.scaling.num_workers, cfg.train.epochs) as progress:
+            result = trainer.fit()
+        fit_s = time.perf_counter() - t_fit
+        if result.error is not None:
+            raise result.error
+        if result.checkpoint is None:
+            raise SimRegError(f"training in {output_dir} produced no checkpoint: see the Ray log above")
+        from simreg.orchestrator.checkpoint import load_state
+
+        with result.checkpoint.as_directory() as d:
+            final = load_state(Path(d))
+
+        # 6. evaluate: k-NN of teachers, student, random-init student, in a Ray task (GPU when there is one)
+        eval_remote = ray.remote(_eval_task).options(num_cpus=min(1.0, cluster.get("CPU", 1.0)), num_gpus=1 if has_gpu else 0)
+        ev = ray.get(eval_remote.remote(
+            json.loads(cfg.model_dump_json()), [s.to_dict() for s in specs], teacher_dims, final["backbone"], evals.bank, evals.query,
+        ))
+
+        # 7. export
+        weights = export_student(final["backbone"], cfg, output_dir / "student", {"student_knn": ev["student_knn"]})
+
+        # 8. summary + MLflow
+        history = progress.history
+        imgs = sum(m["train/images"] for m in history)
+        train_s = sum(m["train/epoch_s"] for m in history)
+        summary: dict[str, Any] = {
+            "name": cfg.name,
+            "teacher_knn": ev["teacher_knn"],
+            "student_knn": ev["student_knn"],
+            "random_student_knn": ev["random_student_knn"],
+            "student_gain_20nn": ev["student_knn"]["top1_20nn"] - ev["random_student_knn"]["top1_20nn"],
+            "epochs": cfg.train.epochs,
+            "train_images": len(train),
+            "knn_bank_images": len(evals.bank),
+            "knn_query_images": len(evals.query),
+            "train_images_per_s": imgs / train_s if train_s > 0 else None,
+            "fit_s": fit_s,
+            "eval_s": ev["eval_s"],
+            "wall_s": time.perf_counter() - t_start,
+            "mlflow_tracking_uri": tracker.tracking_uri,
+            "mlflow_run_id": tracker.run_id,
+            "student_arch": cfg.student.arch,
+            "student_weights": str(weights),
+            "student_input": {"size": cfg.student_input_size, "mean": list(cfg.student.mean), "std": list(cfg.student.std)},
+            "history": history,
+            "output_dir": str(output_dir),
+        }
+        final_metrics = {f"knn/teacher/{n}/{k}": v for n, r in ev["teacher_knn"].items() for k, v in r.items()}
+        final_metrics.update({f"knn/student/{k}": v for k, v in ev["student_knn"].items()})
+        final_metrics.update({f"knn/random_student/{k}": v for k, v in ev["random_student_knn"].items()})
+        final_metrics.update({"knn/student_gain_20nn": summary["student_gain_20nn"], "wall_s": summary["wall_s"]})
+        tracker.log_metrics(final_metrics, step=cfg.train.epochs)
+        table = knn_table(summary)
+        (output_dir / "knn.md").write_text(table + "\n")
+        (output_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+        for f in ("summary.json", "knn.md", "config.json"):
+            tracker.log_artifact(output_dir / f)
+        tracker.log_artifact(weights, "student")
+        tracker.log_artifact(weights.with_suffix(".json"), "student")
+        status = "FINISHED"
+        return summary
+    except KeyboardInterrupt:
+        status = "KILLED"
+        raise
+    finally:
+        tracker.end(status)
+        ray.kill(state)
+
+
+def knn_table(summary: dict[str, Any]) -> str:
+    rows = [("model", "1-NN top-1", "20-NN top-1")]
+    for name, r in summary["teacher_knn"].items():
+        rows.append((f"teacher {name}", f"{r['top1_1nn']:.2f}", f"{r['top1_20nn']:.2f}"))
+    s, r0 = summary["student_knn"], summary["random_student_knn"]
+    rows.append((f"student {summary['student_arch']} (SimReg)", f"{s['top1_1nn']:.2f}", f"{s['top1_20nn']:.2f}"))
+    rows.append((f"student {summary['student_arch']} (random init)", f"{r0['top1_1nn']:.2f}", f"{r0['top1_20nn']:.2f}"))
+    w = [max(len(r[i]) for r in rows) for i in range(3)]
+    line = lambda r: "| " + " | ".join(c.ljust(w[i]) for i, c in enumerate(r)) + " |"  # noqa: E731
+    return "\n".join([line(rows[0]), "|" + "|".join("-" * (x + 2) for x in w) + "|", *map(line, rows[1:])])

@@ -1,0 +1,63 @@
+"""k-NN evaluation on l2-normalized backbone features (pure torch, no Ray).
+
+k-NN top-1 with majority vote (ties broken by the summed cosine similarity of the tied classes), as the
+paper reports for k = 1 and k = 20.
+"""
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from simreg.orchestrator.views import eval_views
+
+
+@torch.no_grad()
+def extract_features(
+    encode: Callable[[torch.Tensor], torch.Tensor], images: np.ndarray, view_size: int, batch_size: int = 256,
+    device: str | torch.device = "cpu",
+) -> torch.Tensor:
+    """encode(view (B, C, s, s) in [0, 1]) -> (B, d) for every image, batched: returns (N, d) float32 on CPU."""
+    feats = []
+    for i in range(0, len(images), batch_size):
+        view = torch.from_numpy(eval_views(images[i : i + batch_size], view_size)).to(device)
+        feats.append(encode(view).float().cpu())
+    return torch.cat(feats)
+
+
+@torch.no_grad()
+def knn_top1(
+    bank: torch.Tensor, bank_labels: torch.Tensor, query: torch.Tensor, query_labels: torch.Tensor,
+    ks: Sequence[int] = (1, 20), chunk: int = 1024,
+) -> dict[int, float]:
+    """Top-1 accuracy (percent) of majority-vote k-NN for each k, cosine similarity."""
+    bank = F.normalize(bank.float(), dim=1)
+    query = F.normalize(query.float(), dim=1)
+    n_cls = int(max(bank_labels.max(), query_labels.max())) + 1
+    kmax = min(max(ks), bank.shape[0])
+    correct = {k: 0 for k in ks}
+    for i in range(0, query.shape[0], chunk):
+        sim, idx = (query[i : i + chunk] @ bank.T).topk(kmax, dim=1)  # (q, kmax)
+        nb = bank_labels[idx]  # (q, kmax)
+        truth = query_labels[i : i + chunk]
+        for k in ks:
+            kk = min(k, kmax)
+            votes = torch.zeros(nb.shape[0], n_cls).scatter_add_(1, nb[:, :kk], torch.ones_like(sim[:, :kk]))
+            tie = torch.zeros(nb.shape[0], n_cls).scatter_add_(1, nb[:, :kk], sim[:, :kk])
+            pred = (votes + 1e-3 * tie / (kk + 1)).argmax(dim=1)
+            correct[k] += int((pred == truth).sum())
+    return {k: 100.0 * c / query.shape[0] for k, c in correct.items()}
+
+
+def knn_report(
+    encode: Callable[[torch.Tensor], torch.Tensor],
+    bank_images: np.ndarray, bank_labels: np.ndarray, query_images: np.ndarray, query_labels: np.ndarray,
+    view_size: int, batch_size: int = 256, device: str | torch.device = "cpu",
+) -> dict[str, float]:
+    """{"top1_1nn", "top1_20nn"} for one encoder."""
+    b = extract_features(encode, bank_images, view_size, batch_size, device)
+    q = extract_features(encode, query_images, view_size, batch_size, device)
+    acc = knn_top1(b, torch.from_numpy(bank_labels), q, torch.from_numpy(query_labels), ks=(1, 20))
+    return {"top1_1nn": acc[1], "top1_20nn": acc[20]}

@@ -1,0 +1,106 @@
+"""The Ray Data pipeline: in-memory images -> shared weak view -> one teacher actor pool per teacher.
+
+Ray Data re-executes the whole pipeline on every ``iter_torch_batches()`` call (one per epoch), strictly
+one execution after another (the split coordinator shuts an execution down before it starts the next).
+The view stage reads the epoch from a tiny ``RunState`` actor that rank 0 advances between epochs,
+behind a barrier, so view parameters are a pure function of (seed, epoch, sample_id).
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import numpy as np
+import pyarrow as pa
+import ray
+from ray.data import ActorPoolStrategy, Dataset
+from ray.data.extensions import ArrowTensorArray
+
+from simreg.orchestrator.data import ImageSet
+from simreg.orchestrator.teacher_pool import TeacherInference, TeacherSpec, add_views
+from simreg.orchestrator.views import ViewSpec
+
+log = logging.getLogger("simreg")
+ROWS_PER_BLOCK = 256
+
+
+@ray.remote(num_cpus=0)
+class RunState:
+    """Shared state of one run: the epoch the next pipeline execution renders views for, the live
+    progress of the current epoch, and the per-epoch metrics the driver logs (only the driver writes
+    to MLflow)."""
+
+    def __init__(self, epoch: int = -1) -> None:
+        self.epoch = epoch
+        self.images_done = 0
+        self.history: list[dict[str, float]] = []
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch, self.images_done = epoch, 0
+
+    def get_epoch(self) -> int:
+        return self.epoch
+
+    def add_images(self, n: int) -> None:
+        self.images_done += n
+
+    def add_epoch_metrics(self, metrics: dict[str, float]) -> None:
+        self.history.append(metrics)
+
+    def poll(self, known: int) -> tuple[int, int, list[dict[str, float]]]:
+        """(epoch, images done in it, metrics of epochs after the first ``known``)."""
+        return self.epoch, self.images_done, self.history[known:]
+
+
+def _views_for_current_epoch(batch: dict[str, np.ndarray], *, state: ray.actor.ActorHandle, seed: int, spec: ViewSpec) -> dict[str, np.ndarray]:
+    return add_views(batch, epoch=ray.get(state.get_epoch.remote()), seed=seed, spec=spec)
+
+
+@dataclass(frozen=True)
+class PoolResources:
+    """Resources of each stage; the rule on a small machine: workers + actors + view stage <= cluster CPUs."""
+
+    actors_per_teacher: int
+    cpus_per_actor: float
+    gpus_per_actor: float
+    threads: int
+    batch_size: int
+
+
+def images_dataset(images: ImageSet) -> Dataset:
+    """Rows {sample_id, label, image}; many small blocks so the stream starts early and shuffles by block."""
+    tables = []
+    for i in range(0, len(images), ROWS_PER_BLOCK):
+        sl = slice(i, i + ROWS_PER_BLOCK)
+        tables.append(
+            pa.table({
+                "sample_id": pa.array(images.sample_ids[sl]),
+                "label": pa.array(images.labels[sl]),
+                "image": ArrowTensorArray.from_numpy(np.ascontiguousarray(images.images[sl])),
+            })
+        )
+    return ray.data.from_arrow(tables)
+
+
+def build_train_dataset(
+    images: ImageSet, teachers: list[TeacherSpec], state: ray.actor.ActorHandle, seed: int, spec: ViewSpec,
+    res: PoolResources,
+) -> Dataset:
+    ds = images_dataset(images).randomize_block_order()
+    # Same CPU request as the teacher actors: Ray Data fuses this stage into the first teacher's actor
+    # (on GPU actors it stays a separate CPU task stage).
+    ds = ds.map_batches(
+        _views_for_current_epoch, fn_kwargs={"state": state, "seed": seed, "spec": spec},
+        batch_size=res.batch_size, num_cpus=res.cpus_per_actor, zero_copy_batch=True,
+    )
+    for t in teachers:
+        ds = ds.map_batches(
+            TeacherInference,
+            fn_constructor_kwargs={"spec": t, "threads": res.threads},
+            compute=ActorPoolStrategy(size=res.actors_per_teacher),
+            batch_size=res.batch_size,
+            num_cpus=res.cpus_per_actor,
+            num_gpus=res.gpus_per_actor,
+            zero_copy_batch=True,
+        )
+    return ds

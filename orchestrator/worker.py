@@ -1,0 +1,106 @@
+"""The per-worker training function run by Ray Train (one DDP process per worker).
+
+Rank and world size are read once, here; the epoch loop itself (``loop.train_epoch``) knows no Ray.
+"""
+from __future__ import annotations
+
+import tempfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import ray.train
+import ray.train.torch
+import torch
+import torch.distributed as dist
+
+from simreg.models.errors import DataError
+from simreg.orchestrator.builders import build_objective, build_optimizer, shard_plan
+from simreg.orchestrator.checkpoint import load_state, restore, save_checkpoint
+from simreg.orchestrator.config import validate_config
+from simreg.orchestrator.loop import train_epoch
+
+PROGRESS_EVERY = 4  # steps between progress pings from rank 0
+
+
+def _checked(batches: Iterator[dict[str, torch.Tensor]], epoch: int, seen: list[torch.Tensor]) -> Iterator[dict[str, torch.Tensor]]:
+    """Refuse a batch rendered for another epoch and record the sample ids this rank trained on."""
+    for b in batches:
+        ep = b["epoch"]
+        if ep.numel() and (int(ep.min()) != epoch or int(ep.max()) != epoch):
+            raise DataError(f"pipeline produced views of epoch {sorted(set(ep.tolist()))} during epoch {epoch}")
+        seen.append(b["sample_id"].cpu())
+        yield b
+
+
+def train_loop_per_worker(config: dict[str, Any]) -> None:
+    cfg = validate_config(config["cfg"], "worker config")
+    state = config["state"]
+    teacher_dims: dict[str, int] = config["teacher_dims"]
+    names = list(teacher_dims)
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    torch.set_num_threads(cfg.scaling.threads_per_worker)  # Ray sets OMP_NUM_THREADS=1
+    device = ray.train.torch.get_device()
+
+    torch.manual_seed(cfg.seed)  # same init on every rank (DDP also broadcasts rank 0's weights)
+    objective = build_objective(cfg, teacher_dims)
+    rows, per_worker_batch, steps = shard_plan(config["n_train"], cfg.train.batch_size, world)
+    optimizer, scheduler = build_optimizer(cfg, objective, steps)
+    start_epoch = 0
+    ckpt = ray.train.get_checkpoint()
+    if ckpt is not None:
+        with ckpt.as_directory() as d:
+            start_epoch = restore(load_state(Path(d)), objective, optimizer, scheduler)
+    model = ray.train.torch.prepare_model(objective)  # DDP: gloo on CPU, nccl on GPU
+    shard = ray.train.get_dataset_shard("train")  # once; iter_torch_batches() once per epoch
+
+    for epoch in range(start_epoch, cfg.train.epochs):
+        # Every rank has drained the previous execution before the epoch moves on; the next execution
+        # starts only once all ranks ask for it, i.e. after rank 0 has set the epoch.
+        dist.barrier()
+        if rank == 0:
+            ray.get(state.set_epoch.remote(epoch))
+        pending = [0]
+
+        def on_step(n: int, _: dict[str, float]) -> None:
+            pending[0] += 1
+            if rank == 0 and pending[0] % PROGRESS_EVERY == 0:
+                state.add_images.remote(n * world * PROGRESS_EVERY)
+
+        seen: list[torch.Tensor] = []
+        t0 = time.perf_counter()
+        batches = shard.iter_torch_batches(batch_size=per_worker_batch, device=device, drop_last=False)
+        stats = train_epoch(model, _checked(batches, epoch, seen), optimizer, scheduler, names, device, on_step)
+        wall = time.perf_counter() - t0
+
+        # Sum over ranks: images, skipped, per-key sums; max of wall time.
+        keys = sorted(stats.sums)
+        vec = torch.tensor([stats.images, stats.skipped_images, stats.steps] + [stats.sums[k] for k in keys], dtype=torch.float64)
+        dist.all_reduce(vec)
+        wall_t = torch.tensor([wall], dtype=torch.float64)
+        dist.all_reduce(wall_t, op=dist.ReduceOp.MAX)
+        ids = torch.cat(seen) if seen else torch.zeros(0, dtype=torch.int64)
+        n_ids = torch.tensor([ids.numel(), ids.unique().numel()], dtype=torch.float64)
+        dist.all_reduce(n_ids)
+        images = vec[0].item()
+        metrics: dict[str, float] = {f"train/{k}": vec[3 + i].item() / max(images, 1) for i, k in enumerate(keys)}
+        metrics.update({
+            "epoch": float(epoch),
+            "train/images": images,
+            "train/images_skipped": vec[1].item(),
+            "train/images_dropped_by_split": float(config["n_train"] - world * rows),
+            "train/steps_per_worker": vec[2].item() / world,
+            "train/images_per_s": images / max(wall_t.item(), 1e-9),
+            "train/epoch_s": wall_t.item(),
+            "train/lr": float(scheduler.get_last_lr()[0]),
+            "train/unique_ids_per_rank_sum": n_ids[1].item(),
+        })
+        if rank == 0:
+            state.add_epoch_metrics.remote(metrics)
+            with tempfile.TemporaryDirectory() as tmp:
+                save_checkpoint(Path(tmp), objective, optimizer, scheduler, epoch, metrics)
+                ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp), checkpoint_dir_name=f"epoch_{epoch:04d}")
+        else:
+            ray.train.report(metrics, checkpoint=None)

@@ -1,0 +1,1 @@
+"""YAML sweep definitions keyed by the config's dotted names (see ``simreg sweep``)."""
