@@ -85,14 +85,14 @@ class HeadsConfig(_Strict):
 
 
 class OptimConfig(_Strict):
-    lr: float = Field(0.05, gt=0, description="SGD learning rate at train.batch_size")
+    lr: float = Field(0.2, gt=0, description="SGD learning rate at train.batch_size")
     momentum: float = Field(0.9, ge=0, lt=1)
     weight_decay: float = Field(1e-4, ge=0)
     warmup_epochs: float = Field(0.0, ge=0)
 
 
 class TrainConfig(_Strict):
-    epochs: int = Field(4, ge=1)
+    epochs: int = Field(8, ge=1)
     batch_size: int = Field(128, ge=2, description="global batch, split over the workers")
 
 
@@ -134,7 +134,7 @@ class SimRegConfig(_Strict):
     data: DataConfig = DataConfig()
     augment: AugmentConfig = AugmentConfig()
     teachers: tuple[TeacherConfig, ...] = (
-        TeacherConfig(name="simclr_r50", arch="resnet50", weights="builtin:fmnist_simclr_resnet50"),
+        TeacherConfig(name="simclr_r10t", arch="resnet10t", weights="builtin:fmnist_simclr_resnet10t"),
     )
     student: StudentConfig = StudentConfig()
     heads: HeadsConfig = HeadsConfig()

@@ -136,16 +136,18 @@ class _Progress:
                 epoch, done = self._drain()
             except Exception:  # the state actor is gone: the run is ending
                 break
-            if epoch != bar_epoch and epoch >= 0:
-                if bar is not None:
-                    bar.close()
+            finished = {int(m["epoch"]) for m in self.history}
+            if bar is not None and bar_epoch in finished:
+                bar.n = bar.total
+                bar.close()
+                bar = None
+            if epoch > bar_epoch and epoch not in finished:
                 bar = tqdm(total=self.total, desc=f"epoch {epoch + 1}/{self.epochs}", unit="img", leave=True)
                 bar_epoch = epoch
             if bar is not None:
                 bar.n = min(done, self.total)
                 bar.refresh()
         if bar is not None:
-            bar.n = bar.total if self.history and int(self.history[-1]["epoch"]) == bar_epoch else bar.n
             bar.close()
 
 

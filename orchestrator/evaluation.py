@@ -59,5 +59,5 @@ def knn_report(
     """{"top1_1nn", "top1_20nn"} for one encoder."""
     b = extract_features(encode, bank_images, view_size, batch_size, device)
     q = extract_features(encode, query_images, view_size, batch_size, device)
-    acc = knn_top1(b, torch.from_numpy(bank_labels), q, torch.from_numpy(query_labels), ks=(1, 20))
+    acc = knn_top1(b, torch.tensor(bank_labels), q, torch.tensor(query_labels), ks=(1, 20))  # copies: Ray arrays are read-only
     return {"top1_1nn": acc[1], "top1_20nn": acc[20]}

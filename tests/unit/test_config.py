@@ -1,0 +1,59 @@
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from simreg.models import ConfigError
+from simreg.orchestrator.config import SimRegConfig, flatten, load_config, validate_config
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def test_shipped_demo_yaml_equals_defaults():
+    assert load_config(REPO / "configs" / "demo.yaml") == SimRegConfig()
+
+
+def test_builtin_teacher_weights_exist():
+    for t in SimRegConfig().teachers:
+        assert t.weights_path().is_file(), t.weights
+
+
+def test_overrides_nested_and_list_items():
+    cfg = load_config(None, ["heads.depth=2", "teachers.0.arch=resnet50", "augment.crop_scale=[0.5, 1.0]", "data.train_size=null"])
+    assert cfg.heads.depth == 2 and cfg.teachers[0].arch == "resnet50"
+    assert cfg.augment.crop_scale == (0.5, 1.0) and cfg.data.train_size is None
+
+
+def test_all_errors_reported_at_once():
+    with pytest.raises(ConfigError) as e:
+        load_config(None, ["heads.dept=2", "optim.lr=-1", "train.epochs=abc"])
+    msg = str(e.value)
+    assert msg.startswith("Found 3 errors in the config")
+    assert "heads.dept: unknown key; valid keys here: ['depth', 'layout', 'width_mult']" in msg
+    assert "optim.lr: Input should be greater than 0 (got -1)" in msg
+    assert "train.epochs:" in msg and "'abc'" in msg
+
+
+def test_bad_values_name_the_fix():
+    with pytest.raises(ConfigError, match=r"crop_scale=\[0.9, 0.2\] must satisfy 0 < low <= high <= 1"):
+        load_config(None, ["augment.crop_scale=[0.9, 0.2]"])
+    with pytest.raises(ConfigError, match="duplicate names"):
+        validate_config({"teachers": [{"name": "a", "arch": "resnet10t", "weights": "x"}] * 2})
+    with pytest.raises(ConfigError, match=r"index '3' is out of range"):
+        load_config(None, ["teachers.3.arch=resnet50"])
+
+
+def test_frozen():
+    cfg = SimRegConfig()
+    with pytest.raises(Exception):
+        cfg.heads.depth = 3  # type: ignore[misc]
+
+
+def test_flatten_round_trip_keys():
+    flat = flatten(SimRegConfig())
+    assert flat["heads.depth"] == 4 and flat["teachers.0.arch"] == "resnet10t"
+    assert flat["augment.crop_scale"] == "[0.2, 1.0]"
+    # every flattened key is a valid override
+    overrides = [f"{k}={v if v is not None else 'null'}" for k, v in flat.items()]
+    assert load_config(None, overrides) == SimRegConfig()

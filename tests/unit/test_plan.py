@@ -1,0 +1,46 @@
+from __future__ import annotations
+
+import pytest
+
+from simreg.models import ConfigError
+from simreg.orchestrator.builders import build_objective, build_optimizer, shard_plan
+from simreg.orchestrator.config import load_config
+from simreg.orchestrator.driver import _resource_check, knn_table
+
+
+def test_shard_plan_equal_split_and_last_batch():
+    assert shard_plan(10000, 128, 2) == (5000, 64, 79)  # 78 full batches + one of 8
+    assert shard_plan(301, 64, 2) == (150, 32, 5)  # one row dropped by the equal split
+    assert shard_plan(130, 64, 2) == (65, 32, 2)  # a last batch of 1 row is skipped (BatchNorm)
+
+
+def test_resource_rule_refuses_a_plan_that_would_hang():
+    cfg = load_config(None, ["scaling.cpus_per_worker=1"])
+    with pytest.raises(ConfigError, match=r"needs 2.5 CPUs .* cluster has 2: lower those keys"):
+        _resource_check(cfg, {"CPU": 2.0}, use_gpu=False, teacher_gpus=0.0)
+    _resource_check(load_config(), {"CPU": 2.0}, use_gpu=False, teacher_gpus=0.0)  # the demo fits 2 CPUs
+
+
+def test_cosine_schedule_reaches_zero():
+    cfg = load_config(None, ["train.epochs=2", "optim.warmup_epochs=0.5"])
+    obj = build_objective(cfg, {"t": 8})
+    opt, sch = build_optimizer(cfg, obj, steps_per_epoch=10)
+    lrs = []
+    for _ in range(20):
+        lrs.append(opt.param_groups[0]["lr"])
+        opt.step()
+        sch.step()
+    assert lrs[0] == pytest.approx(cfg.optim.lr / 5)  # warm-up over 5 steps
+    assert max(lrs) == pytest.approx(cfg.optim.lr)
+    assert opt.param_groups[0]["lr"] == pytest.approx(0.0, abs=1e-12)
+
+
+def test_knn_table():
+    s = {
+        "teacher_knn": {"t": {"top1_1nn": 80.0, "top1_20nn": 81.5}},
+        "student_knn": {"top1_1nn": 70.0, "top1_20nn": 72.25},
+        "random_student_knn": {"top1_1nn": 60.0, "top1_20nn": 61.0},
+        "student_arch": "resnet10t",
+    }
+    t = knn_table(s)
+    assert "| teacher t " in t and "81.50" in t and "72.25" in t and "(random init)" in t
