@@ -45,7 +45,7 @@ def head_widths(student_dim: int, teacher_dim: int, depth: int, width_mult: floa
 @register_layout("paper")
 def _paper(widths: list[int]) -> nn.Sequential:
     layers: list[nn.Module] = []
-    for i, (a, b) in enumerate(zip(widths[:-1], widths[1:])):
+    for i, (a, b) in enumerate(zip(widths[:-1], widths[1:], strict=True)):
         last = i == len(widths) - 2
         layers.append(nn.Linear(a, b, bias=last))  # BN follows the hidden layers: their bias is redundant
         if not last:

@@ -10,8 +10,8 @@ import torch
 import torch.nn as nn
 
 from simreg.models.heads import build_heads
-from simreg.models.students import feature_dim
 from simreg.models.loss import cosine_to_target, simreg_loss
+from simreg.models.students import feature_dim
 from simreg.models.teachers import InputTransform
 
 

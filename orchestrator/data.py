@@ -155,12 +155,12 @@ def _decode(path: Path, size: int) -> np.ndarray:
     from PIL import Image
 
     try:
-        with Image.open(path) as im:
-            im = im.convert("RGB")
-            w, h = im.size
-            s = min(w, h)  # center square, then resize: every stored image has one shape
-            im = im.crop(((w - s) // 2, (h - s) // 2, (w - s) // 2 + s, (h - s) // 2 + s)).resize((size, size), Image.BILINEAR)
-            return np.asarray(im, dtype=np.uint8)
+        with Image.open(path) as f:
+            rgb = f.convert("RGB")
+        w, h = rgb.size
+        s = min(w, h)  # center square, then resize: every stored image has one shape
+        box = ((w - s) // 2, (h - s) // 2, (w - s) // 2 + s, (h - s) // 2 + s)
+        return np.asarray(rgb.crop(box).resize((size, size), Image.Resampling.BILINEAR), dtype=np.uint8)
     except Exception as e:
         raise DataError(f"cannot decode image {str(path)!r}: {e}. Remove or replace the file") from e
 

@@ -10,14 +10,11 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
-
-import numpy as np
 
 from simreg.models.errors import ConfigError, SimRegError
 from simreg.orchestrator.builders import shard_plan, teacher_specs, view_spec
@@ -102,6 +99,7 @@ class _Progress:
     def __init__(self, state: Any, tracker: Tracker, images_per_epoch: int, epochs: int) -> None:
         self.state, self.tracker, self.total, self.epochs = state, tracker, images_per_epoch, epochs
         self.history: list[dict[str, float]] = []
+        self.placements: list[str] = []
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
 
@@ -117,7 +115,10 @@ class _Progress:
     def _drain(self) -> tuple[int, int]:
         import ray
 
-        epoch, done, new = ray.get(self.state.poll.remote(len(self.history)))
+        epoch, done, new, placed = ray.get(self.state.poll.remote(len(self.history), len(self.placements)))
+        for p in placed:
+            self.placements.append(p)
+            log.info(p)
         for m in new:
             self.history.append(m)
             self.tracker.log_metrics(m, step=int(m["epoch"]))
@@ -189,7 +190,6 @@ def distill(cfg: SimRegConfig, output_dir: Path, tracking_uri: str | None = None
             address=cfg.ray.address, num_cpus=cfg.ray.num_cpus if cfg.ray.address is None else None,
             # The dashboard serves Ray's state API, which Ray Train polls; it binds to loopback only.
             dashboard_host="127.0.0.1", log_to_driver=True, logging_level=logging.WARNING,
-            runtime_env={"env_vars": {"HF_HUB_OFFLINE": os.environ.get("HF_HUB_OFFLINE", "1")}},
         )
     cluster = ray.cluster_resources()
     has_gpu = cluster.get("GPU", 0.0) >= 1
@@ -229,7 +229,7 @@ def distill(cfg: SimRegConfig, output_dir: Path, tracking_uri: str | None = None
                 name="train", storage_path=str(output_dir / "ray"),
                 checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2),
                 failure_config=ray.train.FailureConfig(max_failures=0),
-                logging_config=ray.train.LoggingConfig(log_level="WARNING"),
+                logging_config=ray.train.LoggingConfig(log_level="WARNING"),  # type: ignore[call-arg]
             ),
             datasets={"train": dataset},
         )
@@ -280,6 +280,7 @@ def distill(cfg: SimRegConfig, output_dir: Path, tracking_uri: str | None = None
             "student_arch": cfg.student.arch,
             "student_weights": str(weights),
             "student_input": {"size": cfg.student_input_size, "mean": list(cfg.student.mean), "std": list(cfg.student.std)},
+            "teacher_placements": progress.placements,
             "history": history,
             "output_dir": str(output_dir),
         }

@@ -34,6 +34,7 @@ class RunState:
         self.epoch = epoch
         self.images_done = 0
         self.history: list[dict[str, float]] = []
+        self.placements: list[str] = []
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch, self.images_done = epoch, 0
@@ -47,9 +48,21 @@ class RunState:
     def add_epoch_metrics(self, metrics: dict[str, float]) -> None:
         self.history.append(metrics)
 
-    def poll(self, known: int) -> tuple[int, int, list[dict[str, float]]]:
-        """(epoch, images done in it, metrics of epochs after the first ``known``)."""
-        return self.epoch, self.images_done, self.history[known:]
+    def note_placement(self, text: str) -> None:
+        if text not in self.placements:
+            self.placements.append(text)
+
+    def poll(self, known: int, known_placements: int) -> tuple[int, int, list[dict[str, float]], list[str]]:
+        """(epoch, images done in it, metrics of epochs after the first ``known``, new placements)."""
+        return self.epoch, self.images_done, self.history[known:], self.placements[known_placements:]
+
+
+class PooledTeacher(TeacherInference):
+    """TeacherInference in a Ray Data actor: also tells the run where it landed (the driver logs it)."""
+
+    def __init__(self, spec: TeacherSpec, threads: int, state: ray.actor.ActorHandle) -> None:
+        super().__init__(spec, threads)
+        state.note_placement.remote(self.placement)
 
 
 def _views_for_current_epoch(batch: dict[str, np.ndarray], *, state: ray.actor.ActorHandle, seed: int, spec: ViewSpec) -> dict[str, np.ndarray]:
@@ -90,13 +103,14 @@ def build_train_dataset(
     # Same CPU request as the teacher actors: Ray Data fuses this stage into the first teacher's actor
     # (on GPU actors it stays a separate CPU task stage).
     ds = ds.map_batches(
-        _views_for_current_epoch, fn_kwargs={"state": state, "seed": seed, "spec": spec},
+        _views_for_current_epoch,  # type: ignore[arg-type]  # keyword-only extras come from fn_kwargs
+        fn_kwargs={"state": state, "seed": seed, "spec": spec},
         batch_size=res.batch_size, num_cpus=res.cpus_per_actor, zero_copy_batch=True,
     )
     for t in teachers:
         ds = ds.map_batches(
-            TeacherInference,
-            fn_constructor_kwargs={"spec": t, "threads": res.threads},
+            PooledTeacher,
+            fn_constructor_kwargs={"spec": t, "threads": res.threads, "state": state},
             compute=ActorPoolStrategy(size=res.actors_per_teacher),
             batch_size=res.batch_size,
             num_cpus=res.cpus_per_actor,

@@ -63,7 +63,8 @@ class TeacherInference:
         self.spec = spec
         self.teacher = spec.build().to(self.device)
         where = torch.cuda.get_device_name(self.device) if self.device.type == "cuda" else f"CPU ({threads} threads)"
-        log.info("teacher %s (%s) runs on %s, host %s pid %d", spec.name, spec.arch, where, socket.gethostname(), os.getpid())
+        self.placement = f"teacher {spec.name} ({spec.arch}) runs on {where}, host {socket.gethostname()}"
+        log.info("%s, pid %d", self.placement, os.getpid())
 
     @torch.no_grad()
     def __call__(self, batch: Batch) -> Batch:

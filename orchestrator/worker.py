@@ -55,6 +55,12 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             start_epoch = restore(load_state(Path(d)), objective, optimizer, scheduler)
     model = ray.train.torch.prepare_model(objective)  # DDP: gloo on CPU, nccl on GPU
     shard = ray.train.get_dataset_shard("train")  # once; iter_torch_batches() once per epoch
+    steps_done = [0]
+
+    def on_step(n: int, _: dict[str, float]) -> None:
+        steps_done[0] += 1
+        if rank == 0 and steps_done[0] % PROGRESS_EVERY == 0:  # fire-and-forget ping for the driver's bar
+            state.add_images.remote(n * world * PROGRESS_EVERY)
 
     for epoch in range(start_epoch, cfg.train.epochs):
         # Every rank has drained the previous execution before the epoch moves on; the next execution
@@ -62,13 +68,6 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         dist.barrier()
         if rank == 0:
             ray.get(state.set_epoch.remote(epoch))
-        pending = [0]
-
-        def on_step(n: int, _: dict[str, float]) -> None:
-            pending[0] += 1
-            if rank == 0 and pending[0] % PROGRESS_EVERY == 0:
-                state.add_images.remote(n * world * PROGRESS_EVERY)
-
         seen: list[torch.Tensor] = []
         t0 = time.perf_counter()
         batches = shard.iter_torch_batches(batch_size=per_worker_batch, device=device, drop_last=False)

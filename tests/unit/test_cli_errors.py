@@ -47,7 +47,7 @@ def test_unknown_teacher_arch(capsys):
 
 
 def test_teacher_file_with_wrong_keys(capsys, teachers_dir: Path):
-    err = _run(capsys, f"teachers.0.weights={teachers_dir / 'fmnist_simclr_resnet10t.safetensors'}")
+    err = _run(capsys, f"teachers.0.weights={teachers_dir / 'fmnist_simclr_resnet50.safetensors'}")  # default arch: resnet10t
     assert "teachers.0.weights=" in err and "missing keys" in err and "unexpected keys" in err
 
 

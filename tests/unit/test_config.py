@@ -3,6 +3,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+from pydantic import ValidationError
 
 from simreg.models import ConfigError
 from simreg.orchestrator.config import SimRegConfig, flatten, load_config, validate_config
@@ -46,7 +47,7 @@ def test_bad_values_name_the_fix():
 
 def test_frozen():
     cfg = SimRegConfig()
-    with pytest.raises(Exception):
+    with pytest.raises(ValidationError, match="frozen"):
         cfg.heads.depth = 3  # type: ignore[misc]
 
 
