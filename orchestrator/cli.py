@@ -3,6 +3,9 @@
     simreg distill                                     # offline demo: Fashion-MNIST, SimCLR ResNet-50 -> resnet10t
     simreg distill --config configs/demo.yaml train.epochs=2 scaling.num_workers=1
     simreg distill --output-dir runs/mine --tracking-uri http://127.0.0.1:5000
+    simreg sweep --space smoke --output-dir runs/smoke     # Ray Tune over the search space's keys
+    simreg sweep --space smoke --output-dir runs/smoke --resume
+    simreg compare runs/smoke                             # the trials, best first
 """
 from __future__ import annotations
 
@@ -25,6 +28,16 @@ def _parser() -> argparse.ArgumentParser:
     d.add_argument("--output-dir", type=Path, default=None, help="run folder (default: runs/<name>-<time>)")
     d.add_argument("--tracking-uri", default=None, help="MLflow tracking URI (default: sqlite in the run folder)")
     d.add_argument("overrides", nargs="*", metavar="key=value", help="dotted config overrides, e.g. heads.depth=2")
+    sw = sub.add_parser("sweep", help="Ray Tune sweep over a search space; writes OUTPUT_DIR/sweep_summary.json")
+    sw.add_argument("--config", type=Path, default=None, help="base YAML config (default: the offline demo)")
+    sw.add_argument("--space", required=True, help="a shipped space name (smoke, head_design, augmentation) or a YAML file")
+    sw.add_argument("--output-dir", type=Path, default=None, help="sweep folder (default: runs/sweep-<space>-<time>)")
+    sw.add_argument("--resume", action="store_true", help="continue the interrupted sweep in --output-dir")
+    sw.add_argument("--tracking-uri", default=None, help="MLflow tracking URI (default: sqlite in the sweep folder)")
+    sw.add_argument("overrides", nargs="*", metavar="key=value", help="dotted overrides of the base config")
+    cp = sub.add_parser("compare", help="print a sweep's comparison table, best first")
+    cp.add_argument("target", help="a sweep's output folder, or a parent MLflow run id (with --tracking-uri)")
+    cp.add_argument("--tracking-uri", default=None)
     sh = sub.add_parser("config", help="print the resolved config as YAML (defaults <- file <- overrides)")
     sh.add_argument("--config", type=Path, default=None)
     sh.add_argument("overrides", nargs="*", metavar="key=value")
@@ -40,9 +53,30 @@ def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     _setup_logging()
     try:
+        if args.command == "compare":
+            from simreg.orchestrator.compare import compare
+
+            print(compare(args.target, args.tracking_uri))
+            return 0
         from simreg.orchestrator.config import load_config
 
         cfg = load_config(args.config, args.overrides)
+        if args.command == "sweep":
+            from simreg.orchestrator.sweep import sweep
+            from simreg.search_spaces import load_space
+
+            space, source = load_space(args.space)
+            if args.resume and args.output_dir is None:
+                print("simreg: error: --resume needs --output-dir of the sweep to continue", file=sys.stderr)
+                return 2
+            out = args.output_dir or Path("runs") / f"sweep-{Path(args.space).stem}-{time.strftime('%Y%m%d-%H%M%S')}"
+            summary = sweep(cfg, space, source, out, resume=args.resume, tracking_uri=args.tracking_uri)
+            from simreg.orchestrator.compare import markdown, table_lines
+
+            print(markdown(table_lines(summary["trials"], list(space.params))))
+            print(f"\nsweep summary: {Path(summary['output_dir']) / 'sweep_summary.json'}\n"
+                  f"mlflow: mlflow ui --backend-store-uri {summary['mlflow_tracking_uri']} --host 127.0.0.1")
+            return 0
         if args.command == "config":
             import yaml
 

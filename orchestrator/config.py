@@ -114,6 +114,9 @@ class TeacherPoolConfig(_Strict):
 class EvalConfig(_Strict):
     batch_size: int = Field(256, ge=1)
     threads: int = Field(2, ge=1)
+    val_every: int = Field(1, ge=0, description="validation k-NN every N epochs and at the last (0 = off)")
+    val_bank_size: int = Field(1000, ge=1, description="validation bank: labelled train-split images")
+    val_query_size: int = Field(500, ge=1, description="validation queries: other train-split images")
 
 
 class TrackingConfig(_Strict):

@@ -52,6 +52,17 @@ class ImageSet:
         idx = np.sort(np.random.default_rng(seed).permutation(len(self))[:n])
         return ImageSet(self.images[idx], self.labels[idx], self.sample_ids[idx], self.classes, self.name)
 
+    def split_two(self, n_a: int, n_b: int, seed: int) -> tuple[ImageSet, ImageSet]:
+        """Two disjoint random subsets of sizes n_a and n_b (shrunk proportionally when N is smaller)."""
+        if n_a + n_b > len(self):
+            n_a = max(1, len(self) * n_a // (n_a + n_b))
+            n_b = len(self) - n_a
+        perm = np.random.default_rng(seed).permutation(len(self))
+        return self.take(np.sort(perm[:n_a]), "a"), self.take(np.sort(perm[n_a : n_a + n_b]), "b")
+
+    def take(self, idx: np.ndarray, tag: str) -> ImageSet:
+        return ImageSet(self.images[idx], self.labels[idx], self.sample_ids[idx], self.classes, f"{self.name}/{tag}")
+
     def fingerprint(self) -> str:
         h = hashlib.sha256()
         for a in (self.images, self.labels, self.sample_ids):
@@ -204,5 +215,4 @@ def load_splits(source: str, root: str | None, download: bool, store_size: int, 
     perm = np.random.default_rng(seed).permutation(len(full))
     n_val = max(1, int(round(holdout * len(full))))
     val_idx, train_idx = np.sort(perm[:n_val]), np.sort(perm[n_val:])
-    mk = lambda idx, tag: ImageSet(full.images[idx], full.labels[idx], full.sample_ids[idx], full.classes, f"{full.name}/{tag}")  # noqa: E731
-    return mk(train_idx, "train"), mk(val_idx, "holdout")
+    return full.take(train_idx, "train"), full.take(val_idx, "holdout")

@@ -12,23 +12,16 @@ import json
 import logging
 import threading
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from simreg.models.errors import ConfigError, SimRegError
-from simreg.orchestrator.builders import shard_plan, teacher_specs, view_spec
+from simreg.models.errors import SimRegError
 from simreg.orchestrator.config import SimRegConfig, flatten
-from simreg.orchestrator.data import ImageSet, load_splits
+from simreg.orchestrator.data import ImageSet
+from simreg.orchestrator.run import images_per_epoch, init_ray, make_trainer, plan_placement, prepare
 from simreg.orchestrator.tracking import Tracker, default_tracking_uri
 
 log = logging.getLogger("simreg")
-
-
-@dataclass(frozen=True)
-class EvalSets:
-    bank: ImageSet
-    query: ImageSet
 
 
 def _eval_task(
@@ -70,29 +63,6 @@ def _eval_task(
     return out
 
 
-def _resource_check(cfg: SimRegConfig, cluster: dict[str, float], use_gpu: bool, teacher_gpus: float) -> None:
-    """Refuse a plan whose CPU requests exceed the cluster: Ray Data would wait forever, silently."""
-    cpus = cluster.get("CPU", 0.0)
-    workers = cfg.scaling.num_workers * (0 if use_gpu else cfg.scaling.cpus_per_worker)
-    actors = len(cfg.teachers) * cfg.teacher_pool.actors_per_teacher * cfg.teacher_pool.cpus_per_actor
-    view = cfg.teacher_pool.cpus_per_actor if teacher_gpus > 0 else 0.0  # fused into the CPU actor otherwise
-    need = workers + actors + view
-    if need > cpus + 1e-9:
-        raise ConfigError(
-            f"the plan needs {need:g} CPUs (scaling.num_workers={cfg.scaling.num_workers} x "
-            f"scaling.cpus_per_worker={cfg.scaling.cpus_per_worker:g} + {len(cfg.teachers)} teacher(s) x "
-            f"teacher_pool.actors_per_teacher={cfg.teacher_pool.actors_per_teacher} x "
-            f"teacher_pool.cpus_per_actor={cfg.teacher_pool.cpus_per_actor:g}"
-            + (f" + view stage {view:g}" if view else "")
-            + f") but the Ray cluster has {cpus:g}: lower those keys or add CPUs (ray.num_cpus)"
-        )
-    if use_gpu and cluster.get("GPU", 0.0) < cfg.scaling.num_workers + len(cfg.teachers) * cfg.teacher_pool.actors_per_teacher * teacher_gpus:
-        raise ConfigError(
-            f"the plan needs {cfg.scaling.num_workers} student GPU(s) plus teacher GPUs but the cluster has "
-            f"{cluster.get('GPU', 0):g}: set scaling.use_gpu=false, teacher_pool.gpus_per_actor=0, or fewer workers"
-        )
-
-
 class _Progress:
     """Driver-side thread: a progress bar per epoch and MLflow logging of epoch metrics as they land."""
 
@@ -122,9 +92,10 @@ class _Progress:
         for m in new:
             self.history.append(m)
             self.tracker.log_metrics(m, step=int(m["epoch"]))
+            val = f", val 20-NN {m['val/top1_20nn']:.2f}" if "val/top1_20nn" in m else ""
             log.info(
-                "epoch %d/%d: loss %.4f, %.0f images/s, %.1f s", int(m["epoch"]) + 1, self.epochs,
-                m["train/loss"], m["train/images_per_s"], m["train/epoch_s"],
+                "epoch %d/%d: loss %.4f, %.0f images/s, %.1f s%s", int(m["epoch"]) + 1, self.epochs,
+                m["train/loss"], m["train/images_per_s"], m["train/epoch_s"], val,
             )
         return epoch, done
 
@@ -156,50 +127,26 @@ def distill(cfg: SimRegConfig, output_dir: Path, tracking_uri: str | None = None
     """Run one distillation; writes ``output_dir/summary.json`` and returns the summary."""
     import ray
     import ray.train
-    from ray.train.torch import TorchTrainer
 
     from simreg.orchestrator.export import export_student
-    from simreg.orchestrator.pipeline import PoolResources, RunState, build_train_dataset
-    from simreg.orchestrator.worker import train_loop_per_worker
+    from simreg.orchestrator.pipeline import RunState
 
     t_start = time.perf_counter()
     output_dir = output_dir.resolve()
     output_dir.mkdir(parents=True, exist_ok=True)
     (output_dir / "config.json").write_text(cfg.model_dump_json(indent=2))
 
-    # 1. data: the distillation subset and the labelled k-NN bank (train split), queries (held-out split)
-    train_full, held_out = load_splits(
-        cfg.data.source, cfg.data.root, cfg.data.download, cfg.data.store_size, cfg.seed, cfg.data.holdout_fraction
-    )
-    train = train_full.subset(cfg.data.train_size, cfg.seed)
-    evals = EvalSets(train_full.subset(cfg.data.knn_bank_size, cfg.seed + 1), held_out.subset(cfg.data.knn_query_size, cfg.seed + 2))
-    log.info("data: %s, %d images distilled on; k-NN bank %d, queries %d (%s)", train.name, len(train), len(evals.bank), len(evals.query), held_out.name)
+    # 1-2. data (distillation subset, k-NN bank and queries, validation sets) and teachers, before Ray
+    prep = prepare(cfg)
+    specs, teacher_dims, evals = prep.specs, prep.teacher_dims, prep.final_eval
 
-    # 2. teachers: load each once here so a bad file or name fails before Ray starts; record feature dims
-    specs = teacher_specs(cfg)
-    teacher_dims: dict[str, int] = {}
-    for s in specs:
-        teacher_dims[s.name] = s.build().feature_dim
-    from simreg.orchestrator.builders import build_objective
-
-    build_objective(cfg, teacher_dims)  # fails early on an unknown student arch or a bad head design
-
-    # 3. Ray + pipeline
-    if not ray.is_initialized():
-        ray.init(
-            address=cfg.ray.address, num_cpus=cfg.ray.num_cpus if cfg.ray.address is None else None,
-            # The dashboard serves Ray's state API, which Ray Train polls; it binds to loopback only.
-            dashboard_host="127.0.0.1", log_to_driver=True, logging_level=logging.WARNING,
-        )
-    cluster = ray.cluster_resources()
-    has_gpu = cluster.get("GPU", 0.0) >= 1
-    use_gpu = has_gpu if cfg.scaling.use_gpu == "auto" else bool(cfg.scaling.use_gpu)
-    teacher_gpus = (1.0 if has_gpu else 0.0) if cfg.teacher_pool.gpus_per_actor == "auto" else float(cfg.teacher_pool.gpus_per_actor)
-    _resource_check(cfg, cluster, use_gpu, teacher_gpus)
+    # 3. Ray, placement, tracking
+    cluster = init_ray(cfg)
+    placement = plan_placement(cfg, cluster)
     log.info(
         "ray: %g CPUs, %g GPUs; %d student worker(s) on %s; teacher actors on %s",
-        cluster.get("CPU", 0), cluster.get("GPU", 0), cfg.scaling.num_workers, "GPU" if use_gpu else "CPU",
-        f"{teacher_gpus:g} GPU each" if teacher_gpus else f"CPU ({cfg.teacher_pool.threads} threads each)",
+        cluster.get("CPU", 0), cluster.get("GPU", 0), cfg.scaling.num_workers, "GPU" if placement.use_gpu else "CPU",
+        f"{placement.teacher_gpus:g} GPU each" if placement.teacher_gpus else f"CPU ({cfg.teacher_pool.threads} threads each)",
     )
     tracker = Tracker(
         tracking_uri or cfg.tracking.tracking_uri or default_tracking_uri(output_dir),
@@ -209,34 +156,17 @@ def distill(cfg: SimRegConfig, output_dir: Path, tracking_uri: str | None = None
     status = "FAILED"
     state = RunState.remote()
     try:
-        ray.data.DataContext.get_current().enable_progress_bars = False  # the driver draws one bar per epoch
-        res = PoolResources(cfg.teacher_pool.actors_per_teacher, cfg.teacher_pool.cpus_per_actor, teacher_gpus,
-                            cfg.teacher_pool.threads, cfg.teacher_pool.batch_size)
-        dataset = build_train_dataset(train, specs, state, cfg.seed, view_spec(cfg), res)
-
-        # 4. trainer
-        rows, _, _ = shard_plan(len(train), cfg.train.batch_size, cfg.scaling.num_workers)
-        trainer = TorchTrainer(
-            train_loop_per_worker,
-            train_loop_config={
-                "cfg": json.loads(cfg.model_dump_json()), "state": state, "teacher_dims": teacher_dims, "n_train": len(train),
-            },
-            scaling_config=ray.train.ScalingConfig(
-                num_workers=cfg.scaling.num_workers, use_gpu=use_gpu,
-                resources_per_worker=None if use_gpu else {"CPU": cfg.scaling.cpus_per_worker},
-            ),
-            run_config=ray.train.RunConfig(
-                name="train", storage_path=str(output_dir / "ray"),
-                checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2),
-                failure_config=ray.train.FailureConfig(max_failures=0),
-                logging_config=ray.train.LoggingConfig(log_level="WARNING"),  # type: ignore[call-arg]
-            ),
-            datasets={"train": dataset},
-        )
+        # 4. pipeline + trainer
+        trainer = make_trainer(prep, placement, state, ray.train.RunConfig(
+            name="train", storage_path=str(output_dir / "ray"),
+            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2),
+            failure_config=ray.train.FailureConfig(max_failures=0),
+            logging_config=ray.train.LoggingConfig(log_level="WARNING"),  # type: ignore[call-arg]
+        ))
 
         # 5. fit
         t_fit = time.perf_counter()
-        with _Progress(state, tracker, rows * cfg.scaling.num_workers, cfg.train.epochs) as progress:
+        with _Progress(state, tracker, images_per_epoch(prep), cfg.train.epochs) as progress:
             result = trainer.fit()
         fit_s = time.perf_counter() - t_fit
         if result.error is not None:
@@ -249,7 +179,7 @@ def distill(cfg: SimRegConfig, output_dir: Path, tracking_uri: str | None = None
             final = load_state(Path(d))
 
         # 6. evaluate: k-NN of teachers, student, random-init student, in a Ray task (GPU when there is one)
-        eval_remote = ray.remote(_eval_task).options(num_cpus=min(1.0, cluster.get("CPU", 1.0)), num_gpus=1 if has_gpu else 0)
+        eval_remote = ray.remote(_eval_task).options(num_cpus=min(1.0, cluster.get("CPU", 1.0)), num_gpus=1 if placement.has_gpu else 0)
         ev = ray.get(eval_remote.remote(
             json.loads(cfg.model_dump_json()), [s.to_dict() for s in specs], teacher_dims, final["backbone"], evals.bank, evals.query,
         ))
@@ -268,7 +198,7 @@ def distill(cfg: SimRegConfig, output_dir: Path, tracking_uri: str | None = None
             "random_student_knn": ev["random_student_knn"],
             "student_gain_20nn": ev["student_knn"]["top1_20nn"] - ev["random_student_knn"]["top1_20nn"],
             "epochs": cfg.train.epochs,
-            "train_images": len(train),
+            "train_images": len(prep.train),
             "knn_bank_images": len(evals.bank),
             "knn_query_images": len(evals.query),
             "train_images_per_s": imgs / train_s if train_s > 0 else None,

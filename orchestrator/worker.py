@@ -19,6 +19,7 @@ from simreg.models.errors import DataError
 from simreg.orchestrator.builders import build_objective, build_optimizer, shard_plan
 from simreg.orchestrator.checkpoint import load_state, restore, save_checkpoint
 from simreg.orchestrator.config import validate_config
+from simreg.orchestrator.evaluation import knn_report
 from simreg.orchestrator.loop import train_epoch
 
 PROGRESS_EVERY = 4  # steps between progress pings from rank 0
@@ -32,6 +33,14 @@ def _checked(batches: Iterator[dict[str, torch.Tensor]], epoch: int, seen: list[
             raise DataError(f"pipeline produced views of epoch {sorted(set(ep.tolist()))} during epoch {epoch}")
         seen.append(b["sample_id"].cpu())
         yield b
+
+
+def _validate(objective: torch.nn.Module, val: Any, view_size: int, batch_size: int, device: torch.device) -> dict[str, float]:
+    """k-NN of the student's backbone on the validation sets (train-split bank and queries)."""
+    objective.eval()
+    r = knn_report(objective.features, val.bank.images, val.bank.labels, val.query.images, val.query.labels, view_size, batch_size, device)
+    objective.train()
+    return {"val/top1_1nn": r["top1_1nn"], "val/top1_20nn": r["top1_20nn"]}
 
 
 def train_loop_per_worker(config: dict[str, Any]) -> None:
@@ -96,6 +105,10 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             "train/lr": float(scheduler.get_last_lr()[0]),
             "train/unique_ids_per_rank_sum": n_ids[1].item(),
         })
+        val = config.get("val")
+        due = cfg.eval.val_every > 0 and ((epoch + 1) % cfg.eval.val_every == 0 or epoch + 1 == cfg.train.epochs)
+        if rank == 0 and val is not None and due:
+            metrics.update(_validate(objective, val, cfg.data.view_size, cfg.eval.batch_size, device))
         if rank == 0:
             state.add_epoch_metrics.remote(metrics)
             with tempfile.TemporaryDirectory() as tmp:

@@ -56,6 +56,7 @@ def test_summary_contract(distilled):
     # every sample id of the 300 trained on exactly once per epoch across the 2 workers (equal split: 150 each)
     assert h0["train/images"] == 300 and h0["train/unique_ids_per_rank_sum"] == 300
     assert h1["train/loss"] < h0["train/loss"]  # the student moves towards the teacher
+    assert all(0 < h["val/top1_20nn"] <= 100 for h in (h0, h1))  # validation k-NN every epoch
 
 
 def test_mlflow_run_has_params_epoch_metrics_and_artifacts(distilled):

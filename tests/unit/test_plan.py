@@ -5,7 +5,8 @@ import pytest
 from simreg.models import ConfigError
 from simreg.orchestrator.builders import build_objective, build_optimizer, shard_plan
 from simreg.orchestrator.config import load_config
-from simreg.orchestrator.driver import _resource_check, knn_table
+from simreg.orchestrator.driver import knn_table
+from simreg.orchestrator.run import resource_check
 
 
 def test_shard_plan_equal_split_and_last_batch():
@@ -17,8 +18,8 @@ def test_shard_plan_equal_split_and_last_batch():
 def test_resource_rule_refuses_a_plan_that_would_hang():
     cfg = load_config(None, ["scaling.cpus_per_worker=1"])
     with pytest.raises(ConfigError, match=r"needs 2.5 CPUs .* cluster has 2: lower those keys"):
-        _resource_check(cfg, {"CPU": 2.0}, use_gpu=False, teacher_gpus=0.0)
-    _resource_check(load_config(), {"CPU": 2.0}, use_gpu=False, teacher_gpus=0.0)  # the demo fits 2 CPUs
+        resource_check(cfg, {"CPU": 2.0}, use_gpu=False, teacher_gpus=0.0)
+    resource_check(load_config(), {"CPU": 2.0}, use_gpu=False, teacher_gpus=0.0)  # the demo fits 2 CPUs
 
 
 def test_cosine_schedule_reaches_zero():

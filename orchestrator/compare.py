@@ -1,0 +1,169 @@
+"""Comparison of a sweep's trials: table (CSV, Markdown, terminal), plots, and ``simreg compare``."""
+from __future__ import annotations
+
+import csv
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+from simreg.models.errors import ConfigError
+
+
+def _score(row: dict[str, Any], key: str, mode: str) -> float:
+    v = row.get("metrics", {}).get(key)
+    if v is None or (isinstance(v, float) and math.isnan(v)):
+        return -math.inf
+    return float(v) if mode == "max" else -float(v)
+
+
+def comparison_rows(runs: dict[str, dict[str, Any]], metric: str, mode: str) -> list[dict[str, Any]]:
+    """Trials best first by ``metric`` (``val/top1_20nn`` -> the row's ``metrics.top1_20nn``)."""
+    key = metric.removeprefix("val/")
+    rows = []
+    for tid, e in runs.items():
+        rows.append({
+            "trial_id": tid,
+            "params": e.get("params", {}),
+            "metrics": e.get("metrics", {}),
+            "status": e.get("status", "RUNNING"),
+            "fate": e.get("fate", "running"),
+            "epochs_run": e.get("last_epoch", -1) + 1,
+            "mlflow_run_id": e.get("run_id"),
+            "checkpoint": e.get("checkpoint"),
+            "curve": e.get("curve", {}),
+        })
+    rows.sort(key=lambda r: r["trial_id"])
+    return sorted(rows, key=lambda r: _score(r, key, mode), reverse=True)  # stable: ties by trial id
+
+
+def table_lines(rows: list[dict[str, Any]], keys: list[str]) -> list[list[str]]:
+    head = ["rank", "trial", *keys, "val 1-NN", "val 20-NN", "epochs", "status"]
+    out = [head]
+    for i, r in enumerate(rows, 1):
+        m = r["metrics"]
+        out.append([
+            str(i), r["trial_id"], *[str(r["params"].get(k, "")) for k in keys],
+            f"{m['top1_1nn']:.2f}" if "top1_1nn" in m else "-", f"{m['top1_20nn']:.2f}" if "top1_20nn" in m else "-",
+            str(r["epochs_run"]), f"{r['status']} ({r['fate']})",
+        ])
+    return out
+
+
+def markdown(lines: list[list[str]]) -> str:
+    w = [max(len(r[i]) for r in lines) for i in range(len(lines[0]))]
+    fmt = lambda r: "| " + " | ".join(c.ljust(w[i]) for i, c in enumerate(r)) + " |"  # noqa: E731
+    return "\n".join([fmt(lines[0]), "|" + "|".join("-" * (x + 2) for x in w) + "|", *map(fmt, lines[1:])])
+
+
+def _plots(rows: list[dict[str, Any]], keys: list[str], metric: str, out_dir: Path) -> list[Path]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    key = metric.removeprefix("val/")
+    done = [r for r in rows if key in r["metrics"]]
+    paths = []
+    for k in keys:
+        vals = [r["params"].get(k) for r in done]
+        numeric = all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in vals)
+        fig, ax = plt.subplots(figsize=(5, 3.5))
+        if numeric:
+            xs = vals
+        else:
+            cats = sorted({str(v) for v in vals})
+            xs = [cats.index(str(v)) for v in vals]
+            ax.set_xticks(range(len(cats)), cats)
+        ax.scatter(xs, [r["metrics"][key] for r in done])
+        ax.set_xlabel(k)
+        ax.set_ylabel(metric)
+        ax.grid(alpha=0.3)
+        fig.tight_layout()
+        p = out_dir / f"{metric.replace('/', '_')}_vs_{k.replace('.', '_')}.png"
+        fig.savefig(p, dpi=110)
+        plt.close(fig)
+        paths.append(p)
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for r in rows:
+        curve = sorted((int(e), v) for e, v in r.get("curve", {}).items())
+        if curve:
+            ax.plot([e + 1 for e, _ in curve], [v for _, v in curve], marker="o",
+                    label=", ".join(f"{k.split('.')[-1]}={r['params'].get(k)}" for k in keys))
+    ax.set_xlabel("epoch")
+    ax.set_ylabel("val/top1_20nn")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    p = out_dir / "learning_curves.png"
+    fig.savefig(p, dpi=110)
+    plt.close(fig)
+    paths.append(p)
+    return paths
+
+
+def write_comparison(rows: list[dict[str, Any]], keys: list[str], metric: str, output_dir: Path, parent: Any) -> list[str]:
+    """comparison.csv / comparison.md / PNG plots in DIR/comparison, logged on the parent MLflow run."""
+    out = output_dir / "comparison"
+    out.mkdir(exist_ok=True)
+    lines = table_lines(rows, keys)
+    (out / "comparison.md").write_text(markdown(lines) + "\n")
+    with open(out / "comparison.csv", "w", newline="") as fh:
+        w = csv.writer(fh)
+        w.writerow([*lines[0], "mlflow_run_id", "checkpoint"])
+        for line, r in zip(lines[1:], rows, strict=True):
+            w.writerow([*line, r["mlflow_run_id"], r["checkpoint"] or ""])
+    files = [out / "comparison.md", out / "comparison.csv", *_plots(rows, keys, metric, out)]
+    for f in files:
+        parent.log_artifact(f, "comparison")
+    return [str(f) for f in files]
+
+
+def compare(target: str, tracking_uri: str | None = None) -> str:
+    """The comparison table of a sweep, best first, from its MLflow runs: ``target`` is a sweep's output
+    folder or a parent run id (with ``tracking_uri``)."""
+    from mlflow.tracking import MlflowClient
+
+    p = Path(target)
+    if p.is_dir():
+        id_file = p / "mlflow_run_id"
+        if not id_file.is_file():
+            raise ConfigError(f"{target} is not a sweep folder (no mlflow_run_id file): pass the --output-dir of `simreg sweep`")
+        parent_id = id_file.read_text().strip()
+        tracking_uri = tracking_uri or f"sqlite:///{(p / 'mlflow.db').resolve()}"
+    else:
+        if tracking_uri is None:
+            raise ConfigError(f"{target!r} is not a folder; to compare a parent run id, also pass --tracking-uri")
+        parent_id = target
+    client = MlflowClient(tracking_uri=tracking_uri)
+    try:
+        parent = client.get_run(parent_id)
+    except Exception as e:
+        raise ConfigError(f"no MLflow run {parent_id!r} in {tracking_uri}: check the id and --tracking-uri") from e
+    keys = sorted(k.removeprefix("space.") for k in parent.data.params if k.startswith("space."))
+    metric = parent.data.params.get("search.metric", "val/top1_20nn")
+    mode = parent.data.params.get("search.mode", "max")
+    children = client.search_runs([parent.info.experiment_id], f"tags.mlflow.parentRunId = '{parent_id}'", max_results=10000)
+    runs = {}
+    for c in children:
+        m = c.data.metrics
+        runs[c.data.tags.get("simreg.trial_id", c.info.run_id)] = {
+            "run_id": c.info.run_id,
+            "params": {k: _parse(c.data.params.get(k)) for k in keys},
+            "metrics": {k.removeprefix("val/"): v for k, v in m.items() if k in ("val/top1_1nn", "val/top1_20nn")},
+            "status": c.info.status,
+            "fate": c.data.tags.get("simreg.trial_fate", "running"),
+            "last_epoch": int(len(client.get_metric_history(c.info.run_id, "train/loss"))) - 1,
+        }
+    rows = comparison_rows(runs, metric, mode)
+    head = f"sweep {parent.info.run_name} ({parent_id}), {len(rows)} trial(s), best first by {metric} ({mode})"
+    return head + "\n" + markdown(table_lines(rows, keys))
+
+
+def _parse(v: str | None) -> Any:
+    if v is None:
+        return None
+    try:
+        return json.loads(v)
+    except (json.JSONDecodeError, TypeError):
+        return v

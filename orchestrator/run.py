@@ -1,0 +1,151 @@
+"""Building blocks shared by ``simreg distill`` and each sweep trial: data, teachers, placement, trainer.
+
+prepare() needs no Ray; the rest build Ray objects.
+"""
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass
+from typing import Any
+
+from simreg.models.errors import ConfigError
+from simreg.orchestrator.builders import build_objective, shard_plan, teacher_specs, view_spec
+from simreg.orchestrator.config import SimRegConfig
+from simreg.orchestrator.data import ImageSet, load_splits
+from simreg.orchestrator.teacher_pool import TeacherSpec
+
+log = logging.getLogger("simreg")
+
+
+@dataclass(frozen=True)
+class EvalSets:
+    bank: ImageSet
+    query: ImageSet
+
+
+@dataclass(frozen=True)
+class Prepared:
+    """Everything a run needs before Ray: the images, the k-NN sets and the checked teachers."""
+
+    cfg: SimRegConfig
+    train: ImageSet
+    final_eval: EvalSets  # bank: train split, queries: the held-out split (reported)
+    val: EvalSets | None  # bank and queries both from the train split (for model selection)
+    specs: list[TeacherSpec]
+    teacher_dims: dict[str, int]
+
+
+def prepare(cfg: SimRegConfig, quiet: bool = False) -> Prepared:
+    """Phases 1-2: load data and every teacher once, so a bad path or name fails before Ray starts."""
+    train_full, held_out = load_splits(
+        cfg.data.source, cfg.data.root, cfg.data.download, cfg.data.store_size, cfg.seed, cfg.data.holdout_fraction
+    )
+    train = train_full.subset(cfg.data.train_size, cfg.seed)
+    final = EvalSets(train_full.subset(cfg.data.knn_bank_size, cfg.seed + 1), held_out.subset(cfg.data.knn_query_size, cfg.seed + 2))
+    val = None
+    if cfg.eval.val_every > 0:
+        val = EvalSets(*train_full.split_two(cfg.eval.val_bank_size, cfg.eval.val_query_size, cfg.seed + 3))
+    if not quiet:
+        log.info(
+            "data: %s, %d images distilled on; k-NN bank %d, queries %d (%s)",
+            train.name, len(train), len(final.bank), len(final.query), held_out.name,
+        )
+    specs = teacher_specs(cfg)
+    dims = {s.name: s.build().feature_dim for s in specs}
+    build_objective(cfg, dims)  # fails early on an unknown student arch or a bad head design
+    return Prepared(cfg, train, final, val, specs, dims)
+
+
+@dataclass(frozen=True)
+class Placement:
+    has_gpu: bool
+    use_gpu: bool
+    teacher_gpus: float
+
+
+def resource_check(cfg: SimRegConfig, cluster: dict[str, float], use_gpu: bool, teacher_gpus: float) -> None:
+    """Refuse a plan whose CPU requests exceed the cluster: Ray Data would wait forever, silently."""
+    cpus = cluster.get("CPU", 0.0)
+    workers = cfg.scaling.num_workers * (0 if use_gpu else cfg.scaling.cpus_per_worker)
+    actors = len(cfg.teachers) * cfg.teacher_pool.actors_per_teacher * cfg.teacher_pool.cpus_per_actor
+    view = cfg.teacher_pool.cpus_per_actor if teacher_gpus > 0 else 0.0  # fused into the CPU actor otherwise
+    need = workers + actors + view
+    if need > cpus + 1e-9:
+        raise ConfigError(
+            f"the plan needs {need:g} CPUs (scaling.num_workers={cfg.scaling.num_workers} x "
+            f"scaling.cpus_per_worker={cfg.scaling.cpus_per_worker:g} + {len(cfg.teachers)} teacher(s) x "
+            f"teacher_pool.actors_per_teacher={cfg.teacher_pool.actors_per_teacher} x "
+            f"teacher_pool.cpus_per_actor={cfg.teacher_pool.cpus_per_actor:g}"
+            + (f" + view stage {view:g}" if view else "")
+            + f") but the Ray cluster has {cpus:g}: lower those keys or add CPUs (ray.num_cpus)"
+        )
+    gpus_needed = (cfg.scaling.num_workers if use_gpu else 0) + len(cfg.teachers) * cfg.teacher_pool.actors_per_teacher * teacher_gpus
+    if gpus_needed > cluster.get("GPU", 0.0) + 1e-9:
+        raise ConfigError(
+            f"the plan needs {gpus_needed:g} GPU(s) (students + teacher actors) but the cluster has "
+            f"{cluster.get('GPU', 0):g}: set scaling.use_gpu=false, teacher_pool.gpus_per_actor=0, or fewer workers"
+        )
+
+
+def trial_cpus(cfg: SimRegConfig, placement: Placement) -> float:
+    """CPUs one run holds at once (student workers + teacher actors + an unfused view stage)."""
+    workers = 0.0 if placement.use_gpu else cfg.scaling.num_workers * cfg.scaling.cpus_per_worker
+    actors = len(cfg.teachers) * cfg.teacher_pool.actors_per_teacher * cfg.teacher_pool.cpus_per_actor
+    return workers + actors + (cfg.teacher_pool.cpus_per_actor if placement.teacher_gpus > 0 else 0.0)
+
+
+def init_ray(cfg: SimRegConfig) -> dict[str, float]:
+    import ray
+
+    if not ray.is_initialized():
+        ray.init(
+            address=cfg.ray.address, num_cpus=cfg.ray.num_cpus if cfg.ray.address is None else None,
+            # The dashboard serves Ray's state API, which Ray Train polls; it binds to loopback only.
+            dashboard_host="127.0.0.1", log_to_driver=True, logging_level=logging.WARNING,
+        )
+    return dict(ray.cluster_resources())
+
+
+def plan_placement(cfg: SimRegConfig, cluster: dict[str, float], check: bool = True) -> Placement:
+    has_gpu = cluster.get("GPU", 0.0) >= 1
+    use_gpu = has_gpu if cfg.scaling.use_gpu == "auto" else bool(cfg.scaling.use_gpu)
+    gpa = cfg.teacher_pool.gpus_per_actor
+    teacher_gpus = (1.0 if has_gpu else 0.0) if gpa == "auto" else float(gpa)
+    if check:
+        resource_check(cfg, cluster, use_gpu, teacher_gpus)
+    return Placement(has_gpu, use_gpu, teacher_gpus)
+
+
+def make_trainer(prep: Prepared, placement: Placement, state: Any, run_config: Any) -> Any:
+    """Phase 3-4: the Ray Data pipeline (views + teacher pools) feeding a Ray Train V2 TorchTrainer."""
+    import ray
+    import ray.train
+    from ray.train.torch import TorchTrainer
+
+    from simreg.orchestrator.pipeline import PoolResources, build_train_dataset
+    from simreg.orchestrator.worker import train_loop_per_worker
+
+    cfg = prep.cfg
+    ray.data.DataContext.get_current().enable_progress_bars = False  # the driver draws one bar per epoch
+    res = PoolResources(cfg.teacher_pool.actors_per_teacher, cfg.teacher_pool.cpus_per_actor, placement.teacher_gpus,
+                        cfg.teacher_pool.threads, cfg.teacher_pool.batch_size)
+    dataset = build_train_dataset(prep.train, prep.specs, state, cfg.seed, view_spec(cfg), res)
+    return TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config={
+            "cfg": json.loads(cfg.model_dump_json()), "state": state, "teacher_dims": prep.teacher_dims,
+            "n_train": len(prep.train), "val": prep.val,
+        },
+        scaling_config=ray.train.ScalingConfig(
+            num_workers=cfg.scaling.num_workers, use_gpu=placement.use_gpu,
+            resources_per_worker=None if placement.use_gpu else {"CPU": cfg.scaling.cpus_per_worker},
+        ),
+        run_config=run_config,
+        datasets={"train": dataset},
+    )
+
+
+def images_per_epoch(prep: Prepared) -> int:
+    rows, _, _ = shard_plan(len(prep.train), prep.cfg.train.batch_size, prep.cfg.scaling.num_workers)
+    return rows * prep.cfg.scaling.num_workers
