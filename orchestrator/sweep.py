@@ -16,6 +16,7 @@ import copy
 import json
 import logging
 import math
+import os
 import time
 from pathlib import Path
 from typing import Any
@@ -292,6 +293,10 @@ def sweep(
         from ray.tune.search.optuna import OptunaSearch
 
         search_alg = OptunaSearch(seed=cfg.seed)
+    # Save Tune's experiment state at most every second (default: adaptive, >= 10 s), so a sweep killed
+    # right after a trial ends does not restart that trial on --resume (its Train run would restore the
+    # final checkpoint and train no further, but would still pay a start-up).
+    os.environ.setdefault("TUNE_GLOBAL_CHECKPOINT_S", "1")
     status = "FAILED"
     try:
         if resume:
