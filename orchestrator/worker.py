@@ -35,6 +35,22 @@ def _checked(batches: Iterator[dict[str, torch.Tensor]], epoch: int, seen: list[
         yield b
 
 
+def _global_id_counts(ids: torch.Tensor, world: int, device: torch.device) -> tuple[int, int]:
+    """(distinct ids, surplus occurrences) over every rank's ids of this epoch (all_gather, padded).
+    Collectives run on ``device``: nccl takes CUDA tensors only."""
+    n = torch.tensor([ids.numel()], dtype=torch.int64, device=device)
+    sizes = [torch.zeros(1, dtype=torch.int64, device=device) for _ in range(world)]
+    dist.all_gather(sizes, n)
+    longest = int(max(int(x) for x in sizes))
+    padded = torch.full((longest,), -1, dtype=torch.int64, device=device)
+    padded[: ids.numel()] = ids.to(device)
+    parts = [torch.empty(longest, dtype=torch.int64, device=device) for _ in range(world)]
+    dist.all_gather(parts, padded)
+    everything = torch.cat([p[: int(k)].cpu() for p, k in zip(parts, sizes, strict=True)])
+    distinct = int(everything.unique().numel())
+    return distinct, int(everything.numel()) - distinct
+
+
 def _validate(objective: torch.nn.Module, val: Any, view_size: int, batch_size: int, device: torch.device) -> dict[str, float]:
     """k-NN of the student's backbone on the validation sets (train-split bank and queries)."""
     objective.eval()
@@ -85,13 +101,14 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
 
         # Sum over ranks: images, skipped, per-key sums; max of wall time.
         keys = sorted(stats.sums)
-        vec = torch.tensor([stats.images, stats.skipped_images, stats.steps] + [stats.sums[k] for k in keys], dtype=torch.float64)
+        vec = torch.tensor([stats.images, stats.skipped_images, stats.steps] + [stats.sums[k] for k in keys], dtype=torch.float64, device=device)
         dist.all_reduce(vec)
-        wall_t = torch.tensor([wall], dtype=torch.float64)
+        vec = vec.cpu()
+        wall_t = torch.tensor([wall], dtype=torch.float64, device=device)
         dist.all_reduce(wall_t, op=dist.ReduceOp.MAX)
-        ids = torch.cat(seen) if seen else torch.zeros(0, dtype=torch.int64)
-        n_ids = torch.tensor([ids.numel(), ids.unique().numel()], dtype=torch.float64)
-        dist.all_reduce(n_ids)
+        wall_t = wall_t.cpu()
+        ids = torch.cat(seen).cpu() if seen else torch.zeros(0, dtype=torch.int64)
+        unique_ids, duplicate_ids = _global_id_counts(ids, world, device)
         images = vec[0].item()
         metrics: dict[str, float] = {f"train/{k}": vec[3 + i].item() / max(images, 1) for i, k in enumerate(keys)}
         metrics.update({
@@ -103,7 +120,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             "train/images_per_s": images / max(wall_t.item(), 1e-9),
             "train/epoch_s": wall_t.item(),
             "train/lr": float(scheduler.get_last_lr()[0]),
-            "train/unique_ids_per_rank_sum": n_ids[1].item(),
+            "train/unique_ids": float(unique_ids),  # distinct sample ids trained on, all ranks together
+            "train/duplicate_ids": float(duplicate_ids),  # ids seen more than once this epoch (expected 0)
         })
         val = config.get("val")
         due = cfg.eval.val_every > 0 and ((epoch + 1) % cfg.eval.val_every == 0 or epoch + 1 == cfg.train.epochs)

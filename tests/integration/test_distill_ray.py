@@ -54,7 +54,8 @@ def test_summary_contract(distilled):
     assert on_disk["train_images_per_s"] > 0 and on_disk["student_arch"] == "resnet10t"
     h0, h1 = on_disk["history"]
     # every sample id of the 300 trained on exactly once per epoch across the 2 workers (equal split: 150 each)
-    assert h0["train/images"] == 300 and h0["train/unique_ids_per_rank_sum"] == 300
+    assert h0["train/images"] == 300 and h0["train/unique_ids"] == 300 and h0["train/duplicate_ids"] == 0
+    assert h1["train/unique_ids"] == 300 and h1["train/duplicate_ids"] == 0
     assert h1["train/loss"] < h0["train/loss"]  # the student moves towards the teacher
     assert all(0 < h["val/top1_20nn"] <= 100 for h in (h0, h1))  # validation k-NN every epoch
 
