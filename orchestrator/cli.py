@@ -38,6 +38,18 @@ def _parser() -> argparse.ArgumentParser:
     cp = sub.add_parser("compare", help="print a sweep's comparison table, best first")
     cp.add_argument("target", help="a sweep's output folder, or a parent MLflow run id (with --tracking-uri)")
     cp.add_argument("--tracking-uri", default=None)
+    ev = sub.add_parser("eval", help="k-NN (and linear probe) of a backbone weights file; no Ray")
+    ev.add_argument("--weights", type=Path, required=True, help="safetensors or torch state dict of a timm backbone")
+    ev.add_argument("--arch", required=True, help="timm architecture of the weights")
+    ev.add_argument("--data", default="fashion-mnist", help="fashion-mnist or an ImageFolder directory")
+    ev.add_argument("--input-size", type=int, default=64, help="model input resolution (the demo student: 32)")
+    ev.add_argument("--mean", type=float, nargs="+", default=[0.2860], help="per-channel mean (1 or 3 values)")
+    ev.add_argument("--std", type=float, nargs="+", default=[0.3530], help="per-channel std (1 or 3 values)")
+    ev.add_argument("--bank-size", type=int, default=None, help="train-split images in the k-NN bank (default all)")
+    ev.add_argument("--query-size", type=int, default=None, help="held-out images queried (default all)")
+    ev.add_argument("--linear", action="store_true", help="also run the paper's linear probe")
+    ev.add_argument("--linear-epochs", type=int, default=40)
+    ev.add_argument("--output", type=Path, default=None, help="write the result as JSON here")
     sh = sub.add_parser("config", help="print the resolved config as YAML (defaults <- file <- overrides)")
     sh.add_argument("--config", type=Path, default=None)
     sh.add_argument("overrides", nargs="*", metavar="key=value")
@@ -57,6 +69,21 @@ def main(argv: list[str] | None = None) -> int:
             from simreg.orchestrator.compare import compare
 
             print(compare(args.target, args.tracking_uri))
+            return 0
+        if args.command == "eval":
+            from simreg.orchestrator.eval_cli import evaluate_weights, write_json
+
+            for flag, vals in (("--mean", args.mean), ("--std", args.std)):
+                if len(vals) not in (1, 3):
+                    print(f"simreg: error: {flag} takes 1 or 3 values (got {len(vals)})", file=sys.stderr)
+                    return 2
+            res = evaluate_weights(
+                args.weights, args.arch, data=args.data, input_size=args.input_size, mean=tuple(args.mean),
+                std=tuple(args.std), bank_size=args.bank_size, query_size=args.query_size, linear=args.linear,
+                linear_epochs=args.linear_epochs,
+            )
+            write_json(res, args.output)
+            print(json.dumps(res, indent=2))
             return 0
         from simreg.orchestrator.config import load_config
 

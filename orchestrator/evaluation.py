@@ -61,3 +61,33 @@ def knn_report(
     q = extract_features(encode, query_images, view_size, batch_size, device)
     acc = knn_top1(b, torch.tensor(bank_labels), q, torch.tensor(query_labels), ks=(1, 20))  # copies: Ray arrays are read-only
     return {"top1_1nn": acc[1], "top1_20nn": acc[20]}
+
+
+def linear_probe(
+    train_feats: torch.Tensor, train_labels: torch.Tensor, test_feats: torch.Tensor, test_labels: torch.Tensor,
+    epochs: int = 40, steps: Sequence[int] = (15, 30), lr: float = 0.01, batch_size: int = 256, seed: int = 0,
+) -> float:
+    """The paper's linear evaluation on frozen features: l2-normalize, standardize each dimension with the
+    training statistics, one linear layer trained by SGD (momentum 0.9) with the LR divided by 10 at each
+    step epoch. Returns test top-1 (percent)."""
+    g = torch.Generator().manual_seed(seed)
+    xtr = F.normalize(train_feats.float(), dim=1)
+    xte = F.normalize(test_feats.float(), dim=1)
+    mu, sd = xtr.mean(0, keepdim=True), xtr.std(0, keepdim=True).clamp_min(1e-6)
+    xtr, xte = (xtr - mu) / sd, (xte - mu) / sd
+    n_cls = int(max(train_labels.max(), test_labels.max())) + 1
+    layer = torch.nn.Linear(xtr.shape[1], n_cls)
+    opt = torch.optim.SGD(layer.parameters(), lr=lr, momentum=0.9)
+    sched = torch.optim.lr_scheduler.MultiStepLR(opt, milestones=list(steps), gamma=0.1)
+    for _ in range(epochs):
+        perm = torch.randperm(xtr.shape[0], generator=g)
+        for i in range(0, xtr.shape[0], batch_size):
+            idx = perm[i : i + batch_size]
+            loss = F.cross_entropy(layer(xtr[idx]), train_labels[idx])
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+        sched.step()
+    with torch.no_grad():
+        pred = layer(xte).argmax(1)
+    return 100.0 * int((pred == test_labels).sum()) / int(test_labels.numel())
