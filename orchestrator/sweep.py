@@ -246,21 +246,27 @@ def sweep(
         raise ConfigError(f"{output_dir} already holds a sweep: pass --resume to continue it, or choose another --output-dir")
     output_dir.mkdir(parents=True, exist_ok=True)
 
-    # 1. the space, checked against the config; every trial must validate
-    base_tree = check_space(space, json.loads(cfg.model_dump_json()), space_source)
+    # 1. the space, checked against the config; every trial must validate. A resumed sweep keeps the
+    #    space and base config it started with (the trials already run used them).
+    if resume:
+        space = SearchSpace.model_validate_json((output_dir / "space.json").read_text())
+        base_tree = json.loads((output_dir / "base_config.json").read_text())
+        log.info("resuming the sweep in %s with its original space and base config", output_dir)
+    else:
+        base_tree = check_space(space, json.loads(cfg.model_dump_json()), space_source)
     keys = list(space.params)
-    epochs = trial_config(base_tree, {}).train.epochs
-    if trial_config(base_tree, {}).eval.val_every != 1 and space.search.metric.startswith("val/"):
+    base_cfg = trial_config(base_tree, {})
+    epochs = base_cfg.train.epochs
+    if base_cfg.eval.val_every != 1 and space.search.metric.startswith("val/"):
         raise ConfigError("sweeps report the validation k-NN every epoch: set eval.val_every=1")
     (output_dir / "space.json").write_text(space.model_dump_json(indent=2))
     (output_dir / "base_config.json").write_text(json.dumps(base_tree, indent=2))
 
     # 2. data and teachers once in the driver: a bad path fails here, not in every trial
-    prepare(trial_config(base_tree, {}))
+    prepare(base_cfg)
 
     # 3. Ray, concurrency from the cluster's resources
-    cluster = init_ray(cfg)
-    base_cfg = trial_config(base_tree, {})
+    cluster = init_ray(base_cfg)
     placement = plan_placement(base_cfg, cluster)
     per_trial = trial_cpus(base_cfg, placement) + 0.01
     fit_cpu = max(1, math.floor(cluster.get("CPU", 1.0) / per_trial))
