@@ -220,6 +220,8 @@ class MlflowTrialsCallback(tune.Callback):
         else:
             status, fate = "FINISHED", "completed"
         self.client.set_tag(entry["run_id"], "simreg.trial_fate", fate)
+        for k, v in entry.get("metrics", {}).items():  # the trial's final validation k-NN
+            self.client.log_metric(entry["run_id"], f"final/val_{k}", v)
         self.client.set_terminated(entry["run_id"], status=status)
         entry["status"], entry["fate"] = status, fate
         self._save(runs)

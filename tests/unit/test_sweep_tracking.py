@@ -50,6 +50,7 @@ def test_child_runs_fates_and_resume_reuse(tmp_path: Path):
     assert child.data.tags["mlflow.parentRunId"] == parent
     assert child.data.params["heads.depth"] == "1" and child.data.params["student.arch"] == "resnet10t"
     assert [m.step for m in client.get_metric_history(child.info.run_id, "val/top1_20nn")] == [0, 1, 2]
+    assert child.data.metrics["final/val_top1_20nn"] == 72.0
 
     # a resumed sweep restores the pickled callback: the same trial reuses its run
     import pickle
