@@ -64,14 +64,25 @@ class Placement:
     teacher_gpus: float
 
 
-def resource_check(cfg: SimRegConfig, cluster: dict[str, float], use_gpu: bool, teacher_gpus: float) -> None:
-    """Refuse a plan whose CPU requests exceed the cluster: Ray Data would wait forever, silently."""
-    cpus = cluster.get("CPU", 0.0)
-    workers = cfg.scaling.num_workers * (0 if use_gpu else cfg.scaling.cpus_per_worker)
+def trial_cpus(cfg: SimRegConfig, placement: Placement) -> float:
+    """CPUs one run holds at once: student workers + teacher actors + the view stage when it cannot be
+    fused into a CPU teacher actor."""
+    workers = 0.0 if placement.use_gpu else cfg.scaling.num_workers * cfg.scaling.cpus_per_worker
     actors = len(cfg.teachers) * cfg.teacher_pool.actors_per_teacher * cfg.teacher_pool.cpus_per_actor
-    view = cfg.teacher_pool.cpus_per_actor if teacher_gpus > 0 else 0.0  # fused into the CPU actor otherwise
-    need = workers + actors + view
+    return workers + actors + (cfg.teacher_pool.cpus_per_actor if placement.teacher_gpus > 0 else 0.0)
+
+
+def trial_gpus(cfg: SimRegConfig, placement: Placement) -> float:
+    """GPUs one run holds at once: student workers (when on GPU) + teacher actors."""
+    workers = cfg.scaling.num_workers if placement.use_gpu else 0
+    return workers + len(cfg.teachers) * cfg.teacher_pool.actors_per_teacher * placement.teacher_gpus
+
+
+def resource_check(cfg: SimRegConfig, cluster: dict[str, float], placement: Placement) -> None:
+    """Refuse a plan whose requests exceed the cluster: Ray Data would wait forever, silently."""
+    cpus, need = cluster.get("CPU", 0.0), trial_cpus(cfg, placement)
     if need > cpus + 1e-9:
+        view = cfg.teacher_pool.cpus_per_actor if placement.teacher_gpus > 0 else 0.0
         raise ConfigError(
             f"the plan needs {need:g} CPUs (scaling.num_workers={cfg.scaling.num_workers} x "
             f"scaling.cpus_per_worker={cfg.scaling.cpus_per_worker:g} + {len(cfg.teachers)} teacher(s) x "
@@ -80,19 +91,12 @@ def resource_check(cfg: SimRegConfig, cluster: dict[str, float], use_gpu: bool, 
             + (f" + view stage {view:g}" if view else "")
             + f") but the Ray cluster has {cpus:g}: lower those keys or add CPUs (ray.num_cpus)"
         )
-    gpus_needed = (cfg.scaling.num_workers if use_gpu else 0) + len(cfg.teachers) * cfg.teacher_pool.actors_per_teacher * teacher_gpus
+    gpus_needed = trial_gpus(cfg, placement)
     if gpus_needed > cluster.get("GPU", 0.0) + 1e-9:
         raise ConfigError(
             f"the plan needs {gpus_needed:g} GPU(s) (students + teacher actors) but the cluster has "
             f"{cluster.get('GPU', 0):g}: set scaling.use_gpu=false, teacher_pool.gpus_per_actor=0, or fewer workers"
         )
-
-
-def trial_cpus(cfg: SimRegConfig, placement: Placement) -> float:
-    """CPUs one run holds at once (student workers + teacher actors + an unfused view stage)."""
-    workers = 0.0 if placement.use_gpu else cfg.scaling.num_workers * cfg.scaling.cpus_per_worker
-    actors = len(cfg.teachers) * cfg.teacher_pool.actors_per_teacher * cfg.teacher_pool.cpus_per_actor
-    return workers + actors + (cfg.teacher_pool.cpus_per_actor if placement.teacher_gpus > 0 else 0.0)
 
 
 def init_ray(cfg: SimRegConfig) -> dict[str, float]:
@@ -112,9 +116,10 @@ def plan_placement(cfg: SimRegConfig, cluster: dict[str, float], check: bool = T
     use_gpu = has_gpu if cfg.scaling.use_gpu == "auto" else bool(cfg.scaling.use_gpu)
     gpa = cfg.teacher_pool.gpus_per_actor
     teacher_gpus = (1.0 if has_gpu else 0.0) if gpa == "auto" else float(gpa)
+    placement = Placement(has_gpu, use_gpu, teacher_gpus)
     if check:
-        resource_check(cfg, cluster, use_gpu, teacher_gpus)
-    return Placement(has_gpu, use_gpu, teacher_gpus)
+        resource_check(cfg, cluster, placement)
+    return placement
 
 
 def make_trainer(prep: Prepared, placement: Placement, state: Any, run_config: Any) -> Any:

@@ -237,7 +237,7 @@ def sweep(
     """Run (or resume) a sweep; writes ``output_dir/sweep_summary.json`` and returns it."""
     from ray.tune.schedulers import ASHAScheduler
 
-    from simreg.orchestrator.run import init_ray, plan_placement, prepare, trial_cpus
+    from simreg.orchestrator.run import init_ray, plan_placement, prepare, trial_cpus, trial_gpus
 
     t0 = time.perf_counter()
     output_dir = output_dir.resolve()
@@ -272,7 +272,7 @@ def sweep(
     placement = plan_placement(base_cfg, cluster)
     per_trial = trial_cpus(base_cfg, placement) + 0.01
     fit_cpu = max(1, math.floor(cluster.get("CPU", 1.0) / per_trial))
-    gpu_per_trial = (base_cfg.scaling.num_workers if placement.use_gpu else 0) + placement.teacher_gpus * len(base_cfg.teachers) * base_cfg.teacher_pool.actors_per_teacher
+    gpu_per_trial = trial_gpus(base_cfg, placement)
     fit_gpu = math.floor(cluster.get("GPU", 0.0) / gpu_per_trial) if gpu_per_trial else fit_cpu
     concurrent = space.search.max_concurrent_trials or max(1, min(fit_cpu, fit_gpu))
     log.info("sweep: %d param(s) %s, %s search, %d concurrent trial(s) (%.2f CPUs each)", len(keys), keys,

@@ -6,7 +6,9 @@ from simreg.models import ConfigError
 from simreg.orchestrator.builders import build_objective, build_optimizer, shard_plan
 from simreg.orchestrator.config import load_config
 from simreg.orchestrator.driver import knn_table
-from simreg.orchestrator.run import resource_check
+from simreg.orchestrator.run import Placement, resource_check
+
+CPU_ONLY = Placement(has_gpu=False, use_gpu=False, teacher_gpus=0.0)
 
 
 def test_shard_plan_equal_split_and_last_batch():
@@ -18,8 +20,11 @@ def test_shard_plan_equal_split_and_last_batch():
 def test_resource_rule_refuses_a_plan_that_would_hang():
     cfg = load_config(None, ["scaling.cpus_per_worker=1"])
     with pytest.raises(ConfigError, match=r"needs 2.5 CPUs .* cluster has 2: lower those keys"):
-        resource_check(cfg, {"CPU": 2.0}, use_gpu=False, teacher_gpus=0.0)
-    resource_check(load_config(), {"CPU": 2.0}, use_gpu=False, teacher_gpus=0.0)  # the demo fits 2 CPUs
+        resource_check(cfg, {"CPU": 2.0}, CPU_ONLY)
+    resource_check(load_config(), {"CPU": 2.0}, CPU_ONLY)  # the demo fits 2 CPUs
+    with pytest.raises(ConfigError, match=r"needs 3 GPU\(s\) .* cluster has 2"):
+        resource_check(load_config(), {"CPU": 8.0, "GPU": 2.0}, Placement(True, True, 1.0))
+    resource_check(load_config(), {"CPU": 8.0, "GPU": 3.0}, Placement(True, True, 1.0))  # 2 students + 1 teacher
 
 
 def test_cosine_schedule_reaches_zero():
