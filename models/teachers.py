@@ -5,7 +5,7 @@ The regression target is the teacher's pooled *backbone* feature (not its SSL pr
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -13,11 +13,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from simreg.models.checkpoints import LAYOUTS, adapt
 from simreg.models.errors import TeacherLoadError
 from simreg.models.students import build_backbone, feature_dim
-
-# Keys that wrap a state dict in common training checkpoints ({"state_dict": {...}}).
-_WRAPPER_KEYS = ("state_dict", "model", "module")
 
 
 @dataclass(frozen=True)
@@ -39,8 +37,8 @@ class InputTransform:
         return (x - mean) / std  # (B, 3, size, size)
 
 
-def load_weights_file(path: str | Path) -> dict[str, torch.Tensor]:
-    """Read a state dict from safetensors or a torch file (``weights_only=True``, never pickle code)."""
+def read_weights_file(path: str | Path) -> object:
+    """The object in a safetensors or torch file (``weights_only=True``: tensors and containers only)."""
     p = Path(path)
     if not p.is_file():
         raise TeacherLoadError(f"teacher weights file {str(p)!r} does not exist: check teachers[].weights")
@@ -48,26 +46,21 @@ def load_weights_file(path: str | Path) -> dict[str, torch.Tensor]:
         if p.suffix == ".safetensors":
             from safetensors.torch import load_file
 
-            sd: object = load_file(str(p))
-        else:
-            sd = torch.load(str(p), map_location="cpu", weights_only=True)
+            return load_file(str(p))
+        return torch.load(str(p), map_location="cpu", weights_only=True)
     except Exception as e:  # corrupt file, pickle with code, wrong format
         raise TeacherLoadError(
             f"cannot read teacher weights {str(p)!r}: {type(e).__name__}: {e}. "
             "Use a .safetensors file or a torch state dict saved with torch.save(model.state_dict(), path)"
         ) from e
-    for _ in range(3):
-        if isinstance(sd, Mapping):
-            inner = [sd[k] for k in _WRAPPER_KEYS if k in sd and isinstance(sd[k], Mapping)]
-            if inner and not any(isinstance(v, torch.Tensor) for v in sd.values()):
-                sd = inner[0]
-                continue
-        break
-    if not isinstance(sd, Mapping) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
-        raise TeacherLoadError(
-            f"teacher weights {str(p)!r} hold no flat state dict of tensors: save the backbone's state_dict()"
-        )
-    return dict(sd)
+
+
+def load_weights_file(path: str | Path) -> dict[str, torch.Tensor]:
+    """A flat state dict from a file (plain, or wrapped in {"state_dict": ...} / {"model": ...})."""
+    sd = LAYOUTS["plain"](read_weights_file(path))
+    if sd is None:
+        raise TeacherLoadError(f"teacher weights {str(path)!r} hold no flat state dict of tensors: save the backbone's state_dict()")
+    return sd
 
 
 def file_sha256(path: str | Path) -> str:
@@ -107,19 +100,31 @@ class Teacher(nn.Module):
 
 
 def load_teacher(
-    name: str, arch: str, weights: str | Path, transform: InputTransform, *, key: str = "teachers[0]"
+    name: str, arch: str, weights: str | Path, transform: InputTransform, *, key: str = "teachers[0]",
+    layout: str = "auto",
 ) -> Teacher:
-    """Build ``arch`` with timm and load ``weights`` strictly; list missing and unexpected keys on mismatch."""
+    """Build ``arch`` with timm and load ``weights`` strictly in the given (or detected) checkpoint layout;
+    on mismatch, list missing and unexpected keys and the layouts tried."""
     backbone = build_backbone(arch, key=f"{key}.arch")
-    sd = load_weights_file(weights)
+    if layout != "auto" and layout not in LAYOUTS:
+        raise TeacherLoadError(f"{key}.format={layout!r} is unknown: use auto or one of {sorted(LAYOUTS)}")
+    obj = read_weights_file(weights)
     own = backbone.state_dict()
-    missing = [k for k in own if k not in sd]
-    unexpected = [k for k in sd if k not in own]
-    if missing or unexpected:
+    sd, _, tried = adapt(obj, set(own), layout)
+    if sd is None:
+        if not tried:
+            raise TeacherLoadError(
+                f"{key}.weights={str(weights)!r} holds no backbone state dict in layout(s) "
+                f"{sorted(LAYOUTS) if layout == 'auto' else [layout]}: save the backbone's state_dict()"
+            )
+        best = min(tried, key=lambda t: len(t[1]) + len(t[2]))
+        others = "; ".join(f"{n}: {len(m)} missing, {len(u)} unexpected" for n, m, u in tried if n != best[0])
         raise TeacherLoadError(
-            f"{key}.weights={str(weights)!r} does not match timm arch {arch!r}: "
-            f"missing keys {_describe_keys(missing)}; unexpected keys {_describe_keys(unexpected)}. "
-            f"Check {key}.arch, or save the backbone with timm.create_model({arch!r}, num_classes=0).state_dict()"
+            f"{key}.weights={str(weights)!r} does not match timm arch {arch!r}: closest layout {best[0]!r} has "
+            f"missing keys {_describe_keys(best[1])}; unexpected keys {_describe_keys(best[2])}"
+            + (f" (also tried {others})" if others else "")
+            + f". Check {key}.arch and {key}.format, or save the backbone with "
+            f"timm.create_model({arch!r}, num_classes=0).state_dict()"
         )
     bad_shapes = [f"{k}: file {tuple(sd[k].shape)} vs model {tuple(v.shape)}" for k, v in own.items() if sd[k].shape != v.shape]
     if bad_shapes:

@@ -13,7 +13,7 @@ from simreg.orchestrator.views import ViewSpec
 
 def teacher_specs(cfg: SimRegConfig) -> list[TeacherSpec]:
     return [
-        TeacherSpec(t.name, t.arch, str(t.weights_path()), t.input_size, t.mean, t.std, key=f"teachers.{i}")
+        TeacherSpec(t.name, t.arch, str(t.weights_path()), t.input_size, t.mean, t.std, key=f"teachers.{i}", format=t.format)
         for i, t in enumerate(cfg.teachers)
     ]
 

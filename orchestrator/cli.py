@@ -41,6 +41,8 @@ def _parser() -> argparse.ArgumentParser:
     ev = sub.add_parser("eval", help="k-NN (and linear probe) of a backbone weights file; no Ray")
     ev.add_argument("--weights", type=Path, required=True, help="safetensors or torch state dict of a timm backbone")
     ev.add_argument("--arch", required=True, help="timm architecture of the weights")
+    ev.add_argument("--format", default="auto", choices=["auto", "plain", "moco", "mocov3", "swav", "dino"],
+                    help="checkpoint layout (auto: detected)")
     ev.add_argument("--data", default="fashion-mnist", help="fashion-mnist or an ImageFolder directory")
     ev.add_argument("--input-size", type=int, default=64, help="model input resolution (the demo student: 32)")
     ev.add_argument("--mean", type=float, nargs="+", default=[0.2860], help="per-channel mean (1 or 3 values)")
@@ -80,7 +82,7 @@ def main(argv: list[str] | None = None) -> int:
             res = evaluate_weights(
                 args.weights, args.arch, data=args.data, input_size=args.input_size, mean=tuple(args.mean),
                 std=tuple(args.std), bank_size=args.bank_size, query_size=args.query_size, linear=args.linear,
-                linear_epochs=args.linear_epochs,
+                linear_epochs=args.linear_epochs, layout=args.format,
             )
             write_json(res, args.output)
             print(json.dumps(res, indent=2))

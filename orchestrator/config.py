@@ -64,6 +64,9 @@ class TeacherConfig(_Strict):
     mean: tuple[float, float, float] = FMNIST_MEAN
     std: tuple[float, float, float] = FMNIST_STD
     weight: float = Field(1.0, gt=0, description="weight of this teacher in the mean over teachers")
+    format: Literal["auto", "plain", "moco", "mocov3", "swav", "dino"] = Field(
+        "auto", description="checkpoint layout (auto: detected; plain covers timm/torchvision/BYOL/SimCLR)"
+    )
 
     def weights_path(self) -> Path:
         if self.weights.startswith(BUILTIN_PREFIX):

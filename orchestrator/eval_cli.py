@@ -22,7 +22,7 @@ def evaluate_weights(
     weights: Path, arch: str, *, data: str = "fashion-mnist", input_size: int = 64, view_size: int = 64,
     mean: tuple[float, ...] = FMNIST_MEAN, std: tuple[float, ...] = FMNIST_STD, bank_size: int | None = None,
     query_size: int | None = None, linear: bool = False, linear_epochs: int = 40, threads: int = 2, seed: int = 0,
-    batch_size: int = 256,
+    batch_size: int = 256, layout: str = "auto",
 ) -> dict[str, Any]:
     """k-NN top-1 (k = 1, 20) on l2-normalized pooled features: bank = the train split, queries = the
     held-out split (all images unless sizes are given); with ``linear``, the paper's linear probe."""
@@ -32,7 +32,7 @@ def evaluate_weights(
         mean = mean * 3
     if len(std) == 1:
         std = std * 3
-    model = load_teacher("eval", arch, weights, InputTransform(input_size, tuple(mean), tuple(std)), key="--weights/--arch")
+    model = load_teacher("eval", arch, weights, InputTransform(input_size, tuple(mean), tuple(std)), key="--weights/--arch", layout=layout)
     source, root = ("fashion-mnist", None) if data == "fashion-mnist" else ("image-folder", data)
     train, test = load_splits(source, root, True, 96, seed, 0.1)
     bank, query = train.subset(bank_size, seed + 1), test.subset(query_size, seed + 2)

@@ -34,10 +34,12 @@ class TeacherSpec:
     mean: tuple[float, float, float]
     std: tuple[float, float, float]
     key: str = "teachers[0]"
+    format: str = "auto"
 
     def build(self) -> Teacher:
         return load_teacher(
-            self.name, self.arch, self.weights, InputTransform(self.input_size, self.mean, self.std), key=self.key
+            self.name, self.arch, self.weights, InputTransform(self.input_size, self.mean, self.std), key=self.key,
+            layout=self.format,
         )
 
     def to_dict(self) -> dict[str, Any]:
