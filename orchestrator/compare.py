@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from simreg.models.errors import ConfigError
+from simreg.orchestrator.tracking import RUN_ID_FILE, default_tracking_uri
 
 
 def _score(row: dict[str, Any], key: str, mode: str) -> float:
@@ -126,11 +127,11 @@ def compare(target: str, tracking_uri: str | None = None) -> str:
 
     p = Path(target)
     if p.is_dir():
-        id_file = p / "mlflow_run_id"
+        id_file = p / RUN_ID_FILE
         if not id_file.is_file():
-            raise ConfigError(f"{target} is not a sweep folder (no mlflow_run_id file): pass the --output-dir of `simreg sweep`")
+            raise ConfigError(f"{target} is not a sweep folder (no {RUN_ID_FILE} file): pass the --output-dir of `simreg sweep`")
         parent_id = id_file.read_text().strip()
-        tracking_uri = tracking_uri or f"sqlite:///{(p / 'mlflow.db').resolve()}"
+        tracking_uri = tracking_uri or default_tracking_uri(p)
     else:
         if tracking_uri is None:
             raise ConfigError(f"{target!r} is not a folder; to compare a parent run id, also pass --tracking-uri")

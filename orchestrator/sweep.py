@@ -25,12 +25,11 @@ from ray import tune
 
 from simreg.models.errors import ConfigError, SimRegError
 from simreg.orchestrator.config import SimRegConfig, apply_override, flatten, validate_config
-from simreg.orchestrator.tracking import Tracker, default_tracking_uri
+from simreg.orchestrator.tracking import Tracker, default_tracking_uri, log_metrics, log_params
 from simreg.search_spaces import Domain, SearchSpace
 
 log = logging.getLogger("simreg")
 CHILD_RUNS_FILE = "mlflow_child_runs.json"
-PARENT_RUN_FILE = "mlflow_run_id"
 
 
 # ------------------------------------------------------------------ config <-> space
@@ -47,8 +46,7 @@ def _sample(d: Domain) -> Any:
     vals = d.values()
     if vals is not None:
         return vals[0]
-    lo = (d.uniform or d.loguniform or d.randint or d.quniform)[0]
-    return lo
+    return (d.uniform or d.loguniform or d.randint or d.quniform)[0]
 
 
 def check_space(space: SearchSpace, base: dict[str, Any], source: str) -> dict[str, Any]:
@@ -163,7 +161,7 @@ class MlflowTrialsCallback(tune.Callback):
         tmp.replace(p)
 
     def on_trial_start(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
-        from mlflow.entities import Param, RunStatus
+        from mlflow.entities import RunStatus
 
         runs = self._load()
         entry = runs.get(trial.trial_id)
@@ -177,24 +175,20 @@ class MlflowTrialsCallback(tune.Callback):
         run = self.client.create_run(exp_id, run_name=f"trial_{trial.trial_id}", tags={
             "mlflow.parentRunId": self.parent_run_id, "simreg.trial_id": trial.trial_id, "simreg.command": "sweep-trial",
         })
-        params = [Param(k, str(v)) for k, v in flatten(trial_config(self.base, overrides)).items()]
-        for i in range(0, len(params), 100):
-            self.client.log_batch(run.info.run_id, params=params[i : i + 100])
+        log_params(self.client, run.info.run_id, flatten(trial_config(self.base, overrides)))
         runs[trial.trial_id] = {"trial_id": trial.trial_id, "run_id": run.info.run_id, "params": overrides, "status": "RUNNING"}
         self._save(runs)
 
     def on_trial_result(self, iteration: int, trials: list, trial: Any, result: dict, **info: Any) -> None:
-        from mlflow.entities import Metric
-
         runs = self._load()
         entry = runs.get(trial.trial_id)
         if entry is None or "epoch" not in result:
             return
         step = int(result["epoch"])
-        ts = int(time.time() * 1000)
-        ms = [Metric(k, float(v), ts, step) for k, v in result.items()
-              if isinstance(v, (int, float)) and not isinstance(v, bool) and k.startswith(("train/", "val/"))]
-        self.client.log_batch(entry["run_id"], metrics=ms)
+        log_metrics(self.client, entry["run_id"], {
+            k: v for k, v in result.items()
+            if isinstance(v, (int, float)) and not isinstance(v, bool) and k.startswith(("train/", "val/"))
+        }, step)
         entry["last_epoch"] = step
         entry.setdefault("curve", {})[str(step)] = float(result.get("val/top1_20nn", float("nan")))
         entry["metrics"] = {k.removeprefix("val/"): float(result[k]) for k in ("val/top1_1nn", "val/top1_20nn") if k in result}

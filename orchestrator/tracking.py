@@ -15,6 +15,28 @@ RUN_ID_FILE = "mlflow_run_id"
 MAX_PARAM_LEN = 6000
 
 
+def log_params(client: Any, run_id: str, params: dict[str, Any]) -> None:
+    """Log params not yet on the run, truncated to MLflow's limit, in batches of 100."""
+    from mlflow.entities import Param
+
+    existing = client.get_run(run_id).data.params
+    items = [Param(k, str(v)[:MAX_PARAM_LEN]) for k, v in params.items() if k not in existing]
+    for i in range(0, len(items), 100):
+        client.log_batch(run_id, params=items[i : i + 100])
+
+
+def log_metrics(client: Any, run_id: str, metrics: dict[str, float], step: int) -> None:
+    """Log metrics at ``step`` in batches of 500."""
+    import time
+
+    from mlflow.entities import Metric
+
+    ts = int(time.time() * 1000)
+    items = [Metric(k, float(v), ts, step) for k, v in metrics.items()]
+    for i in range(0, len(items), 500):
+        client.log_batch(run_id, metrics=items[i : i + 500])
+
+
 def default_tracking_uri(output_dir: Path) -> str:
     return f"sqlite:///{(output_dir / 'mlflow.db').resolve()}"
 
@@ -53,22 +75,10 @@ class Tracker:
             id_file.write_text(self.run_id)
 
     def log_params(self, params: dict[str, Any]) -> None:
-        from mlflow.entities import Param
-
-        existing = self.client.get_run(self.run_id).data.params
-        items = [Param(k, str(v)[:MAX_PARAM_LEN]) for k, v in params.items() if k not in existing]
-        for i in range(0, len(items), 100):
-            self.client.log_batch(self.run_id, params=items[i : i + 100])
+        log_params(self.client, self.run_id, params)
 
     def log_metrics(self, metrics: dict[str, float], step: int) -> None:
-        import time
-
-        from mlflow.entities import Metric
-
-        ts = int(time.time() * 1000)
-        items = [Metric(k, float(v), ts, step) for k, v in metrics.items()]
-        for i in range(0, len(items), 500):
-            self.client.log_batch(self.run_id, metrics=items[i : i + 500])
+        log_metrics(self.client, self.run_id, metrics, step)
 
     def log_artifact(self, path: Path, artifact_path: str | None = None) -> None:
         self.client.log_artifact(self.run_id, str(path), artifact_path)
