@@ -5,7 +5,7 @@ Nothing in this package imports Ray or MLflow, so it runs alone on any machine w
 from __future__ import annotations
 
 from simreg.models.errors import ConfigError, DataError, ModelError, SimRegError, TeacherLoadError
-from simreg.models.heads import HEAD_LAYOUTS, build_head, build_heads, head_widths
+from simreg.models.heads import HEAD_LAYOUTS, build_head, build_heads, head_prefix, head_widths
 from simreg.models.loss import cosine_to_target, simreg_loss
 from simreg.models.step import SimRegObjective
 from simreg.models.students import build_backbone, feature_dim
@@ -26,6 +26,7 @@ __all__ = [
     "build_head",
     "build_heads",
     "cosine_to_target",
+    "head_prefix",
     "head_widths",
     "load_teacher",
     "load_weights_file",

@@ -80,6 +80,16 @@ def build_head(
     return HEAD_LAYOUTS[layout](head_widths(student_dim, teacher_dim, depth, width_mult))
 
 
+def head_prefix(head: nn.Sequential, layers: int) -> nn.Sequential:
+    """The first ``layers`` layers of a head, each with the BatchNorm/ReLU that follows it (the paper's
+    Table 2 evaluates the student's feature after k head layers). ``layers`` = depth is the whole head."""
+    starts = [i for i, m in enumerate(head) if isinstance(m, nn.Linear)]
+    if not 0 <= layers <= len(starts):
+        raise ModelError(f"a head of depth {len(starts)} has no prefix of {layers} layers: use 0..{len(starts)}")
+    end = starts[layers] if layers < len(starts) else len(head)
+    return nn.Sequential(*list(head)[:end])
+
+
 def build_heads(
     student_dim: int,
     teacher_dims: Mapping[str, int],

@@ -9,7 +9,7 @@ from collections.abc import Mapping
 import torch
 import torch.nn as nn
 
-from simreg.models.heads import build_heads
+from simreg.models.heads import build_heads, head_prefix
 from simreg.models.loss import cosine_to_target, simreg_loss
 from simreg.models.students import feature_dim
 from simreg.models.teachers import InputTransform
@@ -44,6 +44,10 @@ class SimRegObjective(nn.Module):
 
     def features(self, view: torch.Tensor) -> torch.Tensor:
         return self.backbone(self.transform(view))  # (B, m)
+
+    def head_features(self, view: torch.Tensor, teacher: str, layers: int) -> torch.Tensor:
+        """The student's feature after the first ``layers`` layers of ``teacher``'s head (0 = backbone)."""
+        return head_prefix(self.heads[teacher], layers)(self.features(view))
 
     def forward(self, view: torch.Tensor, targets: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         feat = self.features(view)  # (B, m)

@@ -5,9 +5,10 @@ The regression target is the teacher's pooled *backbone* feature (not its SSL pr
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.nn as nn
@@ -101,11 +102,11 @@ class Teacher(nn.Module):
 
 def load_teacher(
     name: str, arch: str, weights: str | Path, transform: InputTransform, *, key: str = "teachers[0]",
-    layout: str = "auto",
+    layout: str = "auto", model_kwargs: Mapping[str, Any] | None = None,
 ) -> Teacher:
     """Build ``arch`` with timm and load ``weights`` strictly in the given (or detected) checkpoint layout;
     on mismatch, list missing and unexpected keys and the layouts tried."""
-    backbone = build_backbone(arch, key=f"{key}.arch")
+    backbone = build_backbone(arch, key=f"{key}.arch", model_kwargs=model_kwargs)
     if layout != "auto" and layout not in LAYOUTS:
         raise TeacherLoadError(f"{key}.format={layout!r} is unknown: use auto or one of {sorted(LAYOUTS)}")
     obj = read_weights_file(weights)

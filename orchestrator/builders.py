@@ -8,18 +8,27 @@ import torch
 from simreg.models import InputTransform, SimRegObjective, build_backbone
 from simreg.orchestrator.config import SimRegConfig
 from simreg.orchestrator.teacher_pool import TeacherSpec
-from simreg.orchestrator.views import ViewSpec
+from simreg.orchestrator.views import Preset, ViewPlan, ViewSpec, preset_spec
 
 
 def teacher_specs(cfg: SimRegConfig) -> list[TeacherSpec]:
     return [
-        TeacherSpec(t.name, t.arch, str(t.weights_path()), t.input_size, t.mean, t.std, key=f"teachers.{i}", format=t.format)
+        TeacherSpec(
+            t.name, t.arch, str(t.weights_path()), t.input_size, t.mean, t.std, key=f"teachers.{i}", format=t.format,
+            model_kwargs=dict(t.model_kwargs),
+        )
         for i, t in enumerate(cfg.teachers)
     ]
 
 
-def view_spec(cfg: SimRegConfig) -> ViewSpec:
-    return ViewSpec(size=cfg.data.view_size, scale=cfg.augment.crop_scale, hflip_p=cfg.augment.hflip_p)
+def view_plan(cfg: SimRegConfig) -> ViewPlan:
+    """The teachers' view, and the student's own view when ``augment.mode=different``."""
+    a = cfg.augment
+
+    def spec(kind: Preset) -> ViewSpec:
+        return preset_spec(kind, cfg.data.view_size, a.crop_scale, a.hflip_p, a.strength)
+
+    return ViewPlan(spec(a.teacher), None if a.mode == "same" else spec(a.student))
 
 
 def student_transform(cfg: SimRegConfig) -> InputTransform:
@@ -28,7 +37,7 @@ def student_transform(cfg: SimRegConfig) -> InputTransform:
 
 def build_objective(cfg: SimRegConfig, teacher_dims: dict[str, int]) -> SimRegObjective:
     return SimRegObjective(
-        build_backbone(cfg.student.arch),
+        build_backbone(cfg.student.arch, model_kwargs=cfg.student.model_kwargs),
         student_transform(cfg),
         teacher_dims,
         depth=cfg.heads.depth,

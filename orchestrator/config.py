@@ -45,8 +45,28 @@ class DataConfig(_Strict):
 
 
 class AugmentConfig(_Strict):
-    crop_scale: tuple[float, float] = Field((0.2, 1.0), description="RandomResizedCrop area range")
+    """The paper's Table 7 grid: (same | different) image x (weak | strong) for teacher and student."""
+
+    crop_scale: tuple[float, float] = Field((0.2, 1.0), description="RandomResizedCrop area range (at strength 1)")
     hflip_p: float = Field(0.5, ge=0, le=1)
+    mode: Literal["same", "different"] = Field(
+        "same", description="same: teacher and student see one view; different: each its own view of the image"
+    )
+    teacher: Literal["weak", "strong"] = Field("weak", description="weak: crop + flip; strong: MoCo-v2 (adds jitter, grayscale, blur)")
+    student: Literal["weak", "strong"] = "weak"
+    strength: float = Field(
+        1.0, ge=0, le=1.2,
+        description="scales crop-scale lower bound, jitter magnitude and probabilities (1 = as published, 0 = none)",
+    )
+
+    @model_validator(mode="after")
+    def _same_view(self) -> AugmentConfig:
+        if self.mode == "same" and self.teacher != self.student:
+            raise ValueError(
+                f"augment.mode=same gives teacher and student one view, but augment.teacher={self.teacher} and "
+                f"augment.student={self.student}: set them equal, or use augment.mode=different"
+            )
+        return self
 
     @field_validator("crop_scale")
     @classmethod
@@ -67,6 +87,7 @@ class TeacherConfig(_Strict):
     format: Literal["auto", "plain", "moco", "mocov3", "swav", "dino"] = Field(
         "auto", description="checkpoint layout (auto: detected; plain covers timm/torchvision/BYOL/SimCLR)"
     )
+    model_kwargs: dict[str, Any] = Field(default_factory=dict, description="extra timm.create_model arguments, e.g. {img_size: 64}")
 
     def weights_path(self) -> Path:
         if self.weights.startswith(BUILTIN_PREFIX):
@@ -76,6 +97,7 @@ class TeacherConfig(_Strict):
 
 class StudentConfig(_Strict):
     arch: str = "resnet10t"
+    model_kwargs: dict[str, Any] = Field(default_factory=dict, description="extra timm.create_model arguments")
     input_size: int | None = Field(32, ge=8, description="student input resolution (null = view_size)")
     mean: tuple[float, float, float] = FMNIST_MEAN
     std: tuple[float, float, float] = FMNIST_STD
@@ -120,6 +142,11 @@ class EvalConfig(_Strict):
     val_every: int = Field(1, ge=0, description="validation k-NN every N epochs and at the last (0 = off)")
     val_bank_size: int = Field(1000, ge=1, description="validation bank: labelled train-split images")
     val_query_size: int = Field(500, ge=1, description="validation queries: other train-split images")
+    knn_weighting: Literal["majority", "temperature"] = Field("majority", description="k-NN vote (majority: the paper's)")
+    knn_temperature: float = Field(0.07, gt=0, description="T of the temperature-weighted vote exp(sim / T)")
+    head_layers: tuple[int, ...] = Field(
+        (), description="also evaluate the student after the first k layers of each head (the paper's Table 2)"
+    )
 
 
 class TrackingConfig(_Strict):
@@ -160,6 +187,12 @@ class SimRegConfig(_Strict):
         dup = sorted({n for n in names if names.count(n) > 1})
         if dup:
             raise ValueError(f"teachers have duplicate names {dup}: give each teacher its own name")
+        bad = [k for k in self.eval.head_layers if not 1 <= k <= self.heads.depth]
+        if bad:
+            raise ValueError(
+                f"eval.head_layers={list(self.eval.head_layers)} has {bad} outside 1..heads.depth={self.heads.depth}: "
+                "list layer counts a head has (the backbone is always evaluated)"
+            )
         if self.train.batch_size < 2 * self.scaling.num_workers:
             raise ValueError(
                 f"train.batch_size={self.train.batch_size} gives fewer than 2 images per worker "

@@ -26,7 +26,7 @@ log = logging.getLogger("simreg")
 
 def _eval_task(
     cfg_dict: dict[str, Any], teacher_dicts: list[dict[str, Any]], teacher_dims: dict[str, int],
-    student_state: dict[str, Any], bank: ImageSet, query: ImageSet,
+    student_state: dict[str, Any], heads_state: dict[str, Any], bank: ImageSet, query: ImageSet,
 ) -> dict[str, Any]:
     """k-NN of every teacher, the distilled student and the same student at random init (runs remotely)."""
     import torch
@@ -43,7 +43,10 @@ def _eval_task(
     tf = student_transform(cfg)
 
     def run(encode: Any) -> dict[str, float]:
-        return knn_report(encode, bank.images, bank.labels, query.images, query.labels, cfg.data.view_size, cfg.eval.batch_size, device)
+        return knn_report(
+            encode, bank.images, bank.labels, query.images, query.labels, cfg.data.view_size, cfg.eval.batch_size, device,
+            cfg.eval.knn_weighting, cfg.eval.knn_temperature,
+        )
 
     out: dict[str, Any] = {"teacher_knn": {}}
     t0 = time.perf_counter()
@@ -53,12 +56,23 @@ def _eval_task(
         out["teacher_knn"][spec.name] = run(teacher)
         del teacher
     torch.manual_seed(cfg.seed)  # the very initialisation the student started from
-    random_student = build_backbone(cfg.student.arch).to(device).eval()
+    random_student = build_backbone(cfg.student.arch, model_kwargs=cfg.student.model_kwargs).to(device).eval()
     out["random_student_knn"] = run(lambda v: random_student(tf(v)))
-    student = build_backbone(cfg.student.arch)
+    student = build_backbone(cfg.student.arch, model_kwargs=cfg.student.model_kwargs)
     student.load_state_dict(student_state, strict=True)
     student = student.to(device).eval()
     out["student_knn"] = run(lambda v: student(tf(v)))
+    if cfg.eval.head_layers:  # the student's feature after the first k layers of each head (paper, Table 2)
+        from simreg.orchestrator.builders import build_objective
+
+        objective = build_objective(cfg, teacher_dims)
+        objective.backbone.load_state_dict(student_state, strict=True)
+        objective.heads.load_state_dict(heads_state, strict=True)
+        objective = objective.to(device).eval()
+        out["student_head_knn"] = {
+            f"{name}/{k}": run(lambda v, name=name, k=k: objective.head_features(v, name, k))
+            for name in teacher_dims for k in cfg.eval.head_layers
+        }
     out["eval_s"] = time.perf_counter() - t0
     return out
 
@@ -181,7 +195,7 @@ def distill(cfg: SimRegConfig, output_dir: Path, tracking_uri: str | None = None
         # 6. evaluate: k-NN of teachers, student, random-init student, in a Ray task (GPU when there is one)
         eval_remote = ray.remote(_eval_task).options(num_cpus=min(1.0, cluster.get("CPU", 1.0)), num_gpus=1 if placement.has_gpu else 0)
         ev = ray.get(eval_remote.remote(
-            json.loads(cfg.model_dump_json()), [s.to_dict() for s in specs], teacher_dims, final["backbone"], evals.bank, evals.query,
+            json.loads(cfg.model_dump_json()), [s.to_dict() for s in specs], teacher_dims, final["backbone"], final["heads"], evals.bank, evals.query,
         ))
 
         # 7. export
@@ -197,6 +211,8 @@ def distill(cfg: SimRegConfig, output_dir: Path, tracking_uri: str | None = None
             "student_knn": ev["student_knn"],
             "random_student_knn": ev["random_student_knn"],
             "student_gain_20nn": ev["student_knn"]["top1_20nn"] - ev["random_student_knn"]["top1_20nn"],
+            "student_head_knn": ev.get("student_head_knn", {}),
+            "knn_weighting": cfg.eval.knn_weighting,
             "epochs": cfg.train.epochs,
             "train_images": len(prep.train),
             "knn_bank_images": len(evals.bank),
@@ -217,6 +233,10 @@ def distill(cfg: SimRegConfig, output_dir: Path, tracking_uri: str | None = None
         final_metrics = {f"knn/teacher/{n}/{k}": v for n, r in ev["teacher_knn"].items() for k, v in r.items()}
         final_metrics.update({f"knn/student/{k}": v for k, v in ev["student_knn"].items()})
         final_metrics.update({f"knn/random_student/{k}": v for k, v in ev["random_student_knn"].items()})
+        final_metrics.update({
+            f"knn/student_head/{where.replace('/', '_layers')}/{k}": v
+            for where, r in summary["student_head_knn"].items() for k, v in r.items()
+        })
         final_metrics.update({"knn/student_gain_20nn": summary["student_gain_20nn"], "wall_s": summary["wall_s"]})
         tracker.log_metrics(final_metrics, step=cfg.train.epochs)
         table = knn_table(summary)
@@ -242,6 +262,9 @@ def knn_table(summary: dict[str, Any]) -> str:
         rows.append((f"teacher {name}", f"{r['top1_1nn']:.2f}", f"{r['top1_20nn']:.2f}"))
     s, r0 = summary["student_knn"], summary["random_student_knn"]
     rows.append((f"student {summary['student_arch']} (SimReg)", f"{s['top1_1nn']:.2f}", f"{s['top1_20nn']:.2f}"))
+    for where, r in summary.get("student_head_knn", {}).items():
+        name, k = where.split("/")
+        rows.append((f"student after {k} layer(s) of head {name}", f"{r['top1_1nn']:.2f}", f"{r['top1_20nn']:.2f}"))
     rows.append((f"student {summary['student_arch']} (random init)", f"{r0['top1_1nn']:.2f}", f"{r0['top1_20nn']:.2f}"))
     w = [max(len(r[i]) for r in rows) for i in range(3)]
     line = lambda r: "| " + " | ".join(c.ljust(w[i]) for i, c in enumerate(r)) + " |"  # noqa: E731

@@ -30,9 +30,14 @@ def extract_features(
 @torch.no_grad()
 def knn_top1(
     bank: torch.Tensor, bank_labels: torch.Tensor, query: torch.Tensor, query_labels: torch.Tensor,
-    ks: Sequence[int] = (1, 20), chunk: int = 1024,
+    ks: Sequence[int] = (1, 20), chunk: int = 1024, weighting: str = "majority", temperature: float = 0.07,
 ) -> dict[int, float]:
-    """Top-1 accuracy (percent) of majority-vote k-NN for each k, cosine similarity."""
+    """Top-1 accuracy (percent) of k-NN for each k, cosine similarity.
+
+    ``majority``: one vote per neighbour (the paper's protocol), ties broken by the summed similarity of
+    the tied classes; ``temperature``: each neighbour votes exp(sim / T) (Wu et al. 2018, as in DINO)."""
+    if weighting not in ("majority", "temperature"):
+        raise ValueError(f"k-NN weighting {weighting!r} is unknown: use 'majority' or 'temperature'")
     bank = F.normalize(bank.float(), dim=1)
     query = F.normalize(query.float(), dim=1)
     n_cls = int(max(bank_labels.max(), query_labels.max())) + 1
@@ -44,22 +49,26 @@ def knn_top1(
         truth = query_labels[i : i + chunk]
         for k in ks:
             kk = min(k, kmax)
-            votes = torch.zeros(nb.shape[0], n_cls).scatter_add_(1, nb[:, :kk], torch.ones_like(sim[:, :kk]))
-            tie = torch.zeros(nb.shape[0], n_cls).scatter_add_(1, nb[:, :kk], sim[:, :kk])
-            pred = (votes + 1e-3 * tie / (kk + 1)).argmax(dim=1)
-            correct[k] += int((pred == truth).sum())
+            if weighting == "temperature":
+                score = torch.zeros(nb.shape[0], n_cls).scatter_add_(1, nb[:, :kk], (sim[:, :kk] / temperature).exp())
+            else:
+                votes = torch.zeros(nb.shape[0], n_cls).scatter_add_(1, nb[:, :kk], torch.ones_like(sim[:, :kk]))
+                tie = torch.zeros(nb.shape[0], n_cls).scatter_add_(1, nb[:, :kk], sim[:, :kk])
+                score = votes + 1e-3 * tie / (kk + 1)
+            correct[k] += int((score.argmax(dim=1) == truth).sum())
     return {k: 100.0 * c / query.shape[0] for k, c in correct.items()}
 
 
 def knn_report(
     encode: Callable[[torch.Tensor], torch.Tensor],
     bank_images: np.ndarray, bank_labels: np.ndarray, query_images: np.ndarray, query_labels: np.ndarray,
-    view_size: int, batch_size: int = 256, device: str | torch.device = "cpu",
+    view_size: int, batch_size: int = 256, device: str | torch.device = "cpu", weighting: str = "majority",
+    temperature: float = 0.07,
 ) -> dict[str, float]:
     """{"top1_1nn", "top1_20nn"} for one encoder."""
     b = extract_features(encode, bank_images, view_size, batch_size, device)
     q = extract_features(encode, query_images, view_size, batch_size, device)
-    acc = knn_top1(b, torch.tensor(bank_labels), q, torch.tensor(query_labels), ks=(1, 20))  # copies: Ray arrays are read-only
+    acc = knn_top1(b, torch.tensor(bank_labels), q, torch.tensor(query_labels), ks=(1, 20), weighting=weighting, temperature=temperature)  # copies: Ray arrays are read-only
     return {"top1_1nn": acc[1], "top1_20nn": acc[20]}
 
 

@@ -19,7 +19,9 @@ def export_student(backbone_state: dict[str, torch.Tensor], cfg: SimRegConfig, o
               metadata={"arch": cfg.student.arch, "format": "timm-backbone", "producer": "simreg"})
     card = {
         "arch": cfg.student.arch,
-        "load": f"timm.create_model({cfg.student.arch!r}, num_classes=0).load_state_dict(safetensors.torch.load_file(path), strict=True)",
+        "model_kwargs": dict(cfg.student.model_kwargs),
+        "load": f"timm.create_model({cfg.student.arch!r}, num_classes=0{''.join(f', {k}={v!r}' for k, v in cfg.student.model_kwargs.items())})"
+        ".load_state_dict(safetensors.torch.load_file(path), strict=True)",
         "input": {
             "size": cfg.student_input_size,
             "mean": list(cfg.student.mean),
@@ -27,6 +29,7 @@ def export_student(backbone_state: dict[str, torch.Tensor], cfg: SimRegConfig, o
             "note": "RGB in [0, 1], resized to size, then (x - mean) / std; grayscale images repeated over 3 channels",
         },
         "teachers": [{"name": t.name, "arch": t.arch, "weights": t.weights} for t in cfg.teachers],
+        "augment": cfg.augment.model_dump(),
         **extra,
     }
     (out_dir / "student.json").write_text(json.dumps(card, indent=2))

@@ -34,13 +34,16 @@ def train_epoch(
     teacher_names: list[str],
     device: torch.device,
     on_step: Callable[[int, dict[str, float]], None] | None = None,
+    view_key: str = "view",
 ) -> EpochStats:
-    """One pass: batch {"view": (B, C, H, W), "target_<t>": (B, d_t)} -> SGD step on the SimReg loss."""
+    """One pass: batch {view_key: (B, C, H, W), "target_<t>": (B, d_t)} -> SGD step on the SimReg loss.
+
+    ``view_key`` is ``view`` when the student sees the teachers' view, ``student_view`` when it has its own."""
     model.train()
     stats = EpochStats()
     t0 = time.perf_counter()
     for batch in batches:
-        view = batch["view"].to(device, non_blocking=True)
+        view = batch[view_key].to(device, non_blocking=True)
         n = int(view.shape[0])
         if n < 2:  # BatchNorm cannot train on one sample; equal shards make every rank skip the same batch
             stats.skipped_images += n

@@ -18,7 +18,7 @@ from ray.data.extensions import ArrowTensorArray
 
 from simreg.orchestrator.data import ImageSet
 from simreg.orchestrator.teacher_pool import TeacherInference, TeacherSpec, add_views
-from simreg.orchestrator.views import ViewSpec
+from simreg.orchestrator.views import ViewPlan
 
 log = logging.getLogger("simreg")
 ROWS_PER_BLOCK = 256
@@ -65,8 +65,8 @@ class PooledTeacher(TeacherInference):
         state.note_placement.remote(self.placement)
 
 
-def _views_for_current_epoch(batch: dict[str, np.ndarray], *, state: ray.actor.ActorHandle, seed: int, spec: ViewSpec) -> dict[str, np.ndarray]:
-    return add_views(batch, epoch=ray.get(state.get_epoch.remote()), seed=seed, spec=spec)
+def _views_for_current_epoch(batch: dict[str, np.ndarray], *, state: ray.actor.ActorHandle, seed: int, plan: ViewPlan) -> dict[str, np.ndarray]:
+    return add_views(batch, epoch=ray.get(state.get_epoch.remote()), seed=seed, plan=plan)
 
 
 @dataclass(frozen=True)
@@ -96,7 +96,7 @@ def images_dataset(images: ImageSet) -> Dataset:
 
 
 def build_train_dataset(
-    images: ImageSet, teachers: list[TeacherSpec], state: ray.actor.ActorHandle, seed: int, spec: ViewSpec,
+    images: ImageSet, teachers: list[TeacherSpec], state: ray.actor.ActorHandle, seed: int, plan: ViewPlan,
     res: PoolResources,
 ) -> Dataset:
     ds = images_dataset(images).randomize_block_order()
@@ -104,7 +104,7 @@ def build_train_dataset(
     # (on GPU actors it stays a separate CPU task stage).
     ds = ds.map_batches(
         _views_for_current_epoch,  # type: ignore[arg-type]  # keyword-only extras come from fn_kwargs
-        fn_kwargs={"state": state, "seed": seed, "spec": spec},
+        fn_kwargs={"state": state, "seed": seed, "plan": plan},
         batch_size=res.batch_size, num_cpus=res.cpus_per_actor, zero_copy_batch=True,
     )
     for t in teachers:

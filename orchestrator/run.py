@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from simreg.models.errors import ConfigError
-from simreg.orchestrator.builders import build_objective, shard_plan, teacher_specs, view_spec
+from simreg.orchestrator.builders import build_objective, shard_plan, teacher_specs, view_plan
 from simreg.orchestrator.config import SimRegConfig
 from simreg.orchestrator.data import ImageSet, load_splits
 from simreg.orchestrator.teacher_pool import TeacherSpec
@@ -135,7 +135,7 @@ def make_trainer(prep: Prepared, placement: Placement, state: Any, run_config: A
     ray.data.DataContext.get_current().enable_progress_bars = False  # the driver draws one bar per epoch
     res = PoolResources(cfg.teacher_pool.actors_per_teacher, cfg.teacher_pool.cpus_per_actor, placement.teacher_gpus,
                         cfg.teacher_pool.threads, cfg.teacher_pool.batch_size)
-    dataset = build_train_dataset(prep.train, prep.specs, state, cfg.seed, view_spec(cfg), res)
+    dataset = build_train_dataset(prep.train, prep.specs, state, cfg.seed, view_plan(cfg), res)
     return TorchTrainer(
         train_loop_per_worker,
         train_loop_config={

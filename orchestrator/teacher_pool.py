@@ -10,14 +10,14 @@ from __future__ import annotations
 import logging
 import os
 import socket
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import numpy as np
 import torch
 
 from simreg.models.teachers import InputTransform, Teacher, load_teacher
-from simreg.orchestrator.views import ViewSpec, make_views
+from simreg.orchestrator.views import ViewPlan, make_views
 
 log = logging.getLogger("simreg")
 Batch = dict[str, np.ndarray]
@@ -35,21 +35,25 @@ class TeacherSpec:
     std: tuple[float, float, float]
     key: str = "teachers[0]"
     format: str = "auto"
+    model_kwargs: dict[str, Any] = field(default_factory=dict)
 
     def build(self) -> Teacher:
         return load_teacher(
             self.name, self.arch, self.weights, InputTransform(self.input_size, self.mean, self.std), key=self.key,
-            layout=self.format,
+            layout=self.format, model_kwargs=self.model_kwargs,
         )
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
 
-def add_views(batch: Batch, *, epoch: int, seed: int, spec: ViewSpec) -> Batch:
-    """View stage: uint8 ``image`` -> float32 ``view`` (B, C, s, s); drops ``image``, adds ``epoch``."""
+def add_views(batch: Batch, *, epoch: int, seed: int, plan: ViewPlan) -> Batch:
+    """View stage: uint8 ``image`` -> float32 ``view`` (B, C, s, s) for the teachers (and the student, unless
+    the plan gives it its own ``student_view``); drops ``image``, adds ``epoch``."""
     out = {k: v for k, v in batch.items() if k != "image"}
-    out["view"] = make_views(batch["image"], batch["sample_id"], epoch, seed, spec)
+    out["view"] = make_views(batch["image"], batch["sample_id"], epoch, seed, plan.teacher, stream=0)
+    if plan.student is not None:
+        out["student_view"] = make_views(batch["image"], batch["sample_id"], epoch, seed, plan.student, stream=1)
     out["epoch"] = np.full(len(batch["sample_id"]), epoch, dtype=np.int64)
     return out
 

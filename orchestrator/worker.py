@@ -16,7 +16,7 @@ import torch
 import torch.distributed as dist
 
 from simreg.models.errors import DataError
-from simreg.orchestrator.builders import build_objective, build_optimizer, shard_plan
+from simreg.orchestrator.builders import build_objective, build_optimizer, shard_plan, view_plan
 from simreg.orchestrator.checkpoint import load_state, restore, save_checkpoint
 from simreg.orchestrator.config import validate_config
 from simreg.orchestrator.evaluation import knn_report
@@ -51,10 +51,13 @@ def _global_id_counts(ids: torch.Tensor, world: int, device: torch.device) -> tu
     return distinct, int(everything.numel()) - distinct
 
 
-def _validate(objective: torch.nn.Module, val: Any, view_size: int, batch_size: int, device: torch.device) -> dict[str, float]:
+def _validate(objective: torch.nn.Module, val: Any, cfg: Any, device: torch.device) -> dict[str, float]:
     """k-NN of the student's backbone on the validation sets (train-split bank and queries)."""
     objective.eval()
-    r = knn_report(objective.features, val.bank.images, val.bank.labels, val.query.images, val.query.labels, view_size, batch_size, device)
+    r = knn_report(
+        objective.features, val.bank.images, val.bank.labels, val.query.images, val.query.labels, cfg.data.view_size,
+        cfg.eval.batch_size, device, cfg.eval.knn_weighting, cfg.eval.knn_temperature,
+    )
     objective.train()
     return {"val/top1_1nn": r["top1_1nn"], "val/top1_20nn": r["top1_20nn"]}
 
@@ -79,6 +82,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         with ckpt.as_directory() as d:
             start_epoch = restore(load_state(Path(d)), objective, optimizer, scheduler)
     model = ray.train.torch.prepare_model(objective)  # DDP: gloo on CPU, nccl on GPU
+    view_key = view_plan(cfg).student_key  # "view" (shared with the teachers) or "student_view"
     shard = ray.train.get_dataset_shard("train")  # once; iter_torch_batches() once per epoch
     steps_done = [0]
 
@@ -96,7 +100,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         seen: list[torch.Tensor] = []
         t0 = time.perf_counter()
         batches = shard.iter_torch_batches(batch_size=per_worker_batch, device=device, drop_last=False)
-        stats = train_epoch(model, _checked(batches, epoch, seen), optimizer, scheduler, names, device, on_step)
+        stats = train_epoch(model, _checked(batches, epoch, seen), optimizer, scheduler, names, device, on_step, view_key)
         wall = time.perf_counter() - t0
 
         # Sum over ranks: images, skipped, per-key sums; max of wall time.
@@ -126,7 +130,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         val = config.get("val")
         due = cfg.eval.val_every > 0 and ((epoch + 1) % cfg.eval.val_every == 0 or epoch + 1 == cfg.train.epochs)
         if rank == 0 and val is not None and due:
-            metrics.update(_validate(objective, val, cfg.data.view_size, cfg.eval.batch_size, device))
+            metrics.update(_validate(objective, val, cfg, device))
         if rank == 0:
             state.add_epoch_metrics.remote(metrics)
             with tempfile.TemporaryDirectory() as tmp:

@@ -24,16 +24,29 @@ def ray_cluster():
 
 @pytest.fixture(scope="module")
 def distilled(ray_cluster, teachers_dir: Path, fmnist_root: Path, tmp_path_factory):
+    """One fit covering the method's options together: the real CNN teacher beside a ViT teacher (DINO
+    checkpoint layout, its own resolution and mean/std), each network its own view (the student's strong),
+    and k-NN after the first head layer."""
+    import yaml
+
     from simreg.orchestrator.config import load_config
     from simreg.orchestrator.driver import distill
 
-    cfg = load_config(None, [
-        "name=itest", "data.train_size=300", "data.knn_bank_size=300", "data.knn_query_size=100", "train.epochs=2",
-        "train.batch_size=64", "teachers.0.name=r10t", "teachers.0.arch=resnet10t",
-        f"teachers.0.weights={teachers_dir / 'fmnist_simclr_resnet10t.safetensors'}", "student.arch=resnet10t",
-        "student.input_size=32", "heads.depth=2", "scaling.num_workers=2",
-    ])
     out = tmp_path_factory.mktemp("distill")
+    torch.manual_seed(0)
+    vit = timm.create_model("vit_tiny_patch16_224", num_classes=0, img_size=48)
+    torch.save({"teacher": {f"backbone.{k}": v for k, v in vit.state_dict().items()}}, out / "dino_vit.pth")
+    teachers = [
+        {"name": "r10t", "arch": "resnet10t", "weights": str(teachers_dir / "fmnist_simclr_resnet10t.safetensors")},
+        {"name": "vit", "arch": "vit_tiny_patch16_224", "weights": str(out / "dino_vit.pth"), "format": "dino",
+         "input_size": 48, "mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225], "model_kwargs": {"img_size": 48}},
+    ]
+    (out / "cfg.yaml").write_text(yaml.safe_dump({"teachers": teachers}))
+    cfg = load_config(out / "cfg.yaml", [
+        "name=itest", "data.train_size=300", "data.knn_bank_size=300", "data.knn_query_size=100", "train.epochs=2",
+        "train.batch_size=64", "student.arch=resnet10t", "student.input_size=32", "heads.depth=2", "scaling.num_workers=2",
+        "augment.mode=different", "augment.teacher=weak", "augment.student=strong", "eval.head_layers=[1]",
+    ])
     summary = distill(cfg, out)
     return cfg, out, summary
 
@@ -45,8 +58,9 @@ def test_summary_contract(distilled):
     for key in ("teacher_knn", "student_knn", "random_student_knn", "epochs", "train_images_per_s", "wall_s",
                 "mlflow_tracking_uri", "mlflow_run_id", "student_arch", "student_weights"):
         assert key in on_disk, key
-    assert set(on_disk["teacher_knn"]) == {"r10t"}
-    for block in (*on_disk["teacher_knn"].values(), on_disk["student_knn"], on_disk["random_student_knn"]):
+    assert set(on_disk["teacher_knn"]) == {"r10t", "vit"}
+    assert set(on_disk["student_head_knn"]) == {"r10t/1", "vit/1"}
+    for block in (*on_disk["teacher_knn"].values(), on_disk["student_knn"], on_disk["random_student_knn"], *on_disk["student_head_knn"].values()):
         assert set(block) >= {"top1_1nn", "top1_20nn"} and all(0 <= v <= 100 for v in block.values())
     # a real trained teacher separates classes far better than chance (10 classes) on real images
     assert on_disk["teacher_knn"]["r10t"]["top1_20nn"] > 60
@@ -56,7 +70,8 @@ def test_summary_contract(distilled):
     # every sample id of the 300 trained on exactly once per epoch across the 2 workers (equal split: 150 each)
     assert h0["train/images"] == 300 and h0["train/unique_ids"] == 300 and h0["train/duplicate_ids"] == 0
     assert h1["train/unique_ids"] == 300 and h1["train/duplicate_ids"] == 0
-    assert h1["train/loss"] < h0["train/loss"]  # the student moves towards the teacher
+    assert h1["train/loss"] < h0["train/loss"]  # the student moves towards the teachers
+    assert {"train/loss/r10t", "train/loss/vit", "train/cos/r10t", "train/cos/vit"} <= set(h1)
     assert all(0 < h["val/top1_20nn"] <= 100 for h in (h0, h1))  # validation k-NN every epoch
 
 
@@ -69,6 +84,7 @@ def test_mlflow_run_has_params_epoch_metrics_and_artifacts(distilled):
     run = client.get_run(summary["mlflow_run_id"])
     assert run.info.status == "FINISHED"
     assert run.data.params["heads.depth"] == "2" and run.data.params["teachers.0.arch"] == "resnet10t"
+    assert run.data.params["augment.mode"] == "different" and run.data.params["teachers.1.model_kwargs.img_size"] == "48"
     loss = client.get_metric_history(run.info.run_id, "train/loss")
     assert sorted(m.step for m in loss) == [0, 1]
     assert run.data.metrics["knn/student/top1_20nn"] == pytest.approx(summary["student_knn"]["top1_20nn"])

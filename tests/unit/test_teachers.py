@@ -9,7 +9,7 @@ from safetensors.torch import save_file
 
 from simreg.models import InputTransform, ModelError, TeacherLoadError, build_backbone, load_teacher
 from simreg.orchestrator.teacher_pool import TeacherInference, TeacherSpec, add_views
-from simreg.orchestrator.views import ViewSpec
+from simreg.orchestrator.views import ViewPlan, ViewSpec
 
 TF = InputTransform(64, (0.286,) * 3, (0.353,) * 3)
 
@@ -83,7 +83,7 @@ def test_teacher_and_student_receive_identical_view(teachers_dir: Path, fmnist_s
     """The teacher stage passes the very view it consumed through; the student reads that column."""
     spec = TeacherSpec("r10t", "resnet10t", str(teachers_dir / "fmnist_simclr_resnet10t.safetensors"), 64, TF.mean, TF.std)
     batch = {"sample_id": fmnist_small.sample_ids[:8], "label": fmnist_small.labels[:8], "image": fmnist_small.images[:8]}
-    viewed = add_views(batch, epoch=3, seed=7, spec=ViewSpec(64))
+    viewed = add_views(batch, epoch=3, seed=7, plan=ViewPlan(ViewSpec(64)))
     consumed: list[torch.Tensor] = []
     inf = TeacherInference(spec, threads=1, device="cpu")
     orig = inf.teacher.transform
@@ -95,3 +95,45 @@ def test_teacher_and_student_receive_identical_view(teachers_dir: Path, fmnist_s
     ref = inf.teacher(torch.from_numpy(viewed["view"])).numpy()
     assert abs(out["target_r10t"].astype("float32") - ref).max() < 1e-2
     assert (out["epoch"] == 3).all() and (out["sample_id"] == batch["sample_id"]).all()
+
+
+IMAGENET = ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
+
+
+def test_cnn_and_vit_teachers_share_one_crop_each_with_its_own_transform(tmp_path: Path, teachers_dir: Path, fmnist_small):
+    """A ViT teacher (DINO checkpoint layout, 48 px, ImageNet mean/std) beside the real CNN teacher (64 px,
+    Fashion-MNIST mean/std): both read the same view column; each resizes and normalizes it its own way."""
+    import timm
+
+    from simreg.models import SimRegObjective, build_backbone
+
+    torch.manual_seed(0)
+    vit = timm.create_model("vit_tiny_patch16_224", num_classes=0, img_size=48).eval()
+    dino = {"teacher": {**{f"backbone.{k}": v for k, v in vit.state_dict().items()}, "head.last_layer.weight": torch.zeros(8, 192)}, "epoch": 7}
+    torch.save(dino, tmp_path / "dino_vit.pth")
+    specs = [
+        TeacherSpec("cnn", "resnet10t", str(teachers_dir / "fmnist_simclr_resnet10t.safetensors"), 64, TF.mean, TF.std),
+        TeacherSpec("vit", "vit_tiny_patch16_224", str(tmp_path / "dino_vit.pth"), 48, *IMAGENET, model_kwargs={"img_size": 48}),
+    ]
+    batch = {"sample_id": fmnist_small.sample_ids[:8], "label": fmnist_small.labels[:8], "image": fmnist_small.images[:8]}
+    out = add_views(batch, epoch=0, seed=0, plan=ViewPlan(ViewSpec(64)))
+    for spec in specs:
+        out = TeacherInference(spec, threads=1, device="cpu")(out)
+    assert out["target_cnn"].shape == (8, 512) and out["target_vit"].shape == (8, 192)
+    view = torch.from_numpy(out["view"])
+    with torch.no_grad():
+        ref = vit(InputTransform(48, *IMAGENET)(view))
+    assert torch.allclose(torch.from_numpy(out["target_vit"]).float(), ref, atol=2e-2)
+    obj = SimRegObjective(build_backbone("resnet10t"), InputTransform(32, TF.mean, TF.std), {"cnn": 512, "vit": 192})
+    res = obj(view, {"cnn": torch.from_numpy(out["target_cnn"]), "vit": torch.from_numpy(out["target_vit"])})
+    assert set(res) == {"loss", "loss/cnn", "loss/vit", "cos/cnn", "cos/vit"}
+    torch.testing.assert_close(res["loss"], (res["loss/cnn"] + res["loss/vit"]) / 2)
+
+
+def test_model_kwargs_rejected_by_timm_name_the_key():
+    from simreg.models import build_backbone
+
+    with pytest.raises(ModelError, match=r"teachers.1.model_kwargs=\{'img_szie': 48\} is not accepted by timm arch 'vit_tiny_patch16_224'"):
+        build_backbone("vit_tiny_patch16_224", key="teachers.1.arch", model_kwargs={"img_szie": 48})
+    with pytest.raises(ModelError, match=r"student.model_kwargs must not set num_classes"):
+        build_backbone("resnet10t", model_kwargs={"num_classes": 10})
