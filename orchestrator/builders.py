@@ -2,11 +2,15 @@
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import torch
 
 from simreg.models import InputTransform, SimRegObjective, build_backbone
+from simreg.models.errors import ConfigError
+from simreg.orchestrator.cache import CacheSpec, default_cache_dir, spec_dict
 from simreg.orchestrator.config import SimRegConfig
+from simreg.orchestrator.data import ImageSet
 from simreg.orchestrator.teacher_pool import TeacherSpec
 from simreg.orchestrator.views import Preset, ViewPlan, ViewSpec, preset_spec
 
@@ -28,7 +32,18 @@ def view_plan(cfg: SimRegConfig) -> ViewPlan:
     def spec(kind: Preset) -> ViewSpec:
         return preset_spec(kind, cfg.data.view_size, a.crop_scale, a.hflip_p, a.strength)
 
-    return ViewPlan(spec(a.teacher), None if a.mode == "same" else spec(a.student))
+    return ViewPlan(spec(a.teacher), None if a.mode == "same" else spec(a.student), a.view_bank)
+
+
+def cache_spec(cfg: SimRegConfig, train: ImageSet) -> CacheSpec | None:
+    """Where teacher targets of this run are cached, and the data and view parts of their key."""
+    if not cfg.cache.enabled:
+        return None
+    if not train.source_fingerprint:
+        raise ConfigError("cache.enabled=true needs images loaded by simreg's data loaders (no source fingerprint)")
+    root = Path(cfg.cache.dir).expanduser() if cfg.cache.dir else default_cache_dir()
+    views = {"seed": cfg.seed, "teacher_view": spec_dict(view_plan(cfg).teacher)}
+    return CacheSpec(str(root), train.source_fingerprint, views)
 
 
 def student_transform(cfg: SimRegConfig) -> InputTransform:

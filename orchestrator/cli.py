@@ -6,6 +6,8 @@
     simreg sweep --space smoke --output-dir runs/smoke     # Ray Tune over the search space's keys
     simreg sweep --space smoke --output-dir runs/smoke --resume
     simreg compare runs/smoke                             # the trials, best first
+    simreg cache warm --config my.yaml                    # teacher targets computed once, before a sweep
+    simreg cache info | simreg cache clear [--key PREFIX]
 """
 from __future__ import annotations
 
@@ -16,8 +18,9 @@ import os
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
-from simreg.models.errors import SimRegError
+from simreg.models.errors import ConfigError, SimRegError
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -51,11 +54,41 @@ def _parser() -> argparse.ArgumentParser:
     ev.add_argument("--query-size", type=int, default=None, help="held-out images queried (default all)")
     ev.add_argument("--linear", action="store_true", help="also run the paper's linear probe")
     ev.add_argument("--linear-epochs", type=int, default=40)
+    ev.add_argument("--linear-steps", type=int, nargs="*", default=[15, 30], help="epochs at which the probe's LR drops 10x")
+    ev.add_argument("--knn-weighting", default="majority", choices=["majority", "temperature"],
+                    help="majority vote (the paper's) or exp(sim / T) weighted votes")
+    ev.add_argument("--knn-temperature", type=float, default=0.07)
+    ev.add_argument("--model-kwargs", default="{}", help="extra timm.create_model arguments as YAML, e.g. '{img_size: 224}'")
     ev.add_argument("--output", type=Path, default=None, help="write the result as JSON here")
+    ca = sub.add_parser("cache", help="the teacher-target cache: info | warm | clear")
+    cas = ca.add_subparsers(dest="action", required=True)
+    dir_help = "cache folder (default: $SIMREG_CACHE_DIR or ~/.cache/simreg/targets)"
+    ci = cas.add_parser("info", help="list cached keys: teacher, views, rows, size")
+    ci.add_argument("--dir", default=None, help=dir_help)
+    cw = cas.add_parser("warm", help="compute a config's teacher targets once, in this process (no Ray)")
+    cw.add_argument("--dir", default=None, help=dir_help + "; overrides cache.dir")
+    cw.add_argument("--config", type=Path, default=None, help="the run's YAML config (default: the offline demo)")
+    cw.add_argument("--epochs", type=int, default=None, help="view indices of this many epochs (default train.epochs)")
+    cw.add_argument("overrides", nargs="*", metavar="key=value", help="dotted config overrides")
+    cc = cas.add_parser("clear", help="remove cached keys (all, or those given by --key)")
+    cc.add_argument("--dir", default=None, help=dir_help)
+    cc.add_argument("--key", action="append", default=None, help="a key (unique prefix) to remove; repeatable")
     sh = sub.add_parser("config", help="print the resolved config as YAML (defaults <- file <- overrides)")
     sh.add_argument("--config", type=Path, default=None)
     sh.add_argument("overrides", nargs="*", metavar="key=value")
     return p
+
+
+def _yaml_mapping(raw: str, flag: str) -> dict[str, Any]:
+    import yaml
+
+    try:
+        val = yaml.safe_load(raw)
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{flag}={raw!r} is not YAML: write e.g. '{{img_size: 224}}' ({e})") from None
+    if not isinstance(val, dict):
+        raise ConfigError(f"{flag}={raw!r} must be a mapping, e.g. '{{img_size: 224}}'")
+    return val
 
 
 def _setup_logging() -> None:
@@ -82,14 +115,35 @@ def main(argv: list[str] | None = None) -> int:
             res = evaluate_weights(
                 args.weights, args.arch, data=args.data, input_size=args.input_size, mean=tuple(args.mean),
                 std=tuple(args.std), bank_size=args.bank_size, query_size=args.query_size, linear=args.linear,
-                linear_epochs=args.linear_epochs, layout=args.format,
+                linear_epochs=args.linear_epochs, linear_steps=tuple(args.linear_steps), layout=args.format,
+                knn_weighting=args.knn_weighting, knn_temperature=args.knn_temperature,
+                model_kwargs=_yaml_mapping(args.model_kwargs, "--model-kwargs"),
             )
             write_json(res, args.output)
             print(json.dumps(res, indent=2))
             return 0
+        if args.command == "cache" and args.action != "warm":
+            from simreg.orchestrator.cache import cache_entries, clear_cache, default_cache_dir, entries_table
+
+            root = Path(args.dir).expanduser() if args.dir else default_cache_dir()
+            if args.action == "info":
+                rows = cache_entries(root)
+                print(f"target cache {root}: {len(rows)} key(s), {sum(r['bytes'] for r in rows) / 2**20:.1f} MiB")
+                if rows:
+                    print(entries_table(rows))
+                return 0
+            gone = clear_cache(root, args.key)
+            print(f"removed {len(gone)} key(s) from {root}" + (f": {', '.join(gone)}" if gone else ""))
+            return 0
         from simreg.orchestrator.config import load_config
 
         cfg = load_config(args.config, args.overrides)
+        if args.command == "cache":  # warm: the run's config decides teachers, data and views
+            from simreg.orchestrator.cache import warm_cache
+
+            cfg = load_config(args.config, [*args.overrides, "cache.enabled=true", *([f"cache.dir={args.dir}"] if args.dir else [])])
+            print(json.dumps(warm_cache(cfg, args.epochs), indent=2))
+            return 0
         if args.command == "sweep":
             from simreg.orchestrator.sweep import sweep
             from simreg.search_spaces import load_space

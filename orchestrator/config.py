@@ -58,6 +58,9 @@ class AugmentConfig(_Strict):
         1.0, ge=0, le=1.2,
         description="scales crop-scale lower bound, jitter magnitude and probabilities (1 = as published, 0 = none)",
     )
+    view_bank: int | None = Field(
+        None, ge=1, description="K views per sample, epoch e uses view e mod K (null: a fresh view every epoch)"
+    )
 
     @model_validator(mode="after")
     def _same_view(self) -> AugmentConfig:
@@ -116,9 +119,20 @@ class OptimConfig(_Strict):
     warmup_epochs: float = Field(0.0, ge=0)
 
 
+Precision = Literal["auto", "fp32", "bf16"]
+
+
 class TrainConfig(_Strict):
     epochs: int = Field(8, ge=1)
     batch_size: int = Field(128, ge=2, description="global batch, split over the workers")
+    precision: Precision = Field("auto", description="auto: bf16 autocast on CUDA, fp32 on CPU")
+    channels_last: bool = Field(True, description="channels_last student on CUDA")
+    compile: bool = Field(False, description="torch.compile the student backbone")
+
+
+class CacheConfig(_Strict):
+    enabled: bool = Field(False, description="serve teacher targets from the Parquet cache, filling it on first use")
+    dir: str | None = Field(None, description="null: $SIMREG_CACHE_DIR or ~/.cache/simreg/targets (shared storage on a cluster)")
 
 
 class ScalingConfig(_Strict):
@@ -134,6 +148,9 @@ class TeacherPoolConfig(_Strict):
     gpus_per_actor: Literal["auto"] | float = "auto"
     threads: int = Field(2, ge=1, description="torch threads in each teacher actor")
     batch_size: int = Field(128, ge=1)
+    precision: Precision = Field("auto", description="auto: bf16 autocast on CUDA, fp32 on CPU")
+    channels_last: bool = Field(True, description="channels_last teacher on CUDA")
+    compile: bool = Field(False, description="torch.compile the teacher backbone")
 
 
 class EvalConfig(_Strict):
@@ -176,6 +193,7 @@ class SimRegConfig(_Strict):
     scaling: ScalingConfig = ScalingConfig()
     teacher_pool: TeacherPoolConfig = TeacherPoolConfig()
     eval: EvalConfig = EvalConfig()
+    cache: CacheConfig = CacheConfig()
     tracking: TrackingConfig = TrackingConfig()
     ray: RayConfig = RayConfig()
 

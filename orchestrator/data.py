@@ -34,13 +34,17 @@ IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".we
 
 @dataclass
 class ImageSet:
-    """uint8 images (N, H, W) or (N, H, W, 3), int64 labels and ids, class names."""
+    """uint8 images (N, H, W) or (N, H, W, 3), int64 labels and ids, class names.
+
+    ``source_fingerprint`` identifies the split the ids index into (its content hash), kept by subsets:
+    the target cache keys on it, so every subset of one split shares cached targets per sample id."""
 
     images: np.ndarray
     labels: np.ndarray
     sample_ids: np.ndarray
     classes: list[str]
     name: str
+    source_fingerprint: str = ""
 
     def __len__(self) -> int:
         return int(self.images.shape[0])
@@ -50,7 +54,7 @@ class ImageSet:
         if n is None or n >= len(self):
             return self
         idx = np.sort(np.random.default_rng(seed).permutation(len(self))[:n])
-        return ImageSet(self.images[idx], self.labels[idx], self.sample_ids[idx], self.classes, self.name)
+        return ImageSet(self.images[idx], self.labels[idx], self.sample_ids[idx], self.classes, self.name, self.source_fingerprint)
 
     def split_two(self, n_a: int, n_b: int, seed: int) -> tuple[ImageSet, ImageSet]:
         """Two disjoint random subsets of sizes n_a and n_b (shrunk proportionally when N is smaller)."""
@@ -61,13 +65,20 @@ class ImageSet:
         return self.take(np.sort(perm[:n_a]), "a"), self.take(np.sort(perm[n_a : n_a + n_b]), "b")
 
     def take(self, idx: np.ndarray, tag: str) -> ImageSet:
-        return ImageSet(self.images[idx], self.labels[idx], self.sample_ids[idx], self.classes, f"{self.name}/{tag}")
+        return ImageSet(self.images[idx], self.labels[idx], self.sample_ids[idx], self.classes, f"{self.name}/{tag}", self.source_fingerprint)
 
     def fingerprint(self) -> str:
-        h = hashlib.sha256()
-        for a in (self.images, self.labels, self.sample_ids):
-            h.update(np.ascontiguousarray(a).tobytes())
-        return h.hexdigest()[:16]
+        """Content hash of exactly these images, labels and ids."""
+        return content_fingerprint(self.images, self.labels, self.sample_ids)
+
+
+def content_fingerprint(*arrays: np.ndarray) -> str:
+    h = hashlib.sha256()
+    for a in arrays:
+        a = np.ascontiguousarray(a)
+        h.update(f"{a.dtype}{a.shape}".encode())
+        h.update(a.tobytes())
+    return h.hexdigest()[:16]
 
 
 def _read_idx(path: Path) -> np.ndarray:
@@ -159,7 +170,10 @@ def load_fashion_mnist(root: Path, split: str) -> ImageSet:
     labels = _read_idx(paths["labels"]).astype(np.int64)  # type: ignore[arg-type]
     if images.shape[0] != labels.shape[0]:
         raise DataError(f"{str(root)!r}: {images.shape[0]} {split} images but {labels.shape[0]} labels")
-    return ImageSet(images, labels, np.arange(len(labels), dtype=np.int64), FMNIST_CLASSES, f"fashion-mnist/{split}")
+    return ImageSet(
+        images, labels, np.arange(len(labels), dtype=np.int64), FMNIST_CLASSES, f"fashion-mnist/{split}",
+        content_fingerprint(images, labels),
+    )
 
 
 def _decode(path: Path, size: int) -> np.ndarray:
@@ -195,7 +209,9 @@ def load_image_folder(root: Path, store_size: int, classes: list[str] | None = N
         )
     images = np.stack([_decode(p, store_size) for p, _ in files])
     labels = np.array([c for _, c in files], dtype=np.int64)
-    return ImageSet(images, labels, np.arange(len(files), dtype=np.int64), classes, f"image-folder:{root}")
+    return ImageSet(
+        images, labels, np.arange(len(files), dtype=np.int64), classes, f"image-folder:{root}", content_fingerprint(images, labels)
+    )
 
 
 def load_splits(source: str, root: str | None, download: bool, store_size: int, seed: int, holdout: float) -> tuple[ImageSet, ImageSet]:

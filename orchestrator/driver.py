@@ -192,6 +192,10 @@ def distill(cfg: SimRegConfig, output_dir: Path, tracking_uri: str | None = None
         with result.checkpoint.as_directory() as d:
             final = load_state(Path(d))
 
+        teacher_rows = ray.get(state.get_teacher_rows.remote())
+        for name, r in teacher_rows.items():
+            log.info("teacher %s: %d rows through the teacher, %d from the target cache", name, r["forward"], r["cached"])
+
         # 6. evaluate: k-NN of teachers, student, random-init student, in a Ray task (GPU when there is one)
         eval_remote = ray.remote(_eval_task).options(num_cpus=min(1.0, cluster.get("CPU", 1.0)), num_gpus=1 if placement.has_gpu else 0)
         ev = ray.get(eval_remote.remote(
@@ -227,6 +231,7 @@ def distill(cfg: SimRegConfig, output_dir: Path, tracking_uri: str | None = None
             "student_weights": str(weights),
             "student_input": {"size": cfg.student_input_size, "mean": list(cfg.student.mean), "std": list(cfg.student.std)},
             "teacher_placements": progress.placements,
+            "teacher_rows": teacher_rows,  # per teacher: rows computed ("forward") and served by the cache ("cached")
             "history": history,
             "output_dir": str(output_dir),
         }
@@ -238,6 +243,7 @@ def distill(cfg: SimRegConfig, output_dir: Path, tracking_uri: str | None = None
             for where, r in summary["student_head_knn"].items() for k, v in r.items()
         })
         final_metrics.update({"knn/student_gain_20nn": summary["student_gain_20nn"], "wall_s": summary["wall_s"]})
+        final_metrics.update({f"teacher/{n}/{k}_rows": float(v) for n, r in teacher_rows.items() for k, v in r.items()})
         tracker.log_metrics(final_metrics, step=cfg.train.epochs)
         table = knn_table(summary)
         (output_dir / "knn.md").write_text(table + "\n")

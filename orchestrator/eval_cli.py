@@ -22,7 +22,8 @@ def evaluate_weights(
     weights: Path, arch: str, *, data: str = "fashion-mnist", input_size: int = 64, view_size: int = 64,
     mean: tuple[float, ...] = FMNIST_MEAN, std: tuple[float, ...] = FMNIST_STD, bank_size: int | None = None,
     query_size: int | None = None, linear: bool = False, linear_epochs: int = 40, threads: int = 2, seed: int = 0,
-    batch_size: int = 256, layout: str = "auto",
+    batch_size: int = 256, layout: str = "auto", linear_steps: tuple[int, ...] = (15, 30), knn_weighting: str = "majority",
+    knn_temperature: float = 0.07, model_kwargs: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """k-NN top-1 (k = 1, 20) on l2-normalized pooled features: bank = the train split, queries = the
     held-out split (all images unless sizes are given); with ``linear``, the paper's linear probe."""
@@ -32,7 +33,7 @@ def evaluate_weights(
         mean = mean * 3
     if len(std) == 1:
         std = std * 3
-    model = load_teacher("eval", arch, weights, InputTransform(input_size, tuple(mean), tuple(std)), key="--weights/--arch", layout=layout)
+    model = load_teacher("eval", arch, weights, InputTransform(input_size, tuple(mean), tuple(std)), key="--weights/--arch", layout=layout, model_kwargs=model_kwargs)
     source, root = ("fashion-mnist", None) if data == "fashion-mnist" else ("image-folder", data)
     train, test = load_splits(source, root, True, 96, seed, 0.1)
     bank, query = train.subset(bank_size, seed + 1), test.subset(query_size, seed + 2)
@@ -41,15 +42,15 @@ def evaluate_weights(
     fb = extract_features(model, bank.images, view_size, batch_size, device)
     fq = extract_features(model, query.images, view_size, batch_size, device)
     lb, lq = torch.tensor(bank.labels), torch.tensor(query.labels)
-    acc = knn_top1(fb, lb, fq, lq, ks=(1, 20))
+    acc = knn_top1(fb, lb, fq, lq, ks=(1, 20), weighting=knn_weighting, temperature=knn_temperature)
     out: dict[str, Any] = {
         "weights": str(weights), "arch": arch, "input_size": input_size, "data": data,
         "bank_images": len(bank), "query_images": len(query), "feature_dim": int(fb.shape[1]),
-        "top1_1nn": acc[1], "top1_20nn": acc[20],
+        "top1_1nn": acc[1], "top1_20nn": acc[20], "knn_weighting": knn_weighting,
     }
     if linear:
-        out["linear_top1"] = linear_probe(fb, lb, fq, lq, epochs=linear_epochs, seed=seed)
-        out["linear_epochs"] = linear_epochs
+        out["linear_top1"] = linear_probe(fb, lb, fq, lq, epochs=linear_epochs, steps=linear_steps, seed=seed)
+        out["linear_epochs"], out["linear_steps"] = linear_epochs, list(linear_steps)
     out["wall_s"] = time.perf_counter() - t0
     return out
 

@@ -35,10 +35,12 @@ def train_epoch(
     device: torch.device,
     on_step: Callable[[int, dict[str, float]], None] | None = None,
     view_key: str = "view",
+    autocast_dtype: torch.dtype | None = None,
 ) -> EpochStats:
     """One pass: batch {view_key: (B, C, H, W), "target_<t>": (B, d_t)} -> SGD step on the SimReg loss.
 
-    ``view_key`` is ``view`` when the student sees the teachers' view, ``student_view`` when it has its own."""
+    ``view_key`` is ``view`` when the student sees the teachers' view, ``student_view`` when it has its own.
+    ``autocast_dtype`` (e.g. bf16 on CUDA) runs the forward pass in autocast; the loss stays fp32."""
     model.train()
     stats = EpochStats()
     t0 = time.perf_counter()
@@ -49,7 +51,8 @@ def train_epoch(
             stats.skipped_images += n
             continue
         targets = {t: batch[f"target_{t}"].to(device, non_blocking=True) for t in teacher_names}
-        out = model(view, targets)
+        with torch.autocast(device.type, dtype=autocast_dtype or torch.bfloat16, enabled=autocast_dtype is not None):
+            out = model(view, targets)
         optimizer.zero_grad(set_to_none=True)
         out["loss"].backward()
         optimizer.step()

@@ -8,7 +8,8 @@ behind a barrier, so view parameters are a pure function of (seed, epoch, sample
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
@@ -35,6 +36,7 @@ class RunState:
         self.images_done = 0
         self.history: list[dict[str, float]] = []
         self.placements: list[str] = []
+        self.teacher_rows: dict[str, dict[str, int]] = {}  # teacher -> {"forward": n, "cached": n}
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch, self.images_done = epoch, 0
@@ -48,6 +50,14 @@ class RunState:
     def add_epoch_metrics(self, metrics: dict[str, float]) -> None:
         self.history.append(metrics)
 
+    def add_teacher_rows(self, teacher: str, forward: int, cached: int) -> None:
+        r = self.teacher_rows.setdefault(teacher, {"forward": 0, "cached": 0})
+        r["forward"] += forward
+        r["cached"] += cached
+
+    def get_teacher_rows(self) -> dict[str, dict[str, int]]:
+        return self.teacher_rows
+
     def note_placement(self, text: str) -> None:
         if text not in self.placements:
             self.placements.append(text)
@@ -58,11 +68,19 @@ class RunState:
 
 
 class PooledTeacher(TeacherInference):
-    """TeacherInference in a Ray Data actor: also tells the run where it landed (the driver logs it)."""
+    """TeacherInference in a Ray Data actor: also tells the run where it landed and how many rows went
+    through the teacher or came from the cache (the driver logs both)."""
 
-    def __init__(self, spec: TeacherSpec, threads: int, state: ray.actor.ActorHandle) -> None:
-        super().__init__(spec, threads)
+    def __init__(self, spec: TeacherSpec, threads: int, state: ray.actor.ActorHandle, options: dict[str, Any]) -> None:
+        super().__init__(spec, threads, **options)
+        self.state = state
         state.note_placement.remote(self.placement)
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        f0, c0 = self.forward_rows, self.cached_rows
+        out = super().__call__(batch)
+        self.state.add_teacher_rows.remote(self.spec.name, self.forward_rows - f0, self.cached_rows - c0)
+        return out
 
 
 def _views_for_current_epoch(batch: dict[str, np.ndarray], *, state: ray.actor.ActorHandle, seed: int, plan: ViewPlan) -> dict[str, np.ndarray]:
@@ -78,6 +96,7 @@ class PoolResources:
     gpus_per_actor: float
     threads: int
     batch_size: int
+    teacher_options: dict[str, Any] = field(default_factory=dict)  # cache, precision, channels_last, compile
 
 
 def images_dataset(images: ImageSet) -> Dataset:
@@ -110,7 +129,7 @@ def build_train_dataset(
     for t in teachers:
         ds = ds.map_batches(
             PooledTeacher,
-            fn_constructor_kwargs={"spec": t, "threads": res.threads, "state": state},
+            fn_constructor_kwargs={"spec": t, "threads": res.threads, "state": state, "options": res.teacher_options},
             compute=ActorPoolStrategy(size=res.actors_per_teacher),
             batch_size=res.batch_size,
             num_cpus=res.cpus_per_actor,

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from simreg.models.errors import ConfigError
-from simreg.orchestrator.builders import build_objective, shard_plan, teacher_specs, view_plan
+from simreg.orchestrator.builders import build_objective, cache_spec, shard_plan, teacher_specs, view_plan
 from simreg.orchestrator.config import SimRegConfig
 from simreg.orchestrator.data import ImageSet, load_splits
 from simreg.orchestrator.teacher_pool import TeacherSpec
@@ -133,8 +133,9 @@ def make_trainer(prep: Prepared, placement: Placement, state: Any, run_config: A
 
     cfg = prep.cfg
     ray.data.DataContext.get_current().enable_progress_bars = False  # the driver draws one bar per epoch
-    res = PoolResources(cfg.teacher_pool.actors_per_teacher, cfg.teacher_pool.cpus_per_actor, placement.teacher_gpus,
-                        cfg.teacher_pool.threads, cfg.teacher_pool.batch_size)
+    tp = cfg.teacher_pool
+    options = {"cache": cache_spec(cfg, prep.train), "precision": tp.precision, "channels_last": tp.channels_last, "compile": tp.compile}
+    res = PoolResources(tp.actors_per_teacher, tp.cpus_per_actor, placement.teacher_gpus, tp.threads, tp.batch_size, options)
     dataset = build_train_dataset(prep.train, prep.specs, state, cfg.seed, view_plan(cfg), res)
     return TorchTrainer(
         train_loop_per_worker,

@@ -17,7 +17,8 @@ import numpy as np
 import torch
 
 from simreg.models.teachers import InputTransform, Teacher, load_teacher
-from simreg.orchestrator.views import ViewPlan, make_views
+from simreg.orchestrator.cache import CacheSpec, TargetCache, weights_sha256
+from simreg.orchestrator.views import ViewPlan, make_views, view_index
 
 log = logging.getLogger("simreg")
 Batch = dict[str, np.ndarray]
@@ -49,33 +50,90 @@ class TeacherSpec:
 
 def add_views(batch: Batch, *, epoch: int, seed: int, plan: ViewPlan) -> Batch:
     """View stage: uint8 ``image`` -> float32 ``view`` (B, C, s, s) for the teachers (and the student, unless
-    the plan gives it its own ``student_view``); drops ``image``, adds ``epoch``."""
+    the plan gives it its own ``student_view``); drops ``image``, adds ``epoch`` and ``view_index`` (the
+    epoch, or its place in a bank of ``plan.bank`` views per sample)."""
     out = {k: v for k, v in batch.items() if k != "image"}
-    out["view"] = make_views(batch["image"], batch["sample_id"], epoch, seed, plan.teacher, stream=0)
+    v = view_index(epoch, plan.bank)
+    out["view"] = make_views(batch["image"], batch["sample_id"], v, seed, plan.teacher, stream=0)
     if plan.student is not None:
-        out["student_view"] = make_views(batch["image"], batch["sample_id"], epoch, seed, plan.student, stream=1)
-    out["epoch"] = np.full(len(batch["sample_id"]), epoch, dtype=np.int64)
+        out["student_view"] = make_views(batch["image"], batch["sample_id"], v, seed, plan.student, stream=1)
+    n = len(batch["sample_id"])
+    out["epoch"] = np.full(n, epoch, dtype=np.int64)
+    out["view_index"] = np.full(n, v, dtype=np.int64)
     return out
 
 
 class TeacherInference:
-    """One teacher in one actor: ``__call__(batch)`` adds ``target_<name>`` as float16 (B, d)."""
+    """One teacher in one actor: ``__call__(batch)`` adds ``target_<name>`` as float16 (B, d).
 
-    def __init__(self, spec: TeacherSpec, threads: int = 2, device: str = "auto") -> None:
+    On CUDA it runs in bf16 autocast with channels_last weights and inputs (``precision="auto"``), optionally
+    compiled. With a ``cache``, rows whose (view index, sample id) target is stored are served from the
+    Parquet cache and only the others go through the teacher (then are stored)."""
+
+    def __init__(
+        self, spec: TeacherSpec, threads: int = 2, device: str = "auto", cache: CacheSpec | None = None,
+        precision: str = "auto", channels_last: bool = True, compile: bool = False,
+    ) -> None:
         torch.set_num_threads(threads)  # Ray sets OMP_NUM_THREADS=1 in actors
         if device == "auto":
             device = "cuda" if torch.cuda.is_available() else "cpu"
         self.device = torch.device(device)
         self.spec = spec
         self.teacher = spec.build().to(self.device)
-        where = torch.cuda.get_device_name(self.device) if self.device.type == "cuda" else f"CPU ({threads} threads)"
+        cuda = self.device.type == "cuda"
+        if precision not in ("auto", "fp32", "bf16"):
+            raise ValueError(f"teacher_pool.precision={precision!r} is unknown: use auto, fp32 or bf16")
+        self.bf16 = precision == "bf16" or (precision == "auto" and cuda)
+        self.channels_last = channels_last and cuda
+        if self.channels_last:
+            self.teacher = self.teacher.to(memory_format=torch.channels_last)
+        self._backbone: Any = torch.compile(self.teacher.backbone) if compile else self.teacher.backbone
+        where = torch.cuda.get_device_name(self.device) if cuda else f"CPU ({threads} threads)"
         self.placement = f"teacher {spec.name} ({spec.arch}) runs on {where}, host {socket.gethostname()}"
         log.info("%s, pid %d", self.placement, os.getpid())
+        self.cache = None
+        if cache is not None:
+            self.cache = TargetCache(cache.root, cache.key(self.fingerprint()), spec.name, self.teacher.feature_dim)
+        self.forward_rows = 0  # rows that went through the teacher
+        self.cached_rows = 0  # rows served from the cache
+
+    def fingerprint(self) -> dict[str, Any]:
+        """The teacher part of a cache key: everything that decides its output for a given view."""
+        s = self.spec
+        return {
+            "arch": s.arch, "weights_sha256": weights_sha256(s.weights), "format": s.format, "model_kwargs": s.model_kwargs,
+            "input": {"size": s.input_size, "mean": list(s.mean), "std": list(s.std)},
+            "precision": "bf16" if self.bf16 else "fp32",
+        }
 
     @torch.no_grad()
+    def targets(self, view: np.ndarray) -> np.ndarray:
+        """(B, C, H, W) float32 views in [0, 1] -> (B, d) float16 targets."""
+        x = torch.from_numpy(view).to(self.device, non_blocking=True)
+        x = self.teacher.transform(x)
+        if self.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.bf16):
+            feat = self._backbone(x)
+        return feat.float().to(torch.float16).cpu().numpy()
+
     def __call__(self, batch: Batch) -> Batch:
-        view = torch.from_numpy(batch["view"]).to(self.device, non_blocking=True)
-        feat = self.teacher(view)  # (B, d)
         out = dict(batch)
-        out[f"target_{self.spec.name}"] = feat.to(torch.float16).cpu().numpy()
+        if self.cache is None or "view_index" not in batch:
+            tg = self.targets(batch["view"])
+            self.forward_rows += len(tg)
+        else:
+            ids, vidx = batch["sample_id"], batch["view_index"]
+            tg = np.empty((len(ids), self.teacher.feature_dim), np.float16)
+            for v in np.unique(vidx).tolist():
+                rows = np.flatnonzero(vidx == v)
+                got, found = self.cache.lookup(int(v), ids[rows])
+                miss = rows[~found]
+                if miss.size:
+                    got[~found] = computed = self.targets(np.ascontiguousarray(batch["view"][miss]))
+                    self.cache.store(int(v), ids[miss], computed)
+                tg[rows] = got
+                self.forward_rows += int(miss.size)
+                self.cached_rows += int(rows.size - miss.size)
+        out[f"target_{self.spec.name}"] = tg
         return out

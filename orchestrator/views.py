@@ -166,7 +166,8 @@ def _photometric(v: torch.Tensor, p: ViewParams) -> torch.Tensor:
 
 
 def make_views(images: np.ndarray, sample_ids: np.ndarray, epoch: int, seed: int, spec: ViewSpec, stream: int = 0) -> np.ndarray:
-    """One view per image: float32 (B, C, size, size) in [0, 1]."""
+    """One view per image: float32 (B, C, size, size) in [0, 1]. ``epoch`` is the view index (the epoch
+    itself unless views come from a bank)."""
     x = to_chw_float(images)  # (B, C, H, W)
     H, W = x.shape[-2:]
     out = torch.empty((x.shape[0], x.shape[1], spec.size, spec.size), dtype=torch.float32)
@@ -179,13 +180,20 @@ def make_views(images: np.ndarray, sample_ids: np.ndarray, epoch: int, seed: int
     return out.numpy()
 
 
+def view_index(epoch: int, bank: int | None) -> int:
+    """The view an epoch uses: a fresh one per epoch (no bank), or one of ``bank`` views per sample in turn."""
+    return epoch if not bank else epoch % bank
+
+
 @dataclass(frozen=True)
 class ViewPlan:
     """What each network sees. ``student`` None: the student trains on the teachers' very view (the
-    paper's "same image"); otherwise it gets its own independently drawn view (stream 1)."""
+    paper's "same image"); otherwise it gets its own independently drawn view (stream 1). ``bank``: K views
+    per sample, epoch e uses view e mod K (None: view e, a fresh one every epoch)."""
 
     teacher: ViewSpec
     student: ViewSpec | None = None
+    bank: int | None = None
 
     @property
     def student_key(self) -> str:

@@ -81,7 +81,13 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     if ckpt is not None:
         with ckpt.as_directory() as d:
             start_epoch = restore(load_state(Path(d)), objective, optimizer, scheduler)
-    model = ray.train.torch.prepare_model(objective)  # DDP: gloo on CPU, nccl on GPU
+    cuda = device.type == "cuda"
+    if cuda and cfg.train.channels_last:
+        objective = objective.to(memory_format=torch.channels_last)
+    amp = torch.bfloat16 if cfg.train.precision == "bf16" or (cfg.train.precision == "auto" and cuda) else None
+    model: Any = ray.train.torch.prepare_model(objective)  # DDP: gloo on CPU, nccl on GPU
+    if cfg.train.compile:
+        model = torch.compile(model)  # checkpoints keep reading ``objective``: its state-dict keys are unchanged
     view_key = view_plan(cfg).student_key  # "view" (shared with the teachers) or "student_view"
     shard = ray.train.get_dataset_shard("train")  # once; iter_torch_batches() once per epoch
     steps_done = [0]
@@ -99,8 +105,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             ray.get(state.set_epoch.remote(epoch))
         seen: list[torch.Tensor] = []
         t0 = time.perf_counter()
-        batches = shard.iter_torch_batches(batch_size=per_worker_batch, device=device, drop_last=False)
-        stats = train_epoch(model, _checked(batches, epoch, seen), optimizer, scheduler, names, device, on_step, view_key)
+        batches = shard.iter_torch_batches(batch_size=per_worker_batch, device=device, drop_last=False, pin_memory=cuda)
+        stats = train_epoch(model, _checked(batches, epoch, seen), optimizer, scheduler, names, device, on_step, view_key, amp)
         wall = time.perf_counter() - t0
 
         # Sum over ranks: images, skipped, per-key sums; max of wall time.

@@ -26,7 +26,8 @@ def ray_cluster():
 def distilled(ray_cluster, teachers_dir: Path, fmnist_root: Path, tmp_path_factory):
     """One fit covering the method's options together: the real CNN teacher beside a ViT teacher (DINO
     checkpoint layout, its own resolution and mean/std), each network its own view (the student's strong),
-    and k-NN after the first head layer."""
+    k-NN after the first head layer, and the target cache with one view per sample (epoch 1 reads epoch 0's
+    targets)."""
     import yaml
 
     from simreg.orchestrator.config import load_config
@@ -46,6 +47,7 @@ def distilled(ray_cluster, teachers_dir: Path, fmnist_root: Path, tmp_path_facto
         "name=itest", "data.train_size=300", "data.knn_bank_size=300", "data.knn_query_size=100", "train.epochs=2",
         "train.batch_size=64", "student.arch=resnet10t", "student.input_size=32", "heads.depth=2", "scaling.num_workers=2",
         "augment.mode=different", "augment.teacher=weak", "augment.student=strong", "eval.head_layers=[1]",
+        "cache.enabled=true", f"cache.dir={out / 'cache'}", "augment.view_bank=1",
     ])
     summary = distill(cfg, out)
     return cfg, out, summary
@@ -72,6 +74,8 @@ def test_summary_contract(distilled):
     assert h1["train/unique_ids"] == 300 and h1["train/duplicate_ids"] == 0
     assert h1["train/loss"] < h0["train/loss"]  # the student moves towards the teachers
     assert {"train/loss/r10t", "train/loss/vit", "train/cos/r10t", "train/cos/vit"} <= set(h1)
+    # the teacher actors ran each of the 300 images once; epoch 1 came from the Parquet cache
+    assert on_disk["teacher_rows"] == {"r10t": {"forward": 300, "cached": 300}, "vit": {"forward": 300, "cached": 300}}
     assert all(0 < h["val/top1_20nn"] <= 100 for h in (h0, h1))  # validation k-NN every epoch
 
 

@@ -44,3 +44,25 @@ def test_eval_bad_input(tmp_path: Path, capsys):
     assert "does not exist" in capsys.readouterr().err
     assert main(["eval", "--weights", "x", "--arch", "resnet10t", "--mean", "0.1", "0.2"]) == 2
     assert "--mean takes 1 or 3 values" in capsys.readouterr().err
+
+
+def test_eval_vit_with_model_kwargs_and_temperature_knn(tmp_path: Path):
+    """A ViT checkpoint in DINO layout, built at 32 px through --model-kwargs, evaluated with weighted k-NN."""
+    import timm
+
+    torch.manual_seed(0)
+    vit = timm.create_model("vit_tiny_patch16_224", num_classes=0, img_size=32)
+    torch.save({"student": {f"module.backbone.{k}": v for k, v in vit.state_dict().items()}}, tmp_path / "dino.pth")
+    out = tmp_path / "vit.json"
+    rc = main(["eval", "--weights", str(tmp_path / "dino.pth"), "--arch", "vit_tiny_patch16_224", "--format", "dino",
+               "--model-kwargs", "{img_size: 32}", "--input-size", "32", "--mean", "0.485", "0.456", "0.406",
+               "--std", "0.229", "0.224", "0.225", "--bank-size", "300", "--query-size", "100",
+               "--knn-weighting", "temperature", "--output", str(out)])
+    assert rc == 0
+    res = json.loads(out.read_text())
+    assert res["feature_dim"] == 192 and res["knn_weighting"] == "temperature" and 0 <= res["top1_20nn"] <= 100
+
+
+def test_eval_model_kwargs_must_be_a_mapping(capsys):
+    assert main(["eval", "--weights", "x", "--arch", "resnet10t", "--model-kwargs", "[1, 2]"]) == 2
+    assert "--model-kwargs='[1, 2]' must be a mapping" in capsys.readouterr().err

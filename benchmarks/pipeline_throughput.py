@@ -1,0 +1,112 @@
+"""Training throughput of the Ray pipeline against the same work fused in one process, one run.
+
+    python benchmarks/pipeline_throughput.py                     # the demo's models, 4k images x 3 epochs
+    python benchmarks/pipeline_throughput.py --train-size 10000 --epochs 4 --json throughput.json
+
+Ray: ``simreg distill`` itself (Ray Data view stage fused into one teacher actor, 2 DDP student workers,
+the demo's resources) with evaluation cut to a minimum; its per-epoch ``train/images_per_s`` (each
+worker's time from asking for the epoch's first batch to its last step, slowest worker). In process:
+the same config's view stage, teacher (``TeacherInference``), objective, optimizer and epoch loop, one
+batch after the other on the same threads. Epoch 0 is reported but left out of the steady-state means
+(both sides warm up there). JSON keys: ``ray_images_per_s``, ``inprocess_images_per_s``, ``ratio``.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from simreg.orchestrator.builders import build_objective, build_optimizer, teacher_specs, view_plan
+from simreg.orchestrator.config import SimRegConfig, load_config
+from simreg.orchestrator.loop import train_epoch
+from simreg.orchestrator.run import prepare
+from simreg.orchestrator.teacher_pool import TeacherInference, add_views
+
+
+def config(a: argparse.Namespace) -> SimRegConfig:
+    return load_config(a.config, [
+        f"data.train_size={a.train_size}", f"train.epochs={a.epochs}", "data.knn_bank_size=200", "data.knn_query_size=100",
+        "eval.val_every=0", "name=pipeline_throughput", *a.overrides,
+    ])
+
+
+def inprocess(cfg: SimRegConfig, threads: int) -> list[float]:
+    """Images/s per epoch of the fused loop: views -> teacher -> student step, batch by batch."""
+    torch.set_num_threads(threads)
+    prep = prepare(cfg, quiet=True)
+    train = prep.train
+    teacher = TeacherInference(teacher_specs(cfg)[0], threads, device="cpu")
+    name = teacher.spec.name
+    torch.manual_seed(cfg.seed)
+    obj = build_objective(cfg, {name: teacher.teacher.feature_dim})
+    n, bs = len(train), cfg.train.batch_size
+    opt, sched = build_optimizer(cfg, obj, n // bs)
+    plan = view_plan(cfg)
+    rates = []
+    for e in range(cfg.train.epochs):
+        perm = np.random.default_rng([cfg.seed, e]).permutation(n)
+
+        def batches(perm: np.ndarray = perm, e: int = e):
+            for i in range(0, n - bs + 1, bs):
+                idx = np.sort(perm[i : i + bs])
+                b = teacher(add_views({"sample_id": train.sample_ids[idx], "image": train.images[idx]}, epoch=e, seed=cfg.seed, plan=plan))
+                yield {"view": torch.from_numpy(b["view"]), f"target_{name}": torch.from_numpy(b[f"target_{name}"])}
+
+        t0 = time.perf_counter()
+        stats = train_epoch(obj, batches(), opt, sched, [name], torch.device("cpu"))
+        rates.append(stats.images / (time.perf_counter() - t0))
+        print(f"in-process epoch {e}: {rates[-1]:.0f} images/s", flush=True)
+    return rates
+
+
+def on_ray(cfg: SimRegConfig) -> dict[str, Any]:
+    from simreg.orchestrator.driver import distill
+
+    with tempfile.TemporaryDirectory(prefix="simreg-throughput-") as d:
+        t0 = time.perf_counter()
+        summary = distill(cfg, Path(d))
+        wall = time.perf_counter() - t0
+    rates = [h["train/images_per_s"] for h in summary["history"]]
+    for e, r in enumerate(rates):
+        print(f"ray epoch {e}: {r:.0f} images/s", flush=True)
+    return {"rates": rates, "fit_s": summary["fit_s"], "wall_s": wall}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--config", type=Path, default=None, help="base config (default: the demo)")
+    ap.add_argument("--train-size", type=int, default=4000)
+    ap.add_argument("--epochs", type=int, default=3)
+    ap.add_argument("--threads", type=int, default=2, help="in-process torch threads (the machine's cores)")
+    ap.add_argument("--json", default=None)
+    ap.add_argument("overrides", nargs="*", help="dotted config overrides for both sides")
+    a = ap.parse_args()
+    cfg = config(a)
+    ip = inprocess(cfg, a.threads)
+    ray_res = on_ray(cfg)
+    steady = lambda r: statistics.mean(r[1:]) if len(r) > 1 else r[0]  # noqa: E731
+    ip_rate, ray_rate = steady(ip), steady(ray_res["rates"])
+    t = cfg.teachers[0]
+    print(f"\n{t.arch} teacher @{t.input_size}px -> {cfg.student.arch}@{cfg.student_input_size}px, {cfg.data.train_size} images x "
+          f"{cfg.train.epochs} epochs, batch {cfg.train.batch_size}; Ray: {cfg.scaling.num_workers} DDP workers + "
+          f"{cfg.teacher_pool.actors_per_teacher} teacher actor(s); in-process: {a.threads} threads")
+    print("| pipeline | images/s per epoch | steady state (epochs 1..) | ratio |\n|---|---|---|---|")
+    print(f"| in-process fused loop | {', '.join(f'{r:.0f}' for r in ip)} | {ip_rate:.0f} | 1.00 |")
+    print(f"| Ray (Data + Train) | {', '.join(f'{r:.0f}' for r in ray_res['rates'])} | {ray_rate:.0f} | {ray_rate / ip_rate:.2f} |")
+    print(f"Ray fit() {ray_res['fit_s']:.0f} s, distill wall {ray_res['wall_s']:.0f} s (start-up and evaluation included)")
+    if a.json:
+        Path(a.json).write_text(json.dumps({
+            "ray_images_per_s": ray_rate, "inprocess_images_per_s": ip_rate, "ratio": ray_rate / ip_rate,
+            "ray_epochs": ray_res["rates"], "inprocess_epochs": ip, "ray_fit_s": ray_res["fit_s"], "config": json.loads(cfg.model_dump_json()),
+        }, indent=2))
+
+
+if __name__ == "__main__":
+    main()
