@@ -1,7 +1,7 @@
 """Training throughput of the Ray pipeline against the same work fused in one process, one run.
 
-    python benchmarks/pipeline_throughput.py                     # the demo's models, 4k images x 3 epochs
-    python benchmarks/pipeline_throughput.py --train-size 10000 --epochs 4 --json throughput.json
+    python benchmarks/pipeline_throughput.py                     # the demo's models and size, 10k images x 3 epochs
+    python benchmarks/pipeline_throughput.py --train-size 4000 --epochs 4 --json throughput.json
 
 Ray: ``simreg distill`` itself (Ray Data view stage fused into one teacher actor, 2 DDP student workers,
 the demo's resources) with evaluation cut to a minimum; its per-epoch ``train/images_per_s`` (each
@@ -82,7 +82,7 @@ def on_ray(cfg: SimRegConfig) -> dict[str, Any]:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--config", type=Path, default=None, help="base config (default: the demo)")
-    ap.add_argument("--train-size", type=int, default=4000)
+    ap.add_argument("--train-size", type=int, default=10000)
     ap.add_argument("--epochs", type=int, default=3)
     ap.add_argument("--threads", type=int, default=2, help="in-process torch threads (the machine's cores)")
     ap.add_argument("--json", default=None)

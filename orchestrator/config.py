@@ -143,8 +143,10 @@ class ScalingConfig(_Strict):
 
 
 class TeacherPoolConfig(_Strict):
-    actors_per_teacher: int = Field(1, ge=1)
-    cpus_per_actor: float = Field(0.5, gt=0, description="also the view stage's request, so Ray Data fuses them")
+    actors_per_teacher: int = Field(1, ge=1, description="run-long actors per teacher (one GPU each on a GPU cluster)")
+    cpus_per_actor: float = Field(0.5, gt=0, description="CPUs each teacher actor reserves")
+    view_tasks: int = Field(2, ge=1, description="view-stage tasks in flight (each renders a block, then waits on the teachers)")
+    cpus_per_view_task: float = Field(0.25, gt=0)
     gpus_per_actor: Literal["auto"] | float = "auto"
     threads: int = Field(2, ge=1, description="torch threads in each teacher actor")
     batch_size: int = Field(128, ge=1)

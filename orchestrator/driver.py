@@ -169,9 +169,10 @@ def distill(cfg: SimRegConfig, output_dir: Path, tracking_uri: str | None = None
     tracker.log_params(flatten(cfg))
     status = "FAILED"
     state = RunState.remote()
+    actors: list[Any] = []
     try:
-        # 4. pipeline + trainer
-        trainer = make_trainer(prep, placement, state, ray.train.RunConfig(
+        # 4. teacher actors + pipeline + trainer
+        trainer, actors = make_trainer(prep, placement, state, ray.train.RunConfig(
             name="train", storage_path=str(output_dir / "ray"),
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2),
             failure_config=ray.train.FailureConfig(max_failures=0),
@@ -259,7 +260,8 @@ def distill(cfg: SimRegConfig, output_dir: Path, tracking_uri: str | None = None
         raise
     finally:
         tracker.end(status)
-        ray.kill(state)
+        for a in [state, *actors]:
+            ray.kill(a)
 
 
 def knn_table(summary: dict[str, Any]) -> str:

@@ -1,9 +1,17 @@
-"""The Ray Data pipeline: in-memory images -> shared weak view -> one teacher actor pool per teacher.
+"""The Ray Data pipeline: in-memory images -> views -> targets from each teacher's actor pool.
 
 Ray Data re-executes the whole pipeline on every ``iter_torch_batches()`` call (one per epoch), strictly
 one execution after another (the split coordinator shuts an execution down before it starts the next).
 The view stage reads the epoch from a tiny ``RunState`` actor that rank 0 advances between epochs,
 behind a barrier, so view parameters are a pure function of (seed, epoch, sample_id).
+
+Teachers run in actors that live for the whole run (``TeacherServer``, ``num_gpus`` each on a GPU
+cluster): a Ray Data actor pool would be torn down and rebuilt at every epoch's execution, and on a
+small machine that restart (process, imports, weights, the first block through the teacher) cost ~7 s
+of every epoch in which the students waited. The view stage is a Ray Data *task* (Ray reuses its
+worker processes): it renders a block's views, puts them in the object store once and asks every
+teacher's actors for targets concurrently. A teacher actor that dies is restarted by Ray and the call
+retried (``max_restarts``/``max_task_retries``); a failed view task is retried by Ray Data.
 """
 from __future__ import annotations
 
@@ -14,7 +22,7 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 import ray
-from ray.data import ActorPoolStrategy, Dataset
+from ray.data import Dataset
 from ray.data.extensions import ArrowTensorArray
 
 from simreg.orchestrator.data import ImageSet
@@ -68,7 +76,7 @@ class RunState:
 
 
 class PooledTeacher(TeacherInference):
-    """TeacherInference in a Ray Data actor: also tells the run where it landed and how many rows went
+    """TeacherInference in a run-long actor: also tells the run where it landed and how many rows went
     through the teacher or came from the cache (the driver logs both)."""
 
     def __init__(self, spec: TeacherSpec, threads: int, state: ray.actor.ActorHandle, options: dict[str, Any]) -> None:
@@ -82,14 +90,46 @@ class PooledTeacher(TeacherInference):
         self.state.add_teacher_rows.remote(self.spec.name, self.forward_rows - f0, self.cached_rows - c0)
         return out
 
+    def infer(self, batch: dict[str, np.ndarray]) -> np.ndarray:
+        """{sample_id, view, view_index} -> (B, d) float16 targets."""
+        return self(batch)[f"target_{self.spec.name}"]
 
-def _views_for_current_epoch(batch: dict[str, np.ndarray], *, state: ray.actor.ActorHandle, seed: int, plan: ViewPlan) -> dict[str, np.ndarray]:
-    return add_views(batch, epoch=ray.get(state.get_epoch.remote()), seed=seed, plan=plan)
+
+TeacherServer = ray.remote(PooledTeacher)
+
+
+def start_teachers(specs: list[TeacherSpec], state: ray.actor.ActorHandle, res: PoolResources) -> dict[str, list[ray.actor.ActorHandle]]:
+    """``actors_per_teacher`` run-long actors per teacher (``num_gpus`` each on a GPU cluster); Ray restarts
+    a dead one and retries the calls it was serving."""
+    return {
+        t.name: [
+            TeacherServer.options(  # type: ignore[misc]
+                num_cpus=res.cpus_per_actor, num_gpus=res.gpus_per_actor, max_restarts=-1, max_task_retries=-1,
+                scheduling_strategy="DEFAULT",  # not inside a Tune trial's placement group (it holds 0.01 CPU)
+            ).remote(t, res.threads, state, res.teacher_options)
+            for _ in range(res.actors_per_teacher)
+        ]
+        for t in specs
+    }
+
+
+def _views_and_targets(
+    batch: dict[str, np.ndarray], *, state: ray.actor.ActorHandle, seed: int, plan: ViewPlan,
+    teachers: dict[str, list[ray.actor.ActorHandle]],
+) -> dict[str, np.ndarray]:
+    """The view stage: this epoch's views of a block, then every teacher's targets for them."""
+    out = add_views(batch, epoch=ray.get(state.get_epoch.remote()), seed=seed, plan=plan)
+    request = ray.put({k: out[k] for k in ("sample_id", "view", "view_index")})  # shipped once to all teachers
+    pick = int(out["sample_id"][0]) if len(out["sample_id"]) else 0  # spreads blocks over a teacher's actors
+    refs = {name: actors[pick % len(actors)].infer.remote(request) for name, actors in teachers.items()}
+    for name, ref in refs.items():
+        out[f"target_{name}"] = ray.get(ref)
+    return out
 
 
 @dataclass(frozen=True)
 class PoolResources:
-    """Resources of each stage; the rule on a small machine: workers + actors + view stage <= cluster CPUs."""
+    """Resources of each stage; the rule on a small machine: workers + actors + view tasks <= cluster CPUs."""
 
     actors_per_teacher: int
     cpus_per_actor: float
@@ -97,6 +137,8 @@ class PoolResources:
     threads: int
     batch_size: int
     teacher_options: dict[str, Any] = field(default_factory=dict)  # cache, precision, channels_last, compile
+    view_tasks: int = 2
+    cpus_per_view_task: float = 0.25
 
 
 def images_dataset(images: ImageSet) -> Dataset:
@@ -115,25 +157,12 @@ def images_dataset(images: ImageSet) -> Dataset:
 
 
 def build_train_dataset(
-    images: ImageSet, teachers: list[TeacherSpec], state: ray.actor.ActorHandle, seed: int, plan: ViewPlan,
-    res: PoolResources,
+    images: ImageSet, teachers: dict[str, list[ray.actor.ActorHandle]], state: ray.actor.ActorHandle, seed: int,
+    plan: ViewPlan, res: PoolResources,
 ) -> Dataset:
     ds = images_dataset(images).randomize_block_order()
-    # Same CPU request as the teacher actors: Ray Data fuses this stage into the first teacher's actor
-    # (on GPU actors it stays a separate CPU task stage).
-    ds = ds.map_batches(
-        _views_for_current_epoch,  # type: ignore[arg-type]  # keyword-only extras come from fn_kwargs
-        fn_kwargs={"state": state, "seed": seed, "plan": plan},
-        batch_size=res.batch_size, num_cpus=res.cpus_per_actor, zero_copy_batch=True,
+    return ds.map_batches(
+        _views_and_targets,  # type: ignore[arg-type]  # keyword-only extras come from fn_kwargs
+        fn_kwargs={"state": state, "seed": seed, "plan": plan, "teachers": teachers},
+        batch_size=res.batch_size, num_cpus=res.cpus_per_view_task, concurrency=res.view_tasks, zero_copy_batch=True,
     )
-    for t in teachers:
-        ds = ds.map_batches(
-            PooledTeacher,
-            fn_constructor_kwargs={"spec": t, "threads": res.threads, "state": state, "options": res.teacher_options},
-            compute=ActorPoolStrategy(size=res.actors_per_teacher),
-            batch_size=res.batch_size,
-            num_cpus=res.cpus_per_actor,
-            num_gpus=res.gpus_per_actor,
-            zero_copy_batch=True,
-        )
-    return ds

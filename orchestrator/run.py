@@ -65,11 +65,10 @@ class Placement:
 
 
 def trial_cpus(cfg: SimRegConfig, placement: Placement) -> float:
-    """CPUs one run holds at once: student workers + teacher actors + the view stage when it cannot be
-    fused into a CPU teacher actor."""
+    """CPUs one run holds at once: student workers + teacher actors + view-stage tasks in flight."""
+    tp = cfg.teacher_pool
     workers = 0.0 if placement.use_gpu else cfg.scaling.num_workers * cfg.scaling.cpus_per_worker
-    actors = len(cfg.teachers) * cfg.teacher_pool.actors_per_teacher * cfg.teacher_pool.cpus_per_actor
-    return workers + actors + (cfg.teacher_pool.cpus_per_actor if placement.teacher_gpus > 0 else 0.0)
+    return workers + len(cfg.teachers) * tp.actors_per_teacher * tp.cpus_per_actor + tp.view_tasks * tp.cpus_per_view_task
 
 
 def trial_gpus(cfg: SimRegConfig, placement: Placement) -> float:
@@ -82,14 +81,15 @@ def resource_check(cfg: SimRegConfig, cluster: dict[str, float], placement: Plac
     """Refuse a plan whose requests exceed the cluster: Ray Data would wait forever, silently."""
     cpus, need = cluster.get("CPU", 0.0), trial_cpus(cfg, placement)
     if need > cpus + 1e-9:
-        view = cfg.teacher_pool.cpus_per_actor if placement.teacher_gpus > 0 else 0.0
+        tp = cfg.teacher_pool
+        workers = "" if placement.use_gpu else (
+            f"scaling.num_workers={cfg.scaling.num_workers} x scaling.cpus_per_worker={cfg.scaling.cpus_per_worker:g} + "
+        )
         raise ConfigError(
-            f"the plan needs {need:g} CPUs (scaling.num_workers={cfg.scaling.num_workers} x "
-            f"scaling.cpus_per_worker={cfg.scaling.cpus_per_worker:g} + {len(cfg.teachers)} teacher(s) x "
-            f"teacher_pool.actors_per_teacher={cfg.teacher_pool.actors_per_teacher} x "
-            f"teacher_pool.cpus_per_actor={cfg.teacher_pool.cpus_per_actor:g}"
-            + (f" + view stage {view:g}" if view else "")
-            + f") but the Ray cluster has {cpus:g}: lower those keys or add CPUs (ray.num_cpus)"
+            f"the plan needs {need:g} CPUs ({workers}{len(cfg.teachers)} teacher(s) x "
+            f"teacher_pool.actors_per_teacher={tp.actors_per_teacher} x teacher_pool.cpus_per_actor={tp.cpus_per_actor:g} + "
+            f"teacher_pool.view_tasks={tp.view_tasks} x teacher_pool.cpus_per_view_task={tp.cpus_per_view_task:g}) "
+            f"but the Ray cluster has {cpus:g}: lower those keys or add CPUs (ray.num_cpus)"
         )
     gpus_needed = trial_gpus(cfg, placement)
     if gpus_needed > cluster.get("GPU", 0.0) + 1e-9:
@@ -107,6 +107,10 @@ def init_ray(cfg: SimRegConfig) -> dict[str, float]:
             address=cfg.ray.address, num_cpus=cfg.ray.num_cpus if cfg.ray.address is None else None,
             # The dashboard serves Ray's state API, which Ray Train polls; it binds to loopback only.
             dashboard_host="127.0.0.1", log_to_driver=True, logging_level=logging.WARNING,
+            # Ray kills a worker process idle for 1 s once more processes than CPUs exist (always, with Train
+            # and our actors); the view stage's task workers then die between epochs and every epoch paid
+            # ~5 s to start and import torch in new ones. Keep idle workers for 10 minutes.
+            _system_config={"idle_worker_killing_time_threshold_ms": 600_000} if cfg.ray.address is None else None,
         )
     return dict(ray.cluster_resources())
 
@@ -122,22 +126,25 @@ def plan_placement(cfg: SimRegConfig, cluster: dict[str, float], check: bool = T
     return placement
 
 
-def make_trainer(prep: Prepared, placement: Placement, state: Any, run_config: Any) -> Any:
-    """Phase 3-4: the Ray Data pipeline (views + teacher pools) feeding a Ray Train V2 TorchTrainer."""
+def make_trainer(prep: Prepared, placement: Placement, state: Any, run_config: Any) -> tuple[Any, list[Any]]:
+    """Phase 3-4: the run-long teacher actors, the Ray Data pipeline (views -> targets) and the Ray Train V2
+    TorchTrainer it feeds. Returns (trainer, teacher actors): the caller kills the actors when done."""
     import ray
     import ray.train
     from ray.train.torch import TorchTrainer
 
-    from simreg.orchestrator.pipeline import PoolResources, build_train_dataset
+    from simreg.orchestrator.pipeline import PoolResources, build_train_dataset, start_teachers
     from simreg.orchestrator.worker import train_loop_per_worker
 
     cfg = prep.cfg
     ray.data.DataContext.get_current().enable_progress_bars = False  # the driver draws one bar per epoch
     tp = cfg.teacher_pool
     options = {"cache": cache_spec(cfg, prep.train), "precision": tp.precision, "channels_last": tp.channels_last, "compile": tp.compile}
-    res = PoolResources(tp.actors_per_teacher, tp.cpus_per_actor, placement.teacher_gpus, tp.threads, tp.batch_size, options)
-    dataset = build_train_dataset(prep.train, prep.specs, state, cfg.seed, view_plan(cfg), res)
-    return TorchTrainer(
+    res = PoolResources(tp.actors_per_teacher, tp.cpus_per_actor, placement.teacher_gpus, tp.threads, tp.batch_size, options,
+                        tp.view_tasks, tp.cpus_per_view_task)
+    teachers = start_teachers(prep.specs, state, res)
+    dataset = build_train_dataset(prep.train, teachers, state, cfg.seed, view_plan(cfg), res)
+    trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config={
             "cfg": json.loads(cfg.model_dump_json()), "state": state, "teacher_dims": prep.teacher_dims,
@@ -149,7 +156,11 @@ def make_trainer(prep: Prepared, placement: Placement, state: Any, run_config: A
         ),
         run_config=run_config,
         datasets={"train": dataset},
+        # No shard locality: with it the split holds finished blocks back to match them to nodes, which
+        # delayed every epoch's first batch by ~2 s here; our blocks are small and mostly node-local anyway.
+        dataset_config=ray.train.DataConfig(enable_shard_locality=False),
     )
+    return trainer, [a for actors in teachers.values() for a in actors]
 
 
 def images_per_epoch(prep: Prepared) -> int:

@@ -110,8 +110,9 @@ def run_trial(config: dict[str, Any], *, base: dict[str, Any], keys: list[str], 
     placement = plan_placement(cfg, dict(ray.cluster_resources()), check=False)
     state = RunState.remote()
     trial_id = tune.get_context().get_trial_id()
+    actors: list[Any] = []
     try:
-        trainer = make_trainer(prep, placement, state, ray.train.RunConfig(
+        trainer, actors = make_trainer(prep, placement, state, ray.train.RunConfig(
             name=f"trial_{trial_id}", storage_path=storage,
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=1),
             callbacks=[TuneReportCallback()],  # type: ignore[list-item]
@@ -121,7 +122,8 @@ def run_trial(config: dict[str, Any], *, base: dict[str, Any], keys: list[str], 
         if result.error is not None:
             raise result.error
     finally:
-        ray.kill(state)
+        for a in [state, *actors]:
+            ray.kill(a)
 
 
 # ------------------------------------------------------------------ MLflow from the driver

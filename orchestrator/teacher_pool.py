@@ -109,7 +109,7 @@ class TeacherInference:
     @torch.no_grad()
     def targets(self, view: np.ndarray) -> np.ndarray:
         """(B, C, H, W) float32 views in [0, 1] -> (B, d) float16 targets."""
-        x = torch.from_numpy(view).to(self.device, non_blocking=True)
+        x = torch.tensor(view).to(self.device, non_blocking=True)  # a copy: object-store arrays are read-only
         x = self.teacher.transform(x)
         if self.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)

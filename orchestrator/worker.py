@@ -4,6 +4,7 @@ Rank and world size are read once, here; the epoch loop itself (``loop.train_epo
 """
 from __future__ import annotations
 
+import os
 import tempfile
 import time
 from collections.abc import Iterator
@@ -108,6 +109,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         batches = shard.iter_torch_batches(batch_size=per_worker_batch, device=device, drop_last=False, pin_memory=cuda)
         stats = train_epoch(model, _checked(batches, epoch, seen), optimizer, scheduler, names, device, on_step, view_key, amp)
         wall = time.perf_counter() - t0
+        if rank == 0 and os.environ.get("SIMREG_DATA_STATS"):  # Ray Data's per-stage timings, for tuning
+            print(f"[simreg] epoch {epoch} Ray Data stats (rank 0):\n{shard.stats()}", flush=True)
 
         # Sum over ranks: images, skipped, per-key sums; max of wall time.
         keys = sorted(stats.sums)

@@ -17,7 +17,8 @@ pytestmark = [pytest.mark.ray, pytest.mark.timeout(900)]
 def ray_cluster():
     import ray
 
-    ray.init(num_cpus=2, dashboard_host="127.0.0.1", logging_level="WARNING")
+    ray.init(num_cpus=2, dashboard_host="127.0.0.1", logging_level="WARNING",
+             _system_config={"idle_worker_killing_time_threshold_ms": 600_000})  # as `simreg distill` starts it
     yield
     ray.shutdown()
 
@@ -48,6 +49,7 @@ def distilled(ray_cluster, teachers_dir: Path, fmnist_root: Path, tmp_path_facto
         "train.batch_size=64", "student.arch=resnet10t", "student.input_size=32", "heads.depth=2", "scaling.num_workers=2",
         "augment.mode=different", "augment.teacher=weak", "augment.student=strong", "eval.head_layers=[1]",
         "cache.enabled=true", f"cache.dir={out / 'cache'}", "augment.view_bank=1",
+        "teacher_pool.cpus_per_actor=0.25",  # 2 workers x 0.5 + 2 teachers x 0.25 + 2 view tasks x 0.25 = 2 CPUs
     ])
     summary = distill(cfg, out)
     return cfg, out, summary

@@ -19,7 +19,7 @@ def test_shard_plan_equal_split_and_last_batch():
 
 def test_resource_rule_refuses_a_plan_that_would_hang():
     cfg = load_config(None, ["scaling.cpus_per_worker=1"])
-    with pytest.raises(ConfigError, match=r"needs 2.5 CPUs .* cluster has 2: lower those keys"):
+    with pytest.raises(ConfigError, match=r"needs 3 CPUs .*teacher_pool.view_tasks=2 .* cluster has 2: lower those keys"):
         resource_check(cfg, {"CPU": 2.0}, CPU_ONLY)
     resource_check(load_config(), {"CPU": 2.0}, CPU_ONLY)  # the demo fits 2 CPUs
     with pytest.raises(ConfigError, match=r"needs 3 GPU\(s\) .* cluster has 2"):
