@@ -22,7 +22,7 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 import ray
-from ray.data import Dataset
+from ray.data import Dataset, TaskPoolStrategy
 from ray.data.extensions import ArrowTensorArray
 
 from simreg.orchestrator.data import ImageSet
@@ -164,5 +164,6 @@ def build_train_dataset(
     return ds.map_batches(
         _views_and_targets,  # type: ignore[arg-type]  # keyword-only extras come from fn_kwargs
         fn_kwargs={"state": state, "seed": seed, "plan": plan, "teachers": teachers},
-        batch_size=res.batch_size, num_cpus=res.cpus_per_view_task, concurrency=res.view_tasks, zero_copy_batch=True,
+        batch_size=res.batch_size, num_cpus=res.cpus_per_view_task, compute=TaskPoolStrategy(size=res.view_tasks),
+        zero_copy_batch=True,
     )
