@@ -27,21 +27,20 @@ from typing import Any
 
 import numpy as np
 import torch
+from common import (  # benchmarks/common.py (the script's folder is on sys.path)
+    TEACHERS,
+    product_config,
+    require_teachers,
+)
 
 from simreg.models import Teacher, build_backbone
 from simreg.orchestrator.builders import build_objective, build_optimizer, student_transform, teacher_specs, view_plan
-from simreg.orchestrator.config import SimRegConfig, apply_override, parse_overrides, validate_config
+from simreg.orchestrator.config import SimRegConfig
 from simreg.orchestrator.data import load_splits
 from simreg.orchestrator.evaluation import extract_features, knn_top1, linear_probe
 from simreg.orchestrator.loop import train_epoch
 from simreg.orchestrator.views import ViewSpec, make_views
 
-REPO = Path(__file__).resolve().parents[1]
-SHARED = REPO.parent / "shared" / "teachers"
-TEACHERS = {
-    "r10t": ("resnet10t", SHARED / "fmnist_simclr_resnet10t.safetensors"),
-    "r50": ("resnet50", SHARED / "fmnist_simclr_resnet50.safetensors"),
-}
 HEADS = [("linear (1 layer)", 1), ("2L-MLP", 2), ("4L-MLP", 4)]
 TABLE7 = [("same", "weak", "weak"), ("same", "strong", "strong"), ("different", "weak", "weak"),
           ("different", "weak", "strong"), ("different", "strong", "strong")]
@@ -65,15 +64,10 @@ class Bench:
     def cfg(self, seed: int, teachers: list[str], overrides: list[str]) -> SimRegConfig:
         """The product's config for one arm: defaults, the given teachers, the bench's budget, the ablated keys."""
         a = self.a
-        tree = json.loads(SimRegConfig().model_dump_json())
-        tree["teachers"] = [{"name": n, "arch": TEACHERS[n][0], "weights": str(TEACHERS[n][1])} for n in teachers]
-        base = [
+        return product_config(teachers, [
             f"seed={seed}", f"train.epochs={a.epochs}", f"train.batch_size={a.batch}", f"optim.lr={a.lr}",
-            f"student.arch={a.student}", f"student.input_size={a.student_size}",
-        ]
-        for k, v in parse_overrides(base + overrides):
-            apply_override(tree, k, v)
-        return validate_config(tree, "paper_ablations")
+            f"student.arch={a.student}", f"student.input_size={a.student_size}", *overrides,
+        ])
 
     def view(self, spec: ViewSpec, stream: int, seed: int, epoch: int) -> torch.Tensor:
         key = (spec, stream, seed, epoch)
@@ -162,9 +156,7 @@ def main() -> None:
     ap.add_argument("--json", default=None)
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
-    for name, (_, path) in TEACHERS.items():
-        if not path.is_file():
-            raise SystemExit(f"teacher {name} not found at {path}: run from a checkout with ../shared/teachers beside it")
+    require_teachers(sorted(TEACHERS))
     seeds = [int(s) for s in a.seeds.split(",")]
     skip = set(filter(None, a.skip.split(",")))
     t_start = time.perf_counter()

@@ -20,14 +20,14 @@ import time
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
+from common import fused_batches  # benchmarks/common.py (the script's folder is on sys.path)
 
 from simreg.orchestrator.builders import build_objective, build_optimizer, teacher_specs, view_plan
 from simreg.orchestrator.config import SimRegConfig, load_config
 from simreg.orchestrator.loop import train_epoch
 from simreg.orchestrator.run import prepare
-from simreg.orchestrator.teacher_pool import TeacherInference, add_views
+from simreg.orchestrator.teacher_pool import TeacherInference
 
 
 def config(a: argparse.Namespace) -> SimRegConfig:
@@ -46,21 +46,13 @@ def inprocess(cfg: SimRegConfig, threads: int) -> list[float]:
     name = teacher.spec.name
     torch.manual_seed(cfg.seed)
     obj = build_objective(cfg, {name: teacher.teacher.feature_dim})
-    n, bs = len(train), cfg.train.batch_size
-    opt, sched = build_optimizer(cfg, obj, n // bs)
+    bs = cfg.train.batch_size
+    opt, sched = build_optimizer(cfg, obj, len(train) // bs)
     plan = view_plan(cfg)
     rates = []
     for e in range(cfg.train.epochs):
-        perm = np.random.default_rng([cfg.seed, e]).permutation(n)
-
-        def batches(perm: np.ndarray = perm, e: int = e):
-            for i in range(0, n - bs + 1, bs):
-                idx = np.sort(perm[i : i + bs])
-                b = teacher(add_views({"sample_id": train.sample_ids[idx], "image": train.images[idx]}, epoch=e, seed=cfg.seed, plan=plan))
-                yield {"view": torch.from_numpy(b["view"]), f"target_{name}": torch.from_numpy(b[f"target_{name}"])}
-
         t0 = time.perf_counter()
-        stats = train_epoch(obj, batches(), opt, sched, [name], torch.device("cpu"))
+        stats = train_epoch(obj, fused_batches(train, teacher, plan, cfg.seed, e, bs), opt, sched, [name], torch.device("cpu"))
         rates.append(stats.images / (time.perf_counter() - t0))
         print(f"in-process epoch {e}: {rates[-1]:.0f} images/s", flush=True)
     return rates

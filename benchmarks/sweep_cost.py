@@ -25,63 +25,45 @@ import time
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
+from common import (  # benchmarks/common.py (the script's folder is on sys.path)
+    TEACHERS,
+    fused_batches,
+    product_config,
+    require_teachers,
+)
 
 from simreg.orchestrator.builders import build_objective, build_optimizer, cache_spec, teacher_specs, view_plan
-from simreg.orchestrator.config import SimRegConfig, apply_override, parse_overrides, validate_config
+from simreg.orchestrator.config import SimRegConfig
 from simreg.orchestrator.data import load_splits
 from simreg.orchestrator.loop import train_epoch
-from simreg.orchestrator.teacher_pool import TeacherInference, add_views
+from simreg.orchestrator.teacher_pool import TeacherInference
 
-REPO = Path(__file__).resolve().parents[1]
-SHARED = REPO.parent / "shared" / "teachers"
-TEACHERS = {"r50": ("resnet50", SHARED / "fmnist_simclr_resnet50.safetensors"),
-            "r10t": ("resnet10t", REPO / "models" / "weights" / "fmnist_simclr_resnet10t.safetensors")}
 HEADS = [(d, w) for d in (1, 2, 3, 4) for w in (1.0, 2.0)]
 
 
 def trial_config(a: argparse.Namespace, depth: int, width: float, cache_dir: str | None) -> SimRegConfig:
-    tree = json.loads(SimRegConfig().model_dump_json())
-    arch, path = TEACHERS[a.teacher]
-    tree["teachers"] = [{"name": a.teacher, "arch": arch, "weights": str(path)}]
     ov = [f"data.train_size={a.train_size}", f"train.epochs={a.epochs}", f"train.batch_size={a.batch}",
           f"student.input_size={a.student_size}", f"heads.depth={depth}", f"heads.width_mult={width}",
           f"teacher_pool.threads={a.threads}"]
     if cache_dir:
         ov += ["cache.enabled=true", f"cache.dir={cache_dir}"]
-    for k, v in parse_overrides(ov):
-        apply_override(tree, k, v)
-    return validate_config(tree, "sweep_cost")
+    return product_config([a.teacher], ov)
 
 
 def run_trial(cfg: SimRegConfig, train: Any) -> dict[str, Any]:
     t0 = time.perf_counter()
-    timer = {"teacher": 0.0, "views": 0.0}
+    timer = {"teacher": 0.0, "views": 0.0}  # summed by fused_batches
     teacher = TeacherInference(teacher_specs(cfg)[0], cfg.teacher_pool.threads, device="cpu", cache=cache_spec(cfg, train))
     setup_s = time.perf_counter() - t0
     torch.manual_seed(cfg.seed)
     obj = build_objective(cfg, {teacher.spec.name: teacher.teacher.feature_dim})
-    n, bs = len(train), cfg.train.batch_size
-    opt, sched = build_optimizer(cfg, obj, n // bs)
+    bs = cfg.train.batch_size
+    opt, sched = build_optimizer(cfg, obj, len(train) // bs)
     plan, name = view_plan(cfg), teacher.spec.name
-
-    def batches(epoch: int):
-        perm = np.random.default_rng([cfg.seed, epoch]).permutation(n)
-        for i in range(0, n - bs + 1, bs):
-            idx = np.sort(perm[i : i + bs])
-            t1 = time.perf_counter()
-            b = add_views({"sample_id": train.sample_ids[idx], "image": train.images[idx]}, epoch=epoch, seed=cfg.seed, plan=plan)
-            t2 = time.perf_counter()
-            b = teacher(b)
-            t3 = time.perf_counter()
-            timer["views"] += t2 - t1
-            timer["teacher"] += t3 - t2
-            yield {"view": torch.from_numpy(b["view"]), f"target_{name}": torch.from_numpy(b[f"target_{name}"])}
-
     images = 0
     for e in range(cfg.train.epochs):
-        stats = train_epoch(obj, batches(e), opt, sched, [name], torch.device("cpu"))
+        stats = train_epoch(obj, fused_batches(train, teacher, plan, cfg.seed, e, bs, timer), opt, sched, [name], torch.device("cpu"))
         images += stats.images
     wall = time.perf_counter() - t0
     return {"depth": cfg.heads.depth, "width_mult": cfg.heads.width_mult, "wall_s": wall, "setup_s": setup_s,
@@ -102,8 +84,7 @@ def main() -> None:
     ap.add_argument("--json", default=None)
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
-    if not TEACHERS[a.teacher][1].is_file():
-        raise SystemExit(f"teacher {a.teacher} not found at {TEACHERS[a.teacher][1]}: run from a checkout with ../shared beside it")
+    require_teachers([a.teacher])
     heads = HEADS[: a.trials]
     train_full, _ = load_splits("fashion-mnist", None, True, 96, 0, 0.1)
     train = train_full.subset(a.train_size, 0)

@@ -34,6 +34,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from simreg.models.errors import DataError
+from simreg.models.teachers import file_sha256
 
 log = logging.getLogger("simreg")
 CACHE_VERSION = 1
@@ -52,16 +53,12 @@ _SHA_MEMO: dict[tuple[str, int, int], str] = {}
 
 
 def weights_sha256(path: str | Path) -> str:
-    """sha256 of a weights file, remembered per (path, size, mtime) within a process."""
+    """``file_sha256`` of a weights file, remembered per (path, size, mtime) within a process."""
     p = Path(path)
     st = p.stat()
     memo = (str(p.resolve()), st.st_size, st.st_mtime_ns)
     if memo not in _SHA_MEMO:
-        h = hashlib.sha256()
-        with open(p, "rb") as f:
-            for chunk in iter(lambda: f.read(1 << 20), b""):
-                h.update(chunk)
-        _SHA_MEMO[memo] = h.hexdigest()
+        _SHA_MEMO[memo] = file_sha256(p)
     return _SHA_MEMO[memo]
 
 
@@ -106,8 +103,6 @@ class TargetCache:
         self._where: dict[int, dict[int, tuple[int, int]]] = {}  # view index -> sample id -> (chunk, row)
         self._chunks: dict[int, list[np.ndarray]] = {}  # view index -> (n, dim) fp16 arrays
         self._read: dict[int, set[str]] = {}  # view index -> shard names already indexed
-        self.hit_rows = 0
-        self.miss_rows = 0
 
     def _view_dir(self, v: int) -> Path:
         return self.dir / f"v{v:05d}"
@@ -149,18 +144,11 @@ class TargetCache:
         if not found.all():
             self._refresh(v)
             found = self._find(v, sample_ids, out)
-        n = int(found.sum())
-        self.hit_rows += n
-        self.miss_rows += len(sample_ids) - n
         return out, found
 
     def contains(self, v: int, sample_ids: np.ndarray) -> bool:
-        """Whether every id has a stored target for view ``v`` (not counted as hits)."""
-        out = np.zeros((len(sample_ids), self.dim), np.float16)
-        if self._find(v, sample_ids, out).all():
-            return True
-        self._refresh(v)
-        return bool(self._find(v, sample_ids, out).all())
+        """Whether every id has a stored target for view ``v``."""
+        return bool(self.lookup(v, sample_ids)[1].all())
 
     def _find(self, v: int, sample_ids: np.ndarray, out: np.ndarray) -> np.ndarray:
         where, chunks = self._where.get(v, {}), self._chunks.get(v, [])

@@ -67,10 +67,6 @@ class ImageSet:
     def take(self, idx: np.ndarray, tag: str) -> ImageSet:
         return ImageSet(self.images[idx], self.labels[idx], self.sample_ids[idx], self.classes, f"{self.name}/{tag}", self.source_fingerprint)
 
-    def fingerprint(self) -> str:
-        """Content hash of exactly these images, labels and ids."""
-        return content_fingerprint(self.images, self.labels, self.sample_ids)
-
 
 def content_fingerprint(*arrays: np.ndarray) -> str:
     h = hashlib.sha256()
