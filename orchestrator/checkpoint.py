@@ -1,11 +1,13 @@
 """Checkpoint layout (a directory): ``state.pt`` (loaded with ``weights_only=True``) with backbone,
-heads, optimizer, scheduler, epoch and RNG state; ``student.safetensors`` (the backbone alone, the export
+heads, optimizer, scheduler, epoch, RNG state (torch, numpy, Python) and the metrics of every epoch so far; ``student.safetensors`` (the backbone alone, the export
 format) and ``heads.safetensors`` (heads kept apart: they are discarded after distillation)."""
 from __future__ import annotations
 
+import random
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from safetensors.torch import save_file
 
@@ -23,8 +25,11 @@ def _contiguous(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 def save_checkpoint(
     directory: Path, objective: SimRegObjective, optimizer: torch.optim.Optimizer,
     scheduler: torch.optim.lr_scheduler.LRScheduler, epoch: int, metrics: dict[str, float],
+    history: list[dict[str, float]] | None = None,
 ) -> None:
+    """``history``: the metrics of every epoch so far (a resumed run reports the whole run from it)."""
     directory.mkdir(parents=True, exist_ok=True)
+    np_state: tuple[Any, ...] = tuple(np.random.get_state())
     torch.save(
         {
             "epoch": epoch,
@@ -33,7 +38,12 @@ def save_checkpoint(
             "optimizer": optimizer.state_dict(),
             "scheduler": scheduler.state_dict(),
             "torch_rng": torch.get_rng_state(),
+            # numpy's and Python's generators as plain tensors/lists: weights_only loading accepts them
+            "numpy_rng": {"keys": torch.from_numpy(np_state[1].astype(np.int64)), "pos": int(np_state[2]),
+                          "has_gauss": int(np_state[3]), "gauss": float(np_state[4])},
+            "python_rng": _python_rng(),
             "metrics": metrics,
+            "history": list(history or [metrics]),
         },
         directory / STATE,
     )
@@ -55,4 +65,15 @@ def restore(
     optimizer.load_state_dict(state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])
     torch.set_rng_state(state["torch_rng"])
+    if "numpy_rng" in state:
+        n = state["numpy_rng"]
+        np.random.set_state(("MT19937", n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["gauss"]))
+    if "python_rng" in state:
+        version, internal, gauss = state["python_rng"]
+        random.setstate((version, tuple(internal), gauss))
     return int(state["epoch"]) + 1
+
+
+def _python_rng() -> list[Any]:
+    version, internal, gauss = random.getstate()
+    return [version, list(internal), gauss]

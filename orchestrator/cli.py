@@ -8,6 +8,9 @@
     simreg compare runs/smoke                             # the trials, best first
     simreg cache warm --config my.yaml                    # teacher targets computed once, before a sweep
     simreg cache info | simreg cache clear [--key PREFIX]
+    simreg data scan ~/images                              # corrupt, truncated, unreadable files; modes; empty classes
+    simreg data pack ~/images ~/packs/images [--strict]    # Parquet shards + manifest.json, bad files left out
+    simreg distill data.source=packed data.root=~/packs/images
 """
 from __future__ import annotations
 
@@ -73,6 +76,20 @@ def _parser() -> argparse.ArgumentParser:
     cc = cas.add_parser("clear", help="remove cached keys (all, or those given by --key)")
     cc.add_argument("--dir", default=None, help=dir_help)
     cc.add_argument("--key", action="append", default=None, help="a key (unique prefix) to remove; repeatable")
+    da = sub.add_parser("data", help="your own images: scan an ImageFolder tree | pack it into Parquet shards")
+    das = da.add_subparsers(dest="action", required=True)
+    workers_help = "threads reading and decoding (default: CPU count, at most 8)"
+    ds = das.add_parser("scan", help="decode every image once; count corrupt, truncated, unreadable files, modes, "
+                        "empty class folders (exit 1 when a file is bad)")
+    ds.add_argument("folder", type=Path, metavar="IMAGE_FOLDER", help="ROOT/<class>/<image>, or ROOT/train + ROOT/val (or test)")
+    ds.add_argument("--workers", type=int, default=None, help=workers_help)
+    dp = das.add_parser("pack", help="pre-scan, then write OUT_DIR/<split>/part-*.parquet and OUT_DIR/manifest.json")
+    dp.add_argument("folder", type=Path, metavar="IMAGE_FOLDER", help="ROOT/<class>/<image>, or ROOT/train + ROOT/val (or test)")
+    dp.add_argument("out", type=Path, metavar="OUT_DIR", help="a new or empty folder (outside IMAGE_FOLDER)")
+    dp.add_argument("--strict", action="store_true", help="fail on the first scan's bad files instead of leaving them out")
+    dp.add_argument("--shard-rows", type=int, default=1024, help="rows per Parquet shard (default 1024)")
+    dp.add_argument("--overwrite", action="store_true", help="replace the pack in a non-empty OUT_DIR")
+    dp.add_argument("--workers", type=int, default=None, help=workers_help)
     sh = sub.add_parser("config", help="print the resolved config as YAML (defaults <- file <- overrides)")
     sh.add_argument("--config", type=Path, default=None)
     sh.add_argument("overrides", nargs="*", metavar="key=value")
@@ -96,9 +113,43 @@ def _setup_logging() -> None:
     os.environ.setdefault("RAY_DEDUP_LOGS", "1")
 
 
+def _interrupt_on_sigterm() -> None:
+    """SIGTERM (``kill``, a scheduler's preemption) unwinds like Ctrl-C: runs end KILLED in MLflow and Ray
+    shuts down cleanly. Only in the main thread (signal handlers cannot be set elsewhere)."""
+    import signal
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        return
+
+    def handler(signum: int, frame: Any) -> None:
+        raise KeyboardInterrupt(f"signal {signum}")
+
+    signal.signal(signal.SIGTERM, handler)
+
+
+def _data(args: argparse.Namespace) -> int:
+    from simreg.orchestrator.pack import manifest_summary, pack_image_folder, scan_image_folder
+
+    if args.workers is not None and args.workers < 1:
+        print(f"simreg: error: --workers={args.workers} must be >= 1", file=sys.stderr)
+        return 2
+    if args.action == "scan":
+        report = scan_image_folder(args.folder, workers=args.workers)
+        print(report.table())
+        return 0 if report.clean else 1
+    manifest = pack_image_folder(args.folder, args.out, strict=args.strict, shard_rows=args.shard_rows,
+                                 overwrite=args.overwrite, workers=args.workers, on_scan=lambda r: print(r.table() + "\n"))
+    print(manifest_summary(manifest, args.out))
+    print(f"\nuse it: simreg distill data.source=packed data.root={args.out}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     _setup_logging()
+    if args.command in ("distill", "sweep"):
+        _interrupt_on_sigterm()
     try:
         if args.command == "compare":
             from simreg.orchestrator.compare import compare
@@ -135,6 +186,8 @@ def main(argv: list[str] | None = None) -> int:
             gone = clear_cache(root, args.key)
             print(f"removed {len(gone)} key(s) from {root}" + (f": {', '.join(gone)}" if gone else ""))
             return 0
+        if args.command == "data":
+            return _data(args)
         from simreg.orchestrator.config import load_config
 
         cfg = load_config(args.config, args.overrides)

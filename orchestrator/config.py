@@ -27,20 +27,22 @@ class _Strict(BaseModel):
 
 
 class DataConfig(_Strict):
-    source: Literal["fashion-mnist", "image-folder"] = "fashion-mnist"
+    source: Literal["fashion-mnist", "image-folder", "packed"] = "fashion-mnist"
     root: str | None = Field(None, description="folder of the source; null = Debian package, then download cache")
     download: bool = Field(True, description="download Fashion-MNIST when it is not installed")
     train_size: int | None = Field(10000, ge=2, description="images of the train split distilled on (null = all)")
     knn_bank_size: int | None = Field(10000, ge=1, description="labelled train images forming the k-NN bank")
     knn_query_size: int | None = Field(2000, ge=1, description="held-out images queried in the k-NN eval")
     view_size: int = Field(64, ge=8, description="resolution of the shared view (teacher input size)")
-    store_size: int = Field(96, ge=8, description="image-folder images are decoded and stored at this size")
-    holdout_fraction: float = Field(0.1, gt=0, lt=1, description="image-folder held-out share when no val/ split")
+    store_size: int = Field(96, ge=8, description="image-folder and packed images are decoded and stored at this size")
+    holdout_fraction: float = Field(0.1, gt=0, lt=1, description="image-folder / packed held-out share when no val/ split")
 
     @model_validator(mode="after")
     def _root_needed(self) -> DataConfig:
         if self.source == "image-folder" and not self.root:
             raise ValueError("data.source=image-folder needs data.root=/path/to/folder (one subfolder per class)")
+        if self.source == "packed" and not self.root:
+            raise ValueError("data.source=packed needs data.root=/path/to/pack (the OUT_DIR of `simreg data pack IMAGE_FOLDER OUT_DIR`)")
         return self
 
 
@@ -136,10 +138,40 @@ class CacheConfig(_Strict):
 
 
 class ScalingConfig(_Strict):
-    num_workers: int = Field(2, ge=1)
+    num_workers: int | tuple[int, int] = Field(
+        2, description="student DDP workers: N, or [min, max] for an elastic run that resizes with the cluster"
+    )
     use_gpu: Literal["auto", True, False] = "auto"
     cpus_per_worker: float = Field(0.5, gt=0)
     threads_per_worker: int = Field(1, ge=1, description="torch threads in each student worker")
+    resources: dict[str, float] = Field(
+        default_factory=dict, description="extra (custom) Ray resources each student worker holds, e.g. {student_gpu: 1}"
+    )
+    label_selector: dict[str, str] = Field(default_factory=dict, description="node labels a student worker must land on")
+    max_failures: int = Field(
+        3, ge=-1, description="worker-group failures recovered from the last checkpoint (-1: without limit, 0: none)"
+    )
+    resize_interval_s: float = Field(60.0, ge=0, description="elastic runs: seconds between checks for a new size")
+
+    @field_validator("num_workers")
+    @classmethod
+    def _workers(cls, v: int | tuple[int, int]) -> int | tuple[int, int]:
+        lo, hi = (v, v) if isinstance(v, int) else v
+        if not 1 <= lo <= hi:
+            raise ValueError(f"num_workers={v!r} must be N >= 1 or [min, max] with 1 <= min <= max, e.g. [1, 4]")
+        return v
+
+    @property
+    def min_workers(self) -> int:
+        return self.num_workers if isinstance(self.num_workers, int) else self.num_workers[0]
+
+    @property
+    def max_workers(self) -> int:
+        return self.num_workers if isinstance(self.num_workers, int) else self.num_workers[1]
+
+    @property
+    def elastic(self) -> bool:
+        return self.min_workers != self.max_workers
 
 
 class TeacherPoolConfig(_Strict):
@@ -153,6 +185,10 @@ class TeacherPoolConfig(_Strict):
     precision: Precision = Field("auto", description="auto: bf16 autocast on CUDA, fp32 on CPU")
     channels_last: bool = Field(True, description="channels_last teacher on CUDA")
     compile: bool = Field(False, description="torch.compile the teacher backbone")
+    resources: dict[str, float] = Field(
+        default_factory=dict, description="extra (custom) Ray resources each teacher actor holds, e.g. {teacher_gpu: 1}"
+    )
+    label_selector: dict[str, str] = Field(default_factory=dict, description="node labels a teacher actor must land on")
 
 
 class EvalConfig(_Strict):
@@ -213,7 +249,7 @@ class SimRegConfig(_Strict):
                 f"eval.head_layers={list(self.eval.head_layers)} has {bad} outside 1..heads.depth={self.heads.depth}: "
                 "list layer counts a head has (the backbone is always evaluated)"
             )
-        if self.train.batch_size < 2 * self.scaling.num_workers:
+        if self.train.batch_size < 2 * self.scaling.max_workers:
             raise ValueError(
                 f"train.batch_size={self.train.batch_size} gives fewer than 2 images per worker "
                 f"(scaling.num_workers={self.scaling.num_workers}): raise the batch or lower the workers"

@@ -15,10 +15,10 @@ import time
 from pathlib import Path
 from typing import Any
 
-from simreg.models.errors import SimRegError
-from simreg.orchestrator.config import SimRegConfig, flatten
+from simreg.models.errors import ConfigError, SimRegError
+from simreg.orchestrator.config import SimRegConfig, flatten, validate_config
 from simreg.orchestrator.data import ImageSet
-from simreg.orchestrator.run import images_per_epoch, init_ray, make_trainer, plan_placement, prepare
+from simreg.orchestrator.run import failure_config, images_per_epoch, init_ray, make_trainer, plan_placement, prepare
 from simreg.orchestrator.tracking import Tracker, default_tracking_uri
 
 log = logging.getLogger("simreg")
@@ -104,6 +104,8 @@ class _Progress:
             self.placements.append(p)
             log.info(p)
         for m in new:
+            if any(h["epoch"] == m["epoch"] for h in self.history):  # re-reported after a worker-group restart
+                continue
             self.history.append(m)
             self.tracker.log_metrics(m, step=int(m["epoch"]))
             val = f", val 20-NN {m['val/top1_20nn']:.2f}" if "val/top1_20nn" in m else ""
@@ -148,6 +150,8 @@ def distill(cfg: SimRegConfig, output_dir: Path, tracking_uri: str | None = None
     t_start = time.perf_counter()
     output_dir = output_dir.resolve()
     output_dir.mkdir(parents=True, exist_ok=True)
+    lock = hold_output_dir(output_dir)  # noqa: F841  (held until this function returns)
+    resuming = check_resume(cfg, output_dir)
     (output_dir / "config.json").write_text(cfg.model_dump_json(indent=2))
 
     # 1-2. data (distillation subset, k-NN bank and queries, validation sets) and teachers, before Ray
@@ -175,11 +179,13 @@ def distill(cfg: SimRegConfig, output_dir: Path, tracking_uri: str | None = None
         trainer, actors = make_trainer(prep, placement, state, ray.train.RunConfig(
             name="train", storage_path=str(output_dir / "ray"),
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2),
-            failure_config=ray.train.FailureConfig(max_failures=0),
+            failure_config=failure_config(cfg),
             logging_config=ray.train.LoggingConfig(log_level="WARNING"),  # type: ignore[call-arg]
         ))
 
-        # 5. fit
+        # 5. fit (from the latest checkpoint when the output dir holds an interrupted run)
+        if resuming:
+            log.info("resuming the interrupted run in %s from its latest checkpoint", output_dir)
         t_fit = time.perf_counter()
         with _Progress(state, tracker, images_per_epoch(prep), cfg.train.epochs) as progress:
             result = trainer.fit()
@@ -194,6 +200,7 @@ def distill(cfg: SimRegConfig, output_dir: Path, tracking_uri: str | None = None
             final = load_state(Path(d))
 
         teacher_rows = ray.get(state.get_teacher_rows.remote())
+        records = ray.get(state.get_records.remote())
         for name, r in teacher_rows.items():
             log.info("teacher %s: %d rows through the teacher, %d from the target cache", name, r["forward"], r["cached"])
 
@@ -206,8 +213,8 @@ def distill(cfg: SimRegConfig, output_dir: Path, tracking_uri: str | None = None
         # 7. export
         weights = export_student(final["backbone"], cfg, output_dir / "student", {"student_knn": ev["student_knn"]})
 
-        # 8. summary + MLflow
-        history = progress.history
+        # 8. summary + MLflow; the checkpoint's history covers epochs of earlier attempts too
+        history = list(final.get("history") or progress.history)
         imgs = sum(m["train/images"] for m in history)
         train_s = sum(m["train/epoch_s"] for m in history)
         summary: dict[str, Any] = {
@@ -231,7 +238,8 @@ def distill(cfg: SimRegConfig, output_dir: Path, tracking_uri: str | None = None
             "student_arch": cfg.student.arch,
             "student_weights": str(weights),
             "student_input": {"size": cfg.student_input_size, "mean": list(cfg.student.mean), "std": list(cfg.student.std)},
-            "teacher_placements": progress.placements,
+            "teacher_placements": [p for p in progress.placements if p.startswith("teacher ")],
+            "placements": records,  # each teacher actor start and student worker (per attempt): node, pid, resources
             "teacher_rows": teacher_rows,  # per teacher: rows computed ("forward") and served by the cache ("cached")
             "history": history,
             "output_dir": str(output_dir),
@@ -246,6 +254,7 @@ def distill(cfg: SimRegConfig, output_dir: Path, tracking_uri: str | None = None
         final_metrics.update({"knn/student_gain_20nn": summary["student_gain_20nn"], "wall_s": summary["wall_s"]})
         final_metrics.update({f"teacher/{n}/{k}_rows": float(v) for n, r in teacher_rows.items() for k, v in r.items()})
         tracker.log_metrics(final_metrics, step=cfg.train.epochs)
+        tracker.log_missing_epochs(history)  # epochs of an earlier attempt whose driver died before logging them
         table = knn_table(summary)
         (output_dir / "knn.md").write_text(table + "\n")
         (output_dir / "summary.json").write_text(json.dumps(summary, indent=2))
@@ -255,13 +264,61 @@ def distill(cfg: SimRegConfig, output_dir: Path, tracking_uri: str | None = None
         tracker.log_artifact(weights.with_suffix(".json"), "student")
         status = "FINISHED"
         return summary
-    except KeyboardInterrupt:
+    except (KeyboardInterrupt, SystemExit):  # Ctrl-C, SIGTERM (the CLI turns it into KeyboardInterrupt)
         status = "KILLED"
         raise
     finally:
         tracker.end(status)
         for a in [state, *actors]:
             ray.kill(a)
+
+
+# Sections a rerun may change and still resume: where and how it runs, not what it computes.
+RESUMABLE_CHANGES = ("scaling", "ray", "teacher_pool", "tracking", "cache")
+
+
+def check_resume(cfg: SimRegConfig, output_dir: Path) -> bool:
+    """True when ``output_dir`` holds a run to resume; refuses one whose config differs in what it computes."""
+    saved_file = output_dir / "config.json"
+    if not (output_dir / "ray" / "train").is_dir():
+        return False
+    if (output_dir / "summary.json").is_file():
+        raise ConfigError(
+            f"{output_dir} holds a finished run (summary.json): choose another --output-dir, or delete the folder to run again"
+        )
+    if not saved_file.is_file():
+        return True
+    saved = json.loads(validate_config(json.loads(saved_file.read_text()), str(saved_file)).model_dump_json())
+    now = json.loads(cfg.model_dump_json())
+    changed: list[str] = []
+    for sec in sorted(set(saved) | set(now)):
+        old, new = saved.get(sec), now.get(sec)
+        if sec in RESUMABLE_CHANGES:
+            continue
+        if isinstance(old, dict) and isinstance(new, dict):
+            changed += [f"{sec}.{k}" for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k)]
+        elif old != new:
+            changed.append(sec)
+    if changed:
+        raise ConfigError(
+            f"{output_dir} holds an interrupted run with another config (differs in {', '.join(changed)}): "
+            f"rerun with the same config to resume it (saved in {saved_file}), or choose another --output-dir"
+        )
+    return True
+
+
+def hold_output_dir(output_dir: Path) -> Any:
+    """An exclusive lock on the run folder for this process's lifetime (the OS drops it when the process
+    dies), so two drivers never write one run."""
+    import fcntl
+
+    f = open(output_dir / ".simreg.lock", "a+")  # noqa: SIM115
+    try:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        f.close()
+        raise ConfigError(f"{output_dir} is in use by another simreg process: wait for it, or choose another --output-dir") from None
+    return f
 
 
 def knn_table(summary: dict[str, Any]) -> str:

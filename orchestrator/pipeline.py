@@ -16,6 +16,7 @@ retried (``max_restarts``/``max_task_retries``); a failed view task is retried b
 from __future__ import annotations
 
 import logging
+import os
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -44,6 +45,7 @@ class RunState:
         self.images_done = 0
         self.history: list[dict[str, float]] = []
         self.placements: list[str] = []
+        self.records: list[dict[str, Any]] = []  # where each teacher actor / student worker (each attempt) ran
         self.teacher_rows: dict[str, dict[str, int]] = {}  # teacher -> {"forward": n, "cached": n}
 
     def set_epoch(self, epoch: int) -> None:
@@ -66,9 +68,14 @@ class RunState:
     def get_teacher_rows(self) -> dict[str, dict[str, int]]:
         return self.teacher_rows
 
-    def note_placement(self, text: str) -> None:
+    def note_placement(self, text: str, record: dict[str, Any] | None = None) -> None:
         if text not in self.placements:
             self.placements.append(text)
+        if record is not None:
+            self.records.append(record)
+
+    def get_records(self) -> list[dict[str, Any]]:
+        return self.records
 
     def poll(self, known: int, known_placements: int) -> tuple[int, int, list[dict[str, float]], list[str]]:
         """(epoch, images done in it, metrics of epochs after the first ``known``, new placements)."""
@@ -82,7 +89,11 @@ class PooledTeacher(TeacherInference):
     def __init__(self, spec: TeacherSpec, threads: int, state: ray.actor.ActorHandle, options: dict[str, Any]) -> None:
         super().__init__(spec, threads, **options)
         self.state = state
-        state.note_placement.remote(self.placement)
+        ctx = ray.get_runtime_context()
+        state.note_placement.remote(self.placement, {
+            "role": "teacher", "name": spec.name, "node_id": ctx.get_node_id(), "actor_id": ctx.get_actor_id(), "pid": os.getpid(),
+            "resources": {k: v for k, v in ctx.get_assigned_resources().items()},
+        })
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         f0, c0 = self.forward_rows, self.cached_rows
@@ -105,6 +116,7 @@ def start_teachers(specs: list[TeacherSpec], state: ray.actor.ActorHandle, res: 
         t.name: [
             TeacherServer.options(  # type: ignore[misc]
                 num_cpus=res.cpus_per_actor, num_gpus=res.gpus_per_actor, max_restarts=-1, max_task_retries=-1,
+                resources=res.resources or None, label_selector=res.label_selector or None,
                 scheduling_strategy="DEFAULT",  # not inside a Tune trial's placement group (it holds 0.01 CPU)
             ).remote(t, res.threads, state, res.teacher_options)
             for _ in range(res.actors_per_teacher)
@@ -139,6 +151,8 @@ class PoolResources:
     teacher_options: dict[str, Any] = field(default_factory=dict)  # cache, precision, channels_last, compile
     view_tasks: int = 2
     cpus_per_view_task: float = 0.25
+    resources: dict[str, float] = field(default_factory=dict)  # custom resources per teacher actor
+    label_selector: dict[str, str] = field(default_factory=dict)  # node labels per teacher actor
 
 
 def images_dataset(images: ImageSet) -> Dataset:

@@ -65,15 +65,16 @@ class Placement:
 
 
 def trial_cpus(cfg: SimRegConfig, placement: Placement) -> float:
-    """CPUs one run holds at once: student workers + teacher actors + view-stage tasks in flight."""
+    """CPUs one run holds at once: student workers + teacher actors + view-stage tasks in flight (an elastic
+    run counts its minimum size: it starts with what the cluster has, down to that)."""
     tp = cfg.teacher_pool
-    workers = 0.0 if placement.use_gpu else cfg.scaling.num_workers * cfg.scaling.cpus_per_worker
+    workers = 0.0 if placement.use_gpu else cfg.scaling.min_workers * cfg.scaling.cpus_per_worker
     return workers + len(cfg.teachers) * tp.actors_per_teacher * tp.cpus_per_actor + tp.view_tasks * tp.cpus_per_view_task
 
 
 def trial_gpus(cfg: SimRegConfig, placement: Placement) -> float:
     """GPUs one run holds at once: student workers (when on GPU) + teacher actors."""
-    workers = cfg.scaling.num_workers if placement.use_gpu else 0
+    workers = cfg.scaling.min_workers if placement.use_gpu else 0
     return workers + len(cfg.teachers) * cfg.teacher_pool.actors_per_teacher * placement.teacher_gpus
 
 
@@ -83,7 +84,7 @@ def resource_check(cfg: SimRegConfig, cluster: dict[str, float], placement: Plac
     if need > cpus + 1e-9:
         tp = cfg.teacher_pool
         workers = "" if placement.use_gpu else (
-            f"scaling.num_workers={cfg.scaling.num_workers} x scaling.cpus_per_worker={cfg.scaling.cpus_per_worker:g} + "
+            f"scaling.num_workers={cfg.scaling.min_workers} x scaling.cpus_per_worker={cfg.scaling.cpus_per_worker:g} + "
         )
         raise ConfigError(
             f"the plan needs {need:g} CPUs ({workers}{len(cfg.teachers)} teacher(s) x "
@@ -96,6 +97,29 @@ def resource_check(cfg: SimRegConfig, cluster: dict[str, float], placement: Plac
         raise ConfigError(
             f"the plan needs {gpus_needed:g} GPU(s) (students + teacher actors) but the cluster has "
             f"{cluster.get('GPU', 0):g}: set scaling.use_gpu=false, teacher_pool.gpus_per_actor=0, or fewer workers"
+        )
+    custom_check(cfg, cluster)
+
+
+def custom_check(cfg: SimRegConfig, cluster: dict[str, float]) -> None:
+    """Refuse custom resources the cluster does not offer in the amount the plan needs (Ray would wait
+    forever for them, as for CPUs)."""
+    need: dict[str, list[tuple[float, str]]] = {}
+    n_actors = len(cfg.teachers) * cfg.teacher_pool.actors_per_teacher
+    for k, v in cfg.teacher_pool.resources.items():
+        need.setdefault(k, []).append((v * n_actors, f"{n_actors} teacher actor(s) x teacher_pool.resources.{k}={v:g}"))
+    for k, v in cfg.scaling.resources.items():
+        n = cfg.scaling.min_workers
+        need.setdefault(k, []).append((v * n, f"{n} student worker(s) x scaling.resources.{k}={v:g}"))
+    problems = []
+    for k, parts in need.items():
+        total = sum(p[0] for p in parts)
+        if total > cluster.get(k, 0.0) + 1e-9:
+            problems.append(f"{total:g} {k!r} ({' + '.join(p[1] for p in parts)}) but the cluster offers {cluster.get(k, 0.0):g}")
+    if problems:
+        raise ConfigError(
+            "the plan needs custom resources the Ray cluster lacks: " + "; ".join(problems)
+            + ". Start the nodes with them (ray start --resources='{\"NAME\": N}') or change those keys"
         )
 
 
@@ -141,7 +165,7 @@ def make_trainer(prep: Prepared, placement: Placement, state: Any, run_config: A
     tp = cfg.teacher_pool
     options = {"cache": cache_spec(cfg, prep.train), "precision": tp.precision, "channels_last": tp.channels_last, "compile": tp.compile}
     res = PoolResources(tp.actors_per_teacher, tp.cpus_per_actor, placement.teacher_gpus, tp.threads, tp.batch_size, options,
-                        tp.view_tasks, tp.cpus_per_view_task)
+                        tp.view_tasks, tp.cpus_per_view_task, dict(tp.resources), dict(tp.label_selector))
     teachers = start_teachers(prep.specs, state, res)
     dataset = build_train_dataset(prep.train, teachers, state, cfg.seed, view_plan(cfg), res)
     trainer = TorchTrainer(
@@ -150,10 +174,7 @@ def make_trainer(prep: Prepared, placement: Placement, state: Any, run_config: A
             "cfg": json.loads(cfg.model_dump_json()), "state": state, "teacher_dims": prep.teacher_dims,
             "n_train": len(prep.train), "val": prep.val,
         },
-        scaling_config=ray.train.ScalingConfig(
-            num_workers=cfg.scaling.num_workers, use_gpu=placement.use_gpu,
-            resources_per_worker=None if placement.use_gpu else {"CPU": cfg.scaling.cpus_per_worker},
-        ),
+        scaling_config=scaling_config(cfg, placement),
         run_config=run_config,
         datasets={"train": dataset},
         # No shard locality: with it the split holds finished blocks back to match them to nodes, which
@@ -163,6 +184,29 @@ def make_trainer(prep: Prepared, placement: Placement, state: Any, run_config: A
     return trainer, [a for actors in teachers.values() for a in actors]
 
 
+def scaling_config(cfg: SimRegConfig, placement: Placement) -> Any:
+    """Ray Train's ScalingConfig: fixed N or elastic (min, max) workers, CPU or GPU, custom resources and
+    node labels per worker."""
+    from ray.train.v2.api.config import ScalingConfig  # what ray.train.ScalingConfig is under Train V2
+
+    sc = cfg.scaling
+    per_worker: dict[str, float] = {"GPU": 1.0} if placement.use_gpu else {"CPU": sc.cpus_per_worker}
+    per_worker.update(sc.resources)
+    return ScalingConfig(
+        num_workers=sc.num_workers if isinstance(sc.num_workers, int) else (sc.min_workers, sc.max_workers),
+        use_gpu=placement.use_gpu, resources_per_worker=per_worker,
+        label_selector=dict(sc.label_selector) or None, elastic_resize_monitor_interval_s=sc.resize_interval_s,
+    )
+
+
+def failure_config(cfg: SimRegConfig) -> Any:
+    import ray.train
+
+    return ray.train.FailureConfig(max_failures=cfg.scaling.max_failures)
+
+
 def images_per_epoch(prep: Prepared) -> int:
-    rows, _, _ = shard_plan(len(prep.train), prep.cfg.train.batch_size, prep.cfg.scaling.num_workers)
-    return rows * prep.cfg.scaling.num_workers
+    """Images of one epoch at the largest size (the progress bar's total)."""
+    n = prep.cfg.scaling.max_workers
+    rows, _, _ = shard_plan(len(prep.train), prep.cfg.train.batch_size, n)
+    return rows * n

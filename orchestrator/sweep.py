@@ -103,7 +103,7 @@ def run_trial(config: dict[str, Any], *, base: dict[str, Any], keys: list[str], 
     from ray.tune.integration.ray_train import TuneReportCallback
 
     from simreg.orchestrator.pipeline import RunState
-    from simreg.orchestrator.run import make_trainer, plan_placement, prepare
+    from simreg.orchestrator.run import failure_config, make_trainer, plan_placement, prepare
 
     cfg = trial_config(base, {k: config[k] for k in keys})
     prep = prepare(cfg, quiet=True)
@@ -114,7 +114,7 @@ def run_trial(config: dict[str, Any], *, base: dict[str, Any], keys: list[str], 
     try:
         trainer, actors = make_trainer(prep, placement, state, ray.train.RunConfig(
             name=f"trial_{trial_id}", storage_path=storage,
-            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=1),
+            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=1), failure_config=failure_config(cfg),
             callbacks=[TuneReportCallback()],  # type: ignore[list-item]
             logging_config=ray.train.LoggingConfig(log_level="WARNING"),  # type: ignore[call-arg]
         ))
@@ -233,6 +233,7 @@ def sweep(
     """Run (or resume) a sweep; writes ``output_dir/sweep_summary.json`` and returns it."""
     from ray.tune.schedulers import ASHAScheduler
 
+    from simreg.orchestrator.driver import hold_output_dir
     from simreg.orchestrator.run import init_ray, plan_placement, prepare, trial_cpus, trial_gpus
 
     t0 = time.perf_counter()
@@ -243,6 +244,7 @@ def sweep(
     if not resume and (tune_dir / "sweep").is_dir():
         raise ConfigError(f"{output_dir} already holds a sweep: pass --resume to continue it, or choose another --output-dir")
     output_dir.mkdir(parents=True, exist_ok=True)
+    lock = hold_output_dir(output_dir)  # noqa: F841  (held until this function returns)
 
     # 1. the space, checked against the config; every trial must validate. A resumed sweep keeps the
     #    space and base config it started with (the trials already run used them).
@@ -320,7 +322,7 @@ def sweep(
             )
         tuner.fit()  # on --resume, Tune restores the pickled callback above: same runs file, same parent
         status = "FINISHED"
-    except KeyboardInterrupt:
+    except (KeyboardInterrupt, SystemExit):  # Ctrl-C, SIGTERM (the CLI turns it into KeyboardInterrupt)
         status = "KILLED"
         raise
     finally:

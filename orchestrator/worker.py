@@ -78,10 +78,18 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     rows, per_worker_batch, steps = shard_plan(config["n_train"], cfg.train.batch_size, world)
     optimizer, scheduler = build_optimizer(cfg, objective, steps)
     start_epoch = 0
+    history: list[dict[str, float]] = []  # every epoch's metrics so far, carried by the checkpoint
     ckpt = ray.train.get_checkpoint()
-    if ckpt is not None:
+    if ckpt is not None:  # a restarted worker group, an elastic resize, or a rerun of the same output dir
         with ckpt.as_directory() as d:
-            start_epoch = restore(load_state(Path(d)), objective, optimizer, scheduler)
+            saved = load_state(Path(d))
+        start_epoch = restore(saved, objective, optimizer, scheduler)
+        history = list(saved.get("history", []))
+    rt = ray.get_runtime_context()
+    state.note_placement.remote(f"student worker rank {rank}/{world} on node {rt.get_node_id()[:12]}", {
+        "role": "student", "rank": rank, "world_size": world, "node_id": rt.get_node_id(), "pid": os.getpid(), "start_epoch": start_epoch,
+        "resources": dict(rt.get_assigned_resources()),
+    })
     cuda = device.type == "cuda"
     if cuda and cfg.train.channels_last:
         objective = objective.to(memory_format=torch.channels_last)
@@ -135,15 +143,18 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             "train/lr": float(scheduler.get_last_lr()[0]),
             "train/unique_ids": float(unique_ids),  # distinct sample ids trained on, all ranks together
             "train/duplicate_ids": float(duplicate_ids),  # ids seen more than once this epoch (expected 0)
+            "train/world_size": float(world),
+            "train/resumed_at_epoch": float(start_epoch),  # first epoch of this worker group's attempt
         })
         val = config.get("val")
         due = cfg.eval.val_every > 0 and ((epoch + 1) % cfg.eval.val_every == 0 or epoch + 1 == cfg.train.epochs)
         if rank == 0 and val is not None and due:
             metrics.update(_validate(objective, val, cfg, device))
+        history.append(metrics)
         if rank == 0:
             state.add_epoch_metrics.remote(metrics)
             with tempfile.TemporaryDirectory() as tmp:
-                save_checkpoint(Path(tmp), objective, optimizer, scheduler, epoch, metrics)
+                save_checkpoint(Path(tmp), objective, optimizer, scheduler, epoch, metrics, history)
                 ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp), checkpoint_dir_name=f"epoch_{epoch:04d}")
         else:
             ray.train.report(metrics, checkpoint=None)

@@ -1,5 +1,6 @@
 """A real 3-trial sweep (search_spaces/smoke.yaml) on local Ray clusters with real images and the real
-teacher: the sweep driver is SIGKILLed after its first trial, then ``--resume`` runs only the rest."""
+teacher: the sweep driver is SIGKILLed after its first trial (its reaper marks the MLflow runs KILLED), then
+``--resume`` runs only the rest, in the same runs."""
 from __future__ import annotations
 
 import json
@@ -12,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-pytestmark = [pytest.mark.ray, pytest.mark.timeout(1200)]
+pytestmark = [pytest.mark.ray, pytest.mark.faults, pytest.mark.timeout(1200)]
 
 
 def _sweep_cmd(out: Path, *extra: str) -> list[str]:
@@ -57,6 +58,18 @@ def resumed_sweep(tmp_path_factory, teachers_dir):
     before = _runs(out)
     assert before[first_done]["status"] == "FINISHED"
     assert not (out / "sweep_summary.json").exists()
+    # no run left RUNNING: the driver's reaper ends the parent run and the interrupted trial's run as KILLED
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(f"sqlite:///{out / 'mlflow.db'}")
+    parent_id = (out / "mlflow_run_id").read_text().strip()
+    deadline = time.time() + 30
+    while time.time() < deadline and client.get_run(parent_id).info.status == "RUNNING":
+        time.sleep(0.5)
+    parent = client.get_run(parent_id)
+    assert parent.info.status == "KILLED" and parent.data.tags["simreg.end_reason"] == "driver process died"
+    children = client.search_runs([parent.info.experiment_id], f"tags.mlflow.parentRunId = '{parent_id}'")
+    assert {c.info.status for c in children} <= {"FINISHED", "KILLED"}, [c.info.status for c in children]
 
     r = subprocess.run(_sweep_cmd(out, "--resume"), capture_output=True, text=True, env=env, timeout=900)
     (out.parent / "sweep_resume.log").write_text(r.stdout + r.stderr)
