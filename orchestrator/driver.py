@@ -19,7 +19,7 @@ from simreg.models.errors import ConfigError, SimRegError
 from simreg.orchestrator.config import SimRegConfig, flatten, validate_config
 from simreg.orchestrator.data import ImageSet
 from simreg.orchestrator.run import failure_config, images_per_epoch, init_ray, make_trainer, plan_placement, prepare
-from simreg.orchestrator.tracking import Tracker, default_tracking_uri
+from simreg.orchestrator.tracking import Tracker, default_tracking_uri, redact_uri
 
 log = logging.getLogger("simreg")
 
@@ -145,14 +145,14 @@ def distill(cfg: SimRegConfig, output_dir: Path, tracking_uri: str | None = None
     import ray.train
 
     from simreg.orchestrator.export import export_student
-    from simreg.orchestrator.pipeline import RunState
+    from simreg.orchestrator.pipeline import start_run_state
 
     t_start = time.perf_counter()
     output_dir = output_dir.resolve()
     output_dir.mkdir(parents=True, exist_ok=True)
     lock = hold_output_dir(output_dir)  # noqa: F841  (held until this function returns)
     resuming = check_resume(cfg, output_dir)
-    (output_dir / "config.json").write_text(cfg.model_dump_json(indent=2))
+    (output_dir / "config.json").write_text(safe_config_json(cfg))
 
     # 1-2. data (distillation subset, k-NN bank and queries, validation sets) and teachers, before Ray
     prep = prepare(cfg)
@@ -172,7 +172,7 @@ def distill(cfg: SimRegConfig, output_dir: Path, tracking_uri: str | None = None
     )
     tracker.log_params(flatten(cfg))
     status = "FAILED"
-    state = RunState.remote()
+    state = start_run_state()
     actors: list[Any] = []
     try:
         # 4. teacher actors + pipeline + trainer
@@ -233,7 +233,7 @@ def distill(cfg: SimRegConfig, output_dir: Path, tracking_uri: str | None = None
             "fit_s": fit_s,
             "eval_s": ev["eval_s"],
             "wall_s": time.perf_counter() - t_start,
-            "mlflow_tracking_uri": tracker.tracking_uri,
+            "mlflow_tracking_uri": redact_uri(tracker.tracking_uri),
             "mlflow_run_id": tracker.run_id,
             "student_arch": cfg.student.arch,
             "student_weights": str(weights),
@@ -271,6 +271,14 @@ def distill(cfg: SimRegConfig, output_dir: Path, tracking_uri: str | None = None
         tracker.end(status)
         for a in [state, *actors]:
             ray.kill(a)
+
+
+def safe_config_json(cfg: SimRegConfig) -> str:
+    """The run's config as written to the run folder (and MLflow): no password of a tracking URI."""
+    tree = json.loads(cfg.model_dump_json())
+    if tree["tracking"]["tracking_uri"]:
+        tree["tracking"]["tracking_uri"] = redact_uri(tree["tracking"]["tracking_uri"])
+    return json.dumps(tree, indent=2)
 
 
 # Sections a rerun may change and still resume: where and how it runs, not what it computes.

@@ -82,6 +82,15 @@ class RunState:
         return self.epoch, self.images_done, self.history[known:], self.placements[known_placements:]
 
 
+def start_run_state() -> ray.actor.ActorHandle:
+    """The run's ``RunState`` on the caller's node: a worker node that leaves (an elastic shrink) must not
+    take the run's state with it; if the caller's node goes, the run goes anyway."""
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    here = ray.get_runtime_context().get_node_id()
+    return RunState.options(scheduling_strategy=NodeAffinitySchedulingStrategy(here, soft=False)).remote()  # type: ignore[attr-defined]
+
+
 class PooledTeacher(TeacherInference):
     """TeacherInference in a run-long actor: also tells the run where it landed and how many rows went
     through the teacher or came from the cache (the driver logs both)."""

@@ -25,7 +25,7 @@ from ray import tune
 
 from simreg.models.errors import ConfigError, SimRegError
 from simreg.orchestrator.config import SimRegConfig, apply_override, flatten, validate_config
-from simreg.orchestrator.tracking import Tracker, default_tracking_uri, log_metrics, log_params
+from simreg.orchestrator.tracking import Tracker, default_tracking_uri, log_metrics, log_params, redact_uri
 from simreg.search_spaces import Domain, SearchSpace
 
 log = logging.getLogger("simreg")
@@ -102,13 +102,13 @@ def run_trial(config: dict[str, Any], *, base: dict[str, Any], keys: list[str], 
     import ray.train
     from ray.tune.integration.ray_train import TuneReportCallback
 
-    from simreg.orchestrator.pipeline import RunState
+    from simreg.orchestrator.pipeline import start_run_state
     from simreg.orchestrator.run import failure_config, make_trainer, plan_placement, prepare
 
     cfg = trial_config(base, {k: config[k] for k in keys})
     prep = prepare(cfg, quiet=True)
     placement = plan_placement(cfg, dict(ray.cluster_resources()), check=False)
-    state = RunState.remote()
+    state = start_run_state()
     trial_id = tune.get_context().get_trial_id()
     actors: list[Any] = []
     try:
@@ -337,7 +337,7 @@ def sweep(
     best = rows[0] if rows else None
     summary = {
         "parent_run_id": parent.run_id,
-        "mlflow_tracking_uri": parent.tracking_uri,
+        "mlflow_tracking_uri": redact_uri(parent.tracking_uri),
         "space": space_source,
         "metric": space.search.metric,
         "mode": space.search.mode,

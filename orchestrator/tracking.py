@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import socket
 import uuid
 from pathlib import Path
@@ -20,12 +21,32 @@ RUN_ID_FILE = "mlflow_run_id"
 MAX_PARAM_LEN = 6000
 
 
+SECRET_KEY = re.compile(r"(password|passwd|secret|token|api[_-]?key|credential)", re.IGNORECASE)
+URI_USERINFO = re.compile(r"^(?P<scheme>[A-Za-z][A-Za-z0-9+.-]*://)(?P<user>[^/@:]*)(:(?P<pw>[^/@]*))?@")
+
+
+def redact_uri(uri: str) -> str:
+    """``scheme://user:password@host/...`` -> ``scheme://user:***@host/...`` (anything else unchanged)."""
+    m = URI_USERINFO.match(uri)
+    if m is None or m.group("pw") is None:
+        return uri
+    return f"{m.group('scheme')}{m.group('user')}:***@{uri[m.end():]}"
+
+
+def redact(params: dict[str, Any]) -> dict[str, Any]:
+    """Params safe to log: values of secret-looking keys hidden, passwords in URIs masked."""
+    return {
+        k: "***" if SECRET_KEY.search(k) and v not in (None, "") else (redact_uri(v) if isinstance(v, str) else v)
+        for k, v in params.items()
+    }
+
+
 def log_params(client: Any, run_id: str, params: dict[str, Any]) -> None:
-    """Log params not yet on the run, truncated to MLflow's limit, in batches of 100."""
+    """Log params not yet on the run (redacted, truncated to MLflow's limit), in batches of 100."""
     from mlflow.entities import Param
 
     existing = client.get_run(run_id).data.params
-    items = [Param(k, str(v)[:MAX_PARAM_LEN]) for k, v in params.items() if k not in existing]
+    items = [Param(k, str(v)[:MAX_PARAM_LEN]) for k, v in redact(params).items() if k not in existing]
     for i in range(0, len(items), 100):
         client.log_batch(run_id, params=items[i : i + 100])
 

@@ -22,6 +22,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.integration.helpers import committed
+
 pytestmark = [pytest.mark.ray, pytest.mark.faults, pytest.mark.timeout(600)]
 
 N = 512
@@ -48,11 +50,11 @@ def _alive_pids(class_name: str) -> list[int]:
     return [a.pid for a in list_actors(filters=[("class_name", "=", class_name), ("state", "=", "ALIVE")]) if a.pid]
 
 
-def _kill_when(checkpoint: Path, class_name: str, delay_s: float, killed: list[int]) -> threading.Thread:
-    """SIGKILL one live actor of ``class_name`` ``delay_s`` after ``checkpoint`` appears (mid next epoch)."""
+def _kill_when(out: Path, class_name: str, delay_s: float, killed: list[int]) -> threading.Thread:
+    """SIGKILL one live actor of ``class_name`` ``delay_s`` after epoch 0's checkpoint is committed (mid epoch 1)."""
     def run() -> None:
         deadline = time.time() + 300
-        while time.time() < deadline and not checkpoint.is_dir():
+        while time.time() < deadline and not committed(out, 0):
             time.sleep(0.2)
         time.sleep(delay_s)
         pids = _alive_pids(class_name)
@@ -84,7 +86,7 @@ def _distill(tmp: Path, name: str, *extra: str) -> dict:
 def teacher_killed(ray_cluster, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("faults")
     killed: list[int] = []
-    t = _kill_when(tmp / "teacher_kill" / "ray" / "train" / "epoch_0000", "PooledTeacher", 1.0, killed)
+    t = _kill_when(tmp / "teacher_kill", "PooledTeacher", 1.0, killed)
     summary = _distill(tmp, "teacher_kill")
     t.join(timeout=5)
     return summary, killed
@@ -106,7 +108,7 @@ def test_teacher_actor_killed_pipeline_continues(teacher_killed):
 def test_student_worker_killed_resumes_from_checkpoint(teacher_killed, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("faults")
     killed: list[int] = []
-    t = _kill_when(tmp / "worker_kill" / "ray" / "train" / "epoch_0000", "RayTrainWorker", 2.0, killed)
+    t = _kill_when(tmp / "worker_kill", "RayTrainWorker", 2.0, killed)
     summary = _distill(tmp, "worker_kill")
     t.join(timeout=5)
     assert len(killed) == 1, "no student worker was found alive mid-run"
@@ -129,11 +131,10 @@ def test_driver_killed_then_rerun_resumes_same_mlflow_run(teacher_killed, ray_cl
     env = {**os.environ, "RAY_ADDRESS": ray_cluster, "RAY_AUTH_MODE": "disabled", "HF_HUB_OFFLINE": "1"}
     log1 = open(out.parent / "first.log", "w")
     p = subprocess.Popen(cmd, stdout=log1, stderr=subprocess.STDOUT, env=env)
-    ckpt = out / "ray" / "train" / "epoch_0000"
     deadline = time.time() + 300
-    while time.time() < deadline and p.poll() is None and not ckpt.is_dir():
+    while time.time() < deadline and p.poll() is None and not committed(out, 0):
         time.sleep(0.2)
-    assert ckpt.is_dir(), f"no checkpoint before the kill; see {log1.name}"
+    assert committed(out, 0), f"no checkpoint before the kill; see {log1.name}"
     time.sleep(1.0)
     p.send_signal(signal.SIGKILL)
     p.wait(timeout=30)
