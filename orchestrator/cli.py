@@ -80,13 +80,13 @@ def _parser() -> argparse.ArgumentParser:
     das = da.add_subparsers(dest="action", required=True)
     workers_help = "threads reading and decoding (default: CPU count, at most 8)"
     ds = das.add_parser("scan", help="decode every image once; count corrupt, truncated, unreadable files, modes, "
-                        "empty class folders (exit 1 when a file is bad)")
+                        "empty class folders (exit 1 when a file is bad or a split holds no image)")
     ds.add_argument("folder", type=Path, metavar="IMAGE_FOLDER", help="ROOT/<class>/<image>, or ROOT/train + ROOT/val (or test)")
     ds.add_argument("--workers", type=int, default=None, help=workers_help)
     dp = das.add_parser("pack", help="pre-scan, then write OUT_DIR/<split>/part-*.parquet and OUT_DIR/manifest.json")
     dp.add_argument("folder", type=Path, metavar="IMAGE_FOLDER", help="ROOT/<class>/<image>, or ROOT/train + ROOT/val (or test)")
     dp.add_argument("out", type=Path, metavar="OUT_DIR", help="a new or empty folder (outside IMAGE_FOLDER)")
-    dp.add_argument("--strict", action="store_true", help="fail on the first scan's bad files instead of leaving them out")
+    dp.add_argument("--strict", action="store_true", help="fail, naming the bad files the pre-scan finds, instead of leaving them out")
     dp.add_argument("--shard-rows", type=int, default=1024, help="rows per Parquet shard (default 1024)")
     dp.add_argument("--overwrite", action="store_true", help="replace the pack in a non-empty OUT_DIR")
     dp.add_argument("--workers", type=int, default=None, help=workers_help)

@@ -201,3 +201,16 @@ def test_a_normal_end_stops_the_reaper(tmp_path):
     t.end("FINISHED")
     assert reaper.poll() is not None
     assert json.loads(json.dumps(t.client.get_run(t.run_id).info.status)) == "FINISHED"
+
+
+class _Payload:
+    def __reduce__(self):
+        return (os.system, ("echo pwned",))
+
+
+def test_checkpoint_state_with_code_is_refused(tmp_path):
+    from simreg.orchestrator.checkpoint import STATE, load_state
+
+    torch.save({"epoch": 0, "evil": _Payload()}, tmp_path / STATE)
+    with pytest.raises(Exception, match="Weights only load failed|weights_only"):
+        load_state(tmp_path)
