@@ -258,22 +258,23 @@ def warm_cache(cfg: Any, epochs: int | None = None, progress: bool = True) -> di
 
     prep = prepare(cfg, quiet=True)
     spec = cache_spec(cfg, prep.train)
+    train = prep.train.materialized()  # a streamed pack is decoded here (warm runs in this process)
     if spec is None:
         raise DataError("the target cache is off: pass cache.enabled=true (and optionally cache.dir=...)")
     plan = view_plan(cfg)
     n_epochs = epochs or cfg.train.epochs
     indices = sorted({view_index(e, plan.bank) for e in range(n_epochs)})
     tp = cfg.teacher_pool
-    report: dict[str, Any] = {"cache_dir": spec.root, "view_indices": indices, "images": len(prep.train), "teachers": {}}
+    report: dict[str, Any] = {"cache_dir": spec.root, "view_indices": indices, "images": len(train), "teachers": {}}
     t0 = time.perf_counter()
     for ts in prep.specs:
         inf = TeacherInference(ts, tp.threads, cache=spec, precision=tp.precision, channels_last=tp.channels_last)
         assert inf.cache is not None
         t1 = time.perf_counter()
         for v in indices:
-            for i in range(0, len(prep.train), tp.batch_size):
+            for i in range(0, len(train), tp.batch_size):
                 sl = slice(i, i + tp.batch_size)
-                batch = {"sample_id": prep.train.sample_ids[sl], "image": prep.train.images[sl]}
+                batch = {"sample_id": train.sample_ids[sl], "image": train.images[sl]}
                 if inf.cache.contains(v, batch["sample_id"]):  # skip rendering views nobody needs
                     inf.cached_rows += len(batch["sample_id"])
                     continue

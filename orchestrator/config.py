@@ -35,6 +35,9 @@ class DataConfig(_Strict):
     knn_query_size: int | None = Field(2000, ge=1, description="held-out images queried in the k-NN eval")
     view_size: int = Field(64, ge=8, description="resolution of the shared view (teacher input size)")
     store_size: int = Field(96, ge=8, description="image-folder and packed images are decoded and stored at this size")
+    stream: bool = Field(
+        True, description="packed sources: the train split streams from the Parquet shards through Ray Data (false: decoded in memory)"
+    )
     holdout_fraction: float = Field(0.1, gt=0, lt=1, description="image-folder / packed held-out share when no val/ split")
 
     @model_validator(mode="after")

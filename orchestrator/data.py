@@ -53,6 +53,17 @@ class ImageSet:
     def __len__(self) -> int:
         return int(self.images.shape[0])
 
+    @property
+    def streamed(self) -> bool:
+        """Images still in a pack's Parquet shards (``data.stream``): the train pipeline reads them there."""
+        return not isinstance(self.images, np.ndarray)
+
+    def materialized(self) -> ImageSet:
+        """The same set with its images decoded into memory (itself when they already are)."""
+        if not self.streamed:
+            return self
+        return ImageSet(np.asarray(self.images), self.labels, self.sample_ids, self.classes, self.name, self.source_fingerprint)
+
     def subset(self, n: int | None, seed: int) -> ImageSet:
         """A class-stratified-by-chance random subset of ``n`` images (all when n is None or >= N)."""
         if n is None or n >= len(self):
@@ -249,8 +260,11 @@ def holdout_split(full: ImageSet, seed: int, holdout: float, where: str) -> tupl
     return full.take(train_idx, "train"), full.take(val_idx, "holdout")
 
 
-def load_splits(source: str, root: str | None, download: bool, store_size: int, seed: int, holdout: float) -> tuple[ImageSet, ImageSet]:
-    """(train, held-out) splits of a source."""
+def load_splits(
+    source: str, root: str | None, download: bool, store_size: int, seed: int, holdout: float, lazy: bool = False,
+) -> tuple[ImageSet, ImageSet]:
+    """(train, held-out) splits of a source. ``lazy`` (packed sources only): nothing decoded yet, see
+    ``ImageSet.materialized``."""
     if source == "fashion-mnist":
         r = fmnist_root(root, download)
         return load_fashion_mnist(r, "train"), load_fashion_mnist(r, "test")
@@ -259,7 +273,7 @@ def load_splits(source: str, root: str | None, download: bool, store_size: int, 
     if source == "packed":
         from simreg.orchestrator.pack import load_packed_splits  # pack imports this module
 
-        return load_packed_splits(base, store_size, seed, holdout)
+        return load_packed_splits(base, store_size, seed, holdout, lazy=lazy)
     names = split_dirs(base)
     if names is not None:
         train = load_image_folder(base / names[0], store_size)

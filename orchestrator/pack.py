@@ -487,21 +487,113 @@ def load_packed_split(root: str | Path, split: str, store_size: int, *, workers:
     if h.hexdigest() != info["fingerprint"]:
         raise DataError(f"split {split!r} of pack {str(root)!r} does not match the fingerprint in its {MANIFEST}: a shard "
                         f"was changed or replaced; {damaged}")
-    # The cache keys on this: targets depend on the decoded pixels, so on store_size as well as the bytes.
-    fp = hashlib.sha256(f"{info['fingerprint']}:{store_size}:center-crop-bilinear".encode()).hexdigest()[:16]
-    return ImageSet(images, labels, ids, list(m["classes"]), f"packed:{root}/{split}", fp)
+    return ImageSet(images, labels, ids, list(m["classes"]), f"packed:{root}/{split}", _cache_fingerprint(info, store_size))
 
 
 def load_packed_splits(root: str | Path, store_size: int, seed: int, holdout: float,
-                       *, workers: int | None = None) -> tuple[ImageSet, ImageSet]:
+                       *, workers: int | None = None, lazy: bool = False) -> tuple[ImageSet, ImageSet]:
     """(train, held-out) of a pack: its given held-out split (val/test), or a seeded ``holdout`` share of
-    its single split, drawn as ``load_splits`` draws it for an image folder."""
+    its single split, drawn as ``load_splits`` draws it for an image folder. ``lazy``: images are
+    ``PackedRows`` (labels and ids read, nothing decoded until asked; subsets stay lazy)."""
     root = Path(root).expanduser()
     m = read_manifest(root)
-    train = load_packed_split(root, m["train"], store_size, workers=workers, manifest=m)
+    load = index_packed_split if lazy else functools.partial(load_packed_split, workers=workers)
+    train = load(root, m["train"], store_size, manifest=m)
     if m["held_out"]:
-        return train, load_packed_split(root, m["held_out"], store_size, workers=workers, manifest=m)
+        return train, load(root, m["held_out"], store_size, manifest=m)
     return holdout_split(train, seed, holdout, str(root))
+
+
+def _cache_fingerprint(info: Mapping[str, Any], store_size: int) -> str:
+    # The cache keys on this: targets depend on the decoded pixels, so on store_size as well as the bytes.
+    return hashlib.sha256(f"{info['fingerprint']}:{store_size}:center-crop-bilinear".encode()).hexdigest()[:16]
+
+
+@dataclass(frozen=True)
+class PackedRows:
+    """Rows of one pack split as a lazy uint8 (N, S, S, 3) array: indexing selects rows without decoding,
+    ``np.asarray`` decodes just those rows, ``chunks`` plans a streamed read (shard, ids) for Ray Data."""
+
+    root: str
+    split: str
+    store_size: int
+    shards: tuple[str, ...]
+    shard_of: np.ndarray  # split row (= sample id) -> index into shards
+    rows: np.ndarray  # the selected sample ids, in order
+
+    dtype = np.dtype(np.uint8)
+
+    @property
+    def shape(self) -> tuple[int, int, int, int]:
+        return (len(self.rows), self.store_size, self.store_size, 3)
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitem__(self, idx: Any) -> PackedRows:
+        return PackedRows(self.root, self.split, self.store_size, self.shards, self.shard_of, np.atleast_1d(self.rows[idx]))
+
+    def chunks(self, rows_per_chunk: int) -> list[tuple[str, np.ndarray]]:
+        """(shard path, sorted ids) pieces of at most ``rows_per_chunk`` rows, each within one shard."""
+        out: list[tuple[str, np.ndarray]] = []
+        ids = np.sort(self.rows)
+        owner = self.shard_of[ids]
+        for k in np.unique(owner):
+            mine = ids[owner == k]
+            out += [(self.shards[k], mine[i : i + rows_per_chunk]) for i in range(0, len(mine), rows_per_chunk)]
+        return out
+
+    def __array__(self, dtype: Any = None, copy: Any = None) -> np.ndarray:
+        out = np.empty(self.shape, np.uint8)
+        where = {int(sid): i for i, sid in enumerate(self.rows)}
+        for shard, ids in self.chunks(4096):
+            got = read_packed_rows(shard, ids, self.store_size)
+            out[[where[int(s)] for s in got["sample_id"]]] = got["image"]
+        return out if dtype is None else out.astype(dtype)
+
+
+def index_packed_split(root: str | Path, split: str, store_size: int, *, manifest: Mapping[str, Any] | None = None) -> ImageSet:
+    """One split of a pack without decoding: its labels and ids (the small columns only) and lazy
+    ``PackedRows`` images. Nothing is verified against the fingerprint here (that needs every image's
+    bytes; ``load_packed_split`` does it); a decode error names the shard and the file."""
+    root = Path(root).expanduser()
+    m = manifest if manifest is not None else read_manifest(root)
+    paths = shard_paths(root, m, split)
+    info = m["splits"][split]
+    n = int(info["rows"])
+    labels, ids, shard_of = np.empty(n, np.int64), np.empty(n, np.int64), np.empty(n, np.int64)
+    pos = 0
+    for k, p in enumerate(paths):
+        try:
+            t = pq.read_table(p, columns=["sample_id", "label"])
+        except Exception as e:
+            raise DataError(f"cannot read shard {str(p)!r}: {e}. The pack is damaged: re-pack with "
+                            f"`simreg data pack IMAGE_FOLDER {root} --overwrite`") from e
+        k_rows = t.num_rows
+        if pos + k_rows > n:
+            raise DataError(f"shard {str(p)!r} holds more rows than {MANIFEST} says ({n}): re-pack the folder")
+        ids[pos : pos + k_rows], labels[pos : pos + k_rows] = t["sample_id"].to_numpy(), t["label"].to_numpy()
+        shard_of[pos : pos + k_rows] = k
+        pos += k_rows
+    if pos != n or not np.array_equal(ids, np.arange(n)):
+        raise DataError(f"split {split!r} of pack {str(root)!r} does not hold ids 0..{n - 1}: re-pack the folder")
+    rows = PackedRows(str(root), split, store_size, tuple(str(p) for p in paths), shard_of, ids.copy())
+    return ImageSet(rows, labels, ids, list(m["classes"]), f"packed:{root}/{split}", _cache_fingerprint(info, store_size))
+
+
+def read_packed_rows(shard: str, ids: np.ndarray, store_size: int) -> dict[str, np.ndarray]:
+    """Rows ``ids`` of one shard, decoded: {sample_id, label, image uint8 (B, S, S, 3)} in shard order.
+    Reads only the row groups that can hold them (the ids are sorted within a shard)."""
+    try:
+        t = pq.read_table(shard, columns=["sample_id", "label", "image", "path"],
+                          filters=[("sample_id", ">=", int(ids.min())), ("sample_id", "<=", int(ids.max()))])
+    except Exception as e:
+        raise DataError(f"cannot read shard {shard!r}: {e}. The pack is damaged: re-pack with `simreg data pack --overwrite`") from e
+    keep = np.isin(t["sample_id"].to_numpy(), ids)
+    t = t.filter(pa.array(keep))
+    if t.num_rows != len(ids):
+        raise DataError(f"shard {shard!r} lacks {len(ids) - t.num_rows} of the rows asked for: re-pack with `simreg data pack --overwrite`")
+    return decode_batch({k: t[k].to_numpy(zero_copy_only=False) for k in ("sample_id", "label", "image", "path")}, store_size)
 
 
 def decode_batch(batch: dict[str, np.ndarray], store_size: int) -> dict[str, np.ndarray]:

@@ -1,4 +1,5 @@
-"""The Ray Data pipeline: in-memory images -> views -> targets from each teacher's actor pool.
+"""The Ray Data pipeline: images (in memory, or a pack's Parquet shards) -> views -> targets from each
+teacher's actors.
 
 Ray Data re-executes the whole pipeline on every ``iter_torch_batches()`` call (one per epoch), strictly
 one execution after another (the split coordinator shuts an execution down before it starts the next).
@@ -138,7 +139,14 @@ def _views_and_targets(
     batch: dict[str, np.ndarray], *, state: ray.actor.ActorHandle, seed: int, plan: ViewPlan,
     teachers: dict[str, list[ray.actor.ActorHandle]],
 ) -> dict[str, np.ndarray]:
-    """The view stage: this epoch's views of a block, then every teacher's targets for them."""
+    """The view stage: this epoch's views of a block, then every teacher's targets for them. A streamed
+    pack's block names a piece of a shard ({shard, ids}): its rows are read and decoded here first."""
+    if "shard" in batch:
+        from simreg.orchestrator.pack import read_packed_rows
+
+        parts = [read_packed_rows(str(sh), np.asarray(ids, np.int64), int(size))
+                 for sh, ids, size in zip(batch["shard"], batch["ids"], batch["store_size"], strict=True)]
+        batch = {k: np.concatenate([p[k] for p in parts]) for k in ("sample_id", "label", "image")}
     out = add_views(batch, epoch=ray.get(state.get_epoch.remote()), seed=seed, plan=plan)
     request = ray.put({k: out[k] for k in ("sample_id", "view", "view_index")})  # shipped once to all teachers
     pick = int(out["sample_id"][0]) if len(out["sample_id"]) else 0  # spreads blocks over a teacher's actors
@@ -179,14 +187,30 @@ def images_dataset(images: ImageSet) -> Dataset:
     return ray.data.from_arrow(tables)
 
 
+def packed_dataset(images: ImageSet, rows_per_block: int) -> Dataset:
+    """A streamed pack's train rows as blocks of {shard, ids}: one block per piece of a shard, read and
+    decoded by the view stage's tasks (nothing decoded in the driver, nothing held in the object store)."""
+    from simreg.orchestrator.pack import PackedRows
+
+    assert isinstance(images.images, PackedRows)
+    chunks = images.images.chunks(rows_per_block)
+    size = images.images.store_size
+    return ray.data.from_items(
+        [{"shard": shard, "ids": ids.tolist(), "store_size": size} for shard, ids in chunks], override_num_blocks=len(chunks)
+    )
+
+
 def build_train_dataset(
     images: ImageSet, teachers: dict[str, list[ray.actor.ActorHandle]], state: ray.actor.ActorHandle, seed: int,
     plan: ViewPlan, res: PoolResources,
 ) -> Dataset:
-    ds = images_dataset(images).randomize_block_order()
+    """Images -> this epoch's views and every teacher's targets, block order randomized per epoch. In-memory
+    images travel as blocks of ``ROWS_PER_BLOCK`` rows; a streamed pack as pieces of its shards."""
+    streamed = images.streamed
+    ds = (packed_dataset(images, res.batch_size) if streamed else images_dataset(images)).randomize_block_order()
     return ds.map_batches(
         _views_and_targets,  # type: ignore[arg-type]  # keyword-only extras come from fn_kwargs
         fn_kwargs={"state": state, "seed": seed, "plan": plan, "teachers": teachers},
-        batch_size=res.batch_size, num_cpus=res.cpus_per_view_task, compute=TaskPoolStrategy(size=res.view_tasks),
-        zero_copy_batch=True,
+        batch_size=1 if streamed else res.batch_size, num_cpus=res.cpus_per_view_task,
+        compute=TaskPoolStrategy(size=res.view_tasks), zero_copy_batch=True,
     )

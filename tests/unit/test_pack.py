@@ -24,6 +24,7 @@ from simreg.orchestrator.pack import (
     load_packed_splits,
     pack_image_folder,
     read_manifest,
+    read_packed_rows,
     scan_image_folder,
 )
 
@@ -325,6 +326,27 @@ def test_config_and_prepare_on_a_pack(clean, tmp_path: Path):
     assert len(prep.final_eval.bank) == 30 and len(prep.final_eval.query) == 6
     assert prep.train.source_fingerprint == load_packed_split(out, "all", 32).source_fingerprint
     assert prep.train.classes[-1] == "zz_empty" and prep.val is None
+    # streamed (the default for packs): the same ids and pixels, decoded only when asked (the eval sets now)
+    streamed = prepare(load_config(overrides=[*cfg_overrides(out), "data.stream=true"]), quiet=True)
+    eager = prepare(load_config(overrides=[*cfg_overrides(out), "data.stream=false"]), quiet=True)
+    assert streamed.train.streamed and not eager.train.streamed and not streamed.final_eval.bank.streamed
+    assert np.array_equal(streamed.train.sample_ids, eager.train.sample_ids)
+    assert np.array_equal(np.asarray(streamed.train.images), eager.train.images)
+    assert np.array_equal(streamed.final_eval.bank.images, eager.final_eval.bank.images)
+    assert streamed.train.source_fingerprint == eager.train.source_fingerprint
+    pieces = streamed.train.images.chunks(16)
+    assert sorted(i for _, ids in pieces for i in ids.tolist()) == sorted(eager.train.sample_ids.tolist())
+    assert all(len(ids) <= 16 for _, ids in pieces)
+    got = read_packed_rows(*pieces[0], 32)
+    where = [eager.train.sample_ids.tolist().index(i) for i in got["sample_id"].tolist()]
+    assert np.array_equal(got["image"], eager.train.images[where])
+
+
+def cfg_overrides(out: Path) -> list[str]:
+    return [
+        "data.source=packed", f"data.root={out}", "data.store_size=32", "data.train_size=40", "data.knn_bank_size=30",
+        "data.knn_query_size=6", "data.holdout_fraction=0.1", "eval.val_every=0",
+    ]
 
 
 def test_stream_refuses_unknown_remote_args(clean, tmp_path: Path):
