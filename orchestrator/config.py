@@ -133,6 +133,9 @@ class TrainConfig(_Strict):
     precision: Precision = Field("auto", description="auto: bf16 autocast on CUDA, fp32 on CPU")
     channels_last: bool = Field(True, description="channels_last student on CUDA")
     compile: bool = Field(False, description="torch.compile the student backbone")
+    ddp_compression: Literal["none", "fp16", "bf16"] = Field(
+        "none", description="compress the DDP gradient all-reduce (half the bytes; gradients rounded on the wire)"
+    )
 
 
 class CacheConfig(_Strict):

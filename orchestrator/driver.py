@@ -110,8 +110,9 @@ class _Progress:
             self.tracker.log_metrics(m, step=int(m["epoch"]))
             val = f", val 20-NN {m['val/top1_20nn']:.2f}" if "val/top1_20nn" in m else ""
             log.info(
-                "epoch %d/%d: loss %.4f, %.0f images/s, %.1f s%s", int(m["epoch"]) + 1, self.epochs,
-                m["train/loss"], m["train/images_per_s"], m["train/epoch_s"], val,
+                "epoch %d/%d: loss %.4f, %.0f images/s, %.1f s (%.1f s waiting for data, %.1f of it for the first batch)%s",
+                int(m["epoch"]) + 1, self.epochs, m["train/loss"], m["train/images_per_s"], m["train/epoch_s"],
+                m.get("train/data_wait_s", 0.0), m.get("train/first_batch_wait_s", 0.0), val,
             )
         return epoch, done
 

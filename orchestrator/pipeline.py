@@ -32,7 +32,6 @@ from simreg.orchestrator.teacher_pool import TeacherInference, TeacherSpec, add_
 from simreg.orchestrator.views import ViewPlan
 
 log = logging.getLogger("simreg")
-ROWS_PER_BLOCK = 256
 
 
 @ray.remote(num_cpus=0)
@@ -127,6 +126,7 @@ def start_teachers(specs: list[TeacherSpec], state: ray.actor.ActorHandle, res: 
             TeacherServer.options(  # type: ignore[misc]
                 num_cpus=res.cpus_per_actor, num_gpus=res.gpus_per_actor, max_restarts=-1, max_task_retries=-1,
                 resources=res.resources or None, label_selector=res.label_selector or None,
+                runtime_env={"env_vars": dict(res.env_vars)} if res.env_vars else None,
                 scheduling_strategy="DEFAULT",  # not inside a Tune trial's placement group (it holds 0.01 CPU)
             ).remote(t, res.threads, state, res.teacher_options)
             for _ in range(res.actors_per_teacher)
@@ -170,13 +170,14 @@ class PoolResources:
     cpus_per_view_task: float = 0.25
     resources: dict[str, float] = field(default_factory=dict)  # custom resources per teacher actor
     label_selector: dict[str, str] = field(default_factory=dict)  # node labels per teacher actor
+    env_vars: dict[str, str] = field(default_factory=dict)  # environment of the teacher actors' processes
 
 
-def images_dataset(images: ImageSet) -> Dataset:
+def images_dataset(images: ImageSet, rows_per_block: int) -> Dataset:
     """Rows {sample_id, label, image}; many small blocks so the stream starts early and shuffles by block."""
     tables = []
-    for i in range(0, len(images), ROWS_PER_BLOCK):
-        sl = slice(i, i + ROWS_PER_BLOCK)
+    for i in range(0, len(images), rows_per_block):
+        sl = slice(i, i + rows_per_block)
         tables.append(
             pa.table({
                 "sample_id": pa.array(images.sample_ids[sl]),
@@ -205,9 +206,10 @@ def build_train_dataset(
     plan: ViewPlan, res: PoolResources,
 ) -> Dataset:
     """Images -> this epoch's views and every teacher's targets, block order randomized per epoch. In-memory
-    images travel as blocks of ``ROWS_PER_BLOCK`` rows; a streamed pack as pieces of its shards."""
+    images travel as blocks of one teacher batch (``teacher_pool.batch_size`` rows: the first block of an
+    epoch reaches the students after one teacher call); a streamed pack as pieces of its shards."""
     streamed = images.streamed
-    ds = (packed_dataset(images, res.batch_size) if streamed else images_dataset(images)).randomize_block_order()
+    ds = (packed_dataset(images, res.batch_size) if streamed else images_dataset(images, res.batch_size)).randomize_block_order()
     return ds.map_batches(
         _views_and_targets,  # type: ignore[arg-type]  # keyword-only extras come from fn_kwargs
         fn_kwargs={"state": state, "seed": seed, "plan": plan, "teachers": teachers},

@@ -27,9 +27,18 @@ from simreg.orchestrator.loop import train_epoch
 PROGRESS_EVERY = 4  # steps between progress pings from rank 0
 
 
-def _checked(batches: Iterator[dict[str, torch.Tensor]], epoch: int, seen: list[torch.Tensor]) -> Iterator[dict[str, torch.Tensor]]:
-    """Refuse a batch rendered for another epoch and record the sample ids this rank trained on."""
-    for b in batches:
+def _checked(
+    batches: Iterator[dict[str, torch.Tensor]], epoch: int, seen: list[torch.Tensor], waits: list[float],
+) -> Iterator[dict[str, torch.Tensor]]:
+    """Refuse a batch rendered for another epoch, record the sample ids this rank trained on and the
+    seconds spent waiting for each batch (``waits[0]``: for the first one)."""
+    it = iter(batches)
+    while True:
+        t0 = time.perf_counter()
+        b = next(it, None)
+        waits.append(time.perf_counter() - t0)
+        if b is None:
+            return
         ep = b["epoch"]
         if ep.numel() and (int(ep.min()) != epoch or int(ep.max()) != epoch):
             raise DataError(f"pipeline produced views of epoch {sorted(set(ep.tolist()))} during epoch {epoch}")
@@ -108,6 +117,11 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         objective = objective.to(memory_format=torch.channels_last)
     amp = torch.bfloat16 if cfg.train.precision == "bf16" or (cfg.train.precision == "auto" and cuda) else None
     model: Any = ray.train.torch.prepare_model(objective)  # DDP: gloo on CPU, nccl on GPU
+    if cfg.train.ddp_compression != "none" and isinstance(model, torch.nn.parallel.DistributedDataParallel):
+        from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
+
+        hook = default_hooks.bf16_compress_hook if cfg.train.ddp_compression == "bf16" else default_hooks.fp16_compress_hook
+        model.register_comm_hook(None, hook)
     if cfg.train.compile:
         model = torch.compile(model)  # checkpoints keep reading ``objective``: its state-dict keys are unchanged
     view_key = view_plan(cfg).student_key  # "view" (shared with the teachers) or "student_view"
@@ -126,9 +140,10 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         if rank == 0:
             ray.get(state.set_epoch.remote(epoch))
         seen: list[torch.Tensor] = []
+        waits: list[float] = []
         t0 = time.perf_counter()
         batches = shard.iter_torch_batches(batch_size=per_worker_batch, device=device, drop_last=False, pin_memory=cuda)
-        stats = train_epoch(model, _checked(batches, epoch, seen), optimizer, scheduler, names, device, on_step, view_key, amp)
+        stats = train_epoch(model, _checked(batches, epoch, seen, waits), optimizer, scheduler, names, device, on_step, view_key, amp)
         wall = time.perf_counter() - t0
         if rank == 0 and os.environ.get("SIMREG_DATA_STATS"):  # Ray Data's per-stage timings, for tuning
             print(f"[simreg] epoch {epoch} Ray Data stats (rank 0):\n{shard.stats()}", flush=True)
@@ -138,7 +153,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         vec = torch.tensor([stats.images, stats.skipped_images, stats.steps] + [stats.sums[k] for k in keys], dtype=torch.float64, device=device)
         dist.all_reduce(vec)
         vec = vec.cpu()
-        wall_t = torch.tensor([wall], dtype=torch.float64, device=device)
+        # slowest rank: epoch wall time, wait for the first batch, all waits for batches (a data stall)
+        wall_t = torch.tensor([wall, waits[0] if waits else 0.0, sum(waits)], dtype=torch.float64, device=device)
         dist.all_reduce(wall_t, op=dist.ReduceOp.MAX)
         wall_t = wall_t.cpu()
         ids = torch.cat(seen).cpu() if seen else torch.zeros(0, dtype=torch.int64)
@@ -151,8 +167,10 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             "train/images_skipped": vec[1].item(),
             "train/images_dropped_by_split": float(config["n_train"] - world * rows),
             "train/steps_per_worker": vec[2].item() / world,
-            "train/images_per_s": images / max(wall_t.item(), 1e-9),
-            "train/epoch_s": wall_t.item(),
+            "train/images_per_s": images / max(wall_t[0].item(), 1e-9),
+            "train/epoch_s": wall_t[0].item(),
+            "train/first_batch_wait_s": wall_t[1].item(),
+            "train/data_wait_s": wall_t[2].item(),
             "train/lr": float(scheduler.get_last_lr()[0]),
             "train/unique_ids": float(unique_ids),  # distinct sample ids trained on, all ranks together
             "train/duplicate_ids": float(duplicate_ids),  # ids seen more than once this epoch (expected 0)
