@@ -4,6 +4,7 @@ format) and ``heads.safetensors`` (heads kept apart: they are discarded after di
 from __future__ import annotations
 
 import random
+import re
 from pathlib import Path
 from typing import Any
 
@@ -77,3 +78,14 @@ def restore(
 def _python_rng() -> list[Any]:
     version, internal, gauss = random.getstate()
     return [version, list(internal), gauss]
+
+
+def committed_epochs(storage: Path) -> set[int]:
+    """Epochs whose checkpoint (``epoch_NNNN``) Ray Train has registered in its checkpoint manager snapshot
+    under ``storage`` (the run's ``storage_path/name``). A checkpoint folder appears before that, while it is
+    still being persisted: a failure then resumes from the checkpoint before it."""
+    try:
+        text = (storage / "checkpoint_manager_snapshot.json").read_text()
+    except OSError:
+        return set()
+    return {int(m) for m in re.findall(r"epoch_(\d{4,})", text)}

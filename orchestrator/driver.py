@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from simreg.models.errors import ConfigError, SimRegError
+from simreg.orchestrator.checkpoint import committed_epochs
 from simreg.orchestrator.config import SimRegConfig, flatten, validate_config
 from simreg.orchestrator.data import ImageSet
 from simreg.orchestrator.run import failure_config, images_per_epoch, init_ray, make_trainer, plan_placement, prepare
@@ -78,12 +79,17 @@ def _eval_task(
 
 
 class _Progress:
-    """Driver-side thread: a progress bar per epoch and MLflow logging of epoch metrics as they land."""
+    """Driver-side thread: a progress bar per epoch, a log line per epoch as it lands, and MLflow logging of
+    each epoch's metrics once Ray Train has committed that epoch's checkpoint (``committed``): an epoch a
+    failure makes the run redo is then logged once, by the attempt whose checkpoint the run continues from."""
 
-    def __init__(self, state: Any, tracker: Tracker, images_per_epoch: int, epochs: int) -> None:
+    def __init__(self, state: Any, tracker: Tracker, images_per_epoch: int, epochs: int, committed: Any) -> None:
         self.state, self.tracker, self.total, self.epochs = state, tracker, images_per_epoch, epochs
-        self.history: list[dict[str, float]] = []
+        self.committed = committed  # () -> set of epochs whose checkpoints Ray Train has registered
+        self.history: list[dict[str, float]] = []  # the latest report of each epoch, in order of arrival
         self.placements: list[str] = []
+        self._seen = 0  # RunState reports consumed
+        self._logged: set[int] = set()  # epochs written to MLflow
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
 
@@ -99,21 +105,26 @@ class _Progress:
     def _drain(self) -> tuple[int, int]:
         import ray
 
-        epoch, done, new, placed = ray.get(self.state.poll.remote(len(self.history), len(self.placements)))
+        epoch, done, new, placed = ray.get(self.state.poll.remote(self._seen, len(self.placements)))
+        self._seen += len(new)
         for p in placed:
             self.placements.append(p)
             log.info(p)
         for m in new:
-            if any(h["epoch"] == m["epoch"] for h in self.history):  # re-reported after a worker-group restart
-                continue
-            self.history.append(m)
-            self.tracker.log_metrics(m, step=int(m["epoch"]))
+            self.history = [h for h in self.history if h["epoch"] != m["epoch"]] + [m]  # a redone epoch: its new report
             val = f", val 20-NN {m['val/top1_20nn']:.2f}" if "val/top1_20nn" in m else ""
             log.info(
                 "epoch %d/%d: loss %.4f, %.0f images/s, %.1f s (%.1f s waiting for data, %.1f of it for the first batch)%s",
                 int(m["epoch"]) + 1, self.epochs, m["train/loss"], m["train/images_per_s"], m["train/epoch_s"],
                 m.get("train/data_wait_s", 0.0), m.get("train/first_batch_wait_s", 0.0), val,
             )
+        pending = [m for m in self.history if int(m["epoch"]) not in self._logged]
+        if pending:
+            ready = self.committed()
+            for m in pending:
+                if int(m["epoch"]) in ready:
+                    self.tracker.log_metrics(m, step=int(m["epoch"]))
+                    self._logged.add(int(m["epoch"]))
         return epoch, done
 
     def _run(self) -> None:
@@ -188,7 +199,8 @@ def distill(cfg: SimRegConfig, output_dir: Path, tracking_uri: str | None = None
         if resuming:
             log.info("resuming the interrupted run in %s from its latest checkpoint", output_dir)
         t_fit = time.perf_counter()
-        with _Progress(state, tracker, images_per_epoch(prep), cfg.train.epochs) as progress:
+        storage = output_dir / "ray" / "train"
+        with _Progress(state, tracker, images_per_epoch(prep), cfg.train.epochs, lambda: committed_epochs(storage)) as progress:
             result = trainer.fit()
         fit_s = time.perf_counter() - t_fit
         if result.error is not None:

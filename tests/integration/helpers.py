@@ -3,13 +3,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from simreg.orchestrator.checkpoint import committed_epochs
+
 
 def committed(out: Path, epoch: int) -> bool:
-    """True once Ray Train registered ``epoch_<epoch>`` in its checkpoint manager snapshot (the folder
-    itself appears earlier, while the checkpoint is still being persisted: a failure then restarts from the
-    checkpoint before it)."""
-    snap = out / "ray" / "train" / "checkpoint_manager_snapshot.json"
-    try:
-        return f"epoch_{epoch:04d}" in snap.read_text()
-    except OSError:
-        return False
+    """True once Ray Train registered ``epoch_<epoch>`` of the run in ``out`` (see ``committed_epochs``)."""
+    return epoch in committed_epochs(out / "ray" / "train")
