@@ -1,11 +1,11 @@
 """Marks a driver's MLflow run KILLED when the driver dies without ending it (SIGKILL, OOM killer, a lost
 node), so no run is left RUNNING forever.
 
-The driver starts ``python -m simreg.orchestrator.reaper RUN_ID TRACKING_URI TOKEN`` as a child in its
-own session; the child sleeps until its parent is gone (its parent pid changes: no pid-reuse race), then
-ends the run and its RUNNING child runs (a sweep's trials) as KILLED, unless the run was ended normally
-or a newer driver took it over (its ``simreg.driver`` tag no longer holds TOKEN). A driver that ends
-normally stops its reaper first.
+The driver starts ``python -m simreg.orchestrator.reaper RUN_ID TOKEN PARENT_PID`` (the tracking URI in
+its environment, not on a command line others can read) as a child in its own session; the child sleeps
+until its parent is gone (its parent pid changes: no pid-reuse race), then ends the run and its RUNNING
+child runs (a sweep's trials) as KILLED, unless the run was ended normally or a newer driver took it over
+(its ``simreg.driver`` tag no longer holds TOKEN). A driver that ends normally stops its reaper first.
 """
 from __future__ import annotations
 
@@ -16,14 +16,16 @@ import time
 from typing import Any
 
 DRIVER_TAG = "simreg.driver"
+URI_ENV = "SIMREG_REAPER_TRACKING_URI"
 
 
 def spawn(run_id: str, tracking_uri: str, token: str) -> subprocess.Popen[bytes] | None:
     """Start the reaper for the calling process; None where it cannot start (the run then relies on the
     next ``simreg`` on the same output folder to find it RUNNING and mark it)."""
     try:
-        return subprocess.Popen(
-            [sys.executable, "-m", "simreg.orchestrator.reaper", run_id, tracking_uri, token, str(os.getpid())],
+        return subprocess.Popen(  # the URI (it may hold a password) goes by environment, not on the command line
+            [sys.executable, "-m", "simreg.orchestrator.reaper", run_id, token, str(os.getpid())],
+            env={**os.environ, URI_ENV: tracking_uri},
             stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
         )
     except OSError:
@@ -50,7 +52,8 @@ def mark_killed(client: Any, run_id: str, token: str | None, reason: str) -> lis
 
 
 def main(argv: list[str]) -> int:
-    run_id, uri, token, parent = argv[0], argv[1], argv[2], int(argv[3])
+    run_id, token, parent = argv[0], argv[1], int(argv[2])
+    uri = os.environ[URI_ENV]
     while os.getppid() == parent:
         time.sleep(0.5)
     from mlflow.tracking import MlflowClient
