@@ -24,7 +24,7 @@ import os
 import shutil
 import time
 import uuid
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -79,7 +79,8 @@ def key_digest(key: Mapping[str, Any]) -> str:
     return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:20]
 
 
-def _write_atomic(path: Path, write: Any) -> None:
+def write_atomic(path: Path, write: Callable[[Path], Any]) -> None:
+    """``write(tmp)`` then rename to ``path``: readers never see a partial file; the temp file never stays."""
     tmp = path.parent / f".tmp-{uuid.uuid4().hex}-{path.name}"
     try:
         write(tmp)
@@ -99,7 +100,7 @@ class TargetCache:
         meta = self.dir / META
         if not meta.is_file():
             body = {"key": self.key, "teacher": teacher_name, "dim": dim, "created": time.strftime("%Y-%m-%dT%H:%M:%S")}
-            _write_atomic(meta, lambda p: p.write_text(json.dumps(body, indent=2)))
+            write_atomic(meta, lambda p: p.write_text(json.dumps(body, indent=2)))
         self._where: dict[int, dict[int, tuple[int, int]]] = {}  # view index -> sample id -> (chunk, row)
         self._chunks: dict[int, list[np.ndarray]] = {}  # view index -> (n, dim) fp16 arrays
         self._read: dict[int, set[str]] = {}  # view index -> shard names already indexed
@@ -173,7 +174,7 @@ class TargetCache:
             "sample_id": pa.array(sample_ids),
             "target": pa.FixedSizeListArray.from_arrays(pa.array(targets.ravel()), self.dim),
         })
-        _write_atomic(d / name, lambda p: pq.write_table(table, p))
+        write_atomic(d / name, lambda p: pq.write_table(table, p))
         self._read.setdefault(v, set()).add(name)
         self._add(v, sample_ids, targets.copy())
 

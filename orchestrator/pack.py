@@ -25,7 +25,6 @@ import logging
 import os
 import struct
 import time
-import uuid
 from collections import Counter
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -39,6 +38,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from simreg.models.errors import DataError
+from simreg.orchestrator.cache import write_atomic
 from simreg.orchestrator.data import ImageSet, decode_image, holdout_split, is_image_file, open_rgb, split_dirs
 
 log = logging.getLogger("simreg")
@@ -283,15 +283,6 @@ def _row_digest(h: Any, sample_id: int, label: int, image_sha256: bytes) -> None
     h.update(image_sha256)
 
 
-def _write_atomic(path: Path, write: Callable[[Path], Any]) -> None:
-    tmp = path.parent / f".tmp-{uuid.uuid4().hex}-{path.name}"
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
 def _check_out_dir(src: Path, out: Path, overwrite: bool) -> None:
     if out == src or src in out.parents:
         raise DataError(f"output folder {str(out)!r} is inside the image folder {str(src)!r}: it would be read as a "
@@ -344,7 +335,7 @@ def _write_split(sc: SplitScan, dest: Path, shard_rows: int, pool: ThreadPoolExe
         }, schema=SCHEMA)
         name = f"part-{k:05d}.parquet"
         # Encoded images do not compress further: only the small columns are.
-        _write_atomic(dest / name, functools.partial(pq.write_table, table, compression={
+        write_atomic(dest / name, functools.partial(pq.write_table, table, compression={
             "sample_id": "zstd", "label": "zstd", "image": "none", "path": "zstd", "mode": "zstd"}))
         shards.append(name)
         nbytes += (dest / name).stat().st_size
@@ -396,7 +387,7 @@ def pack_image_folder(
         "source": str(src), "classes": report.classes, "train": next(iter(splits)), "held_out": report.held_out,
         "shard_rows": shard_rows, "splits": splits, "scan": report.to_dict(),
     }
-    _write_atomic(out / MANIFEST, lambda p: p.write_text(json.dumps(manifest, indent=1)))
+    write_atomic(out / MANIFEST, lambda p: p.write_text(json.dumps(manifest, indent=1)))
     return manifest
 
 

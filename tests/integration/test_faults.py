@@ -22,6 +22,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.helpers import wait_while_running
 from tests.integration.helpers import committed
 
 pytestmark = [pytest.mark.ray, pytest.mark.faults, pytest.mark.timeout(600)]
@@ -82,14 +83,18 @@ def _distill(tmp: Path, name: str, *extra: str) -> dict:
     return distill(load_config(None, [f"name={name}", *SMALL, *extra]), tmp / name)
 
 
-@pytest.fixture(scope="module")
-def teacher_killed(ray_cluster, tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("faults")
+def _distill_killing(tmp: Path, name: str, class_name: str, delay_s: float) -> tuple[dict, list[int]]:
+    """A small distill during which one live ``class_name`` actor is SIGKILLed mid epoch 1."""
     killed: list[int] = []
-    t = _kill_when(tmp / "teacher_kill", "PooledTeacher", 1.0, killed)
-    summary = _distill(tmp, "teacher_kill")
+    t = _kill_when(tmp / name, class_name, delay_s, killed)
+    summary = _distill(tmp, name)
     t.join(timeout=5)
     return summary, killed
+
+
+@pytest.fixture(scope="module")
+def teacher_killed(ray_cluster, tmp_path_factory):
+    return _distill_killing(tmp_path_factory.mktemp("faults"), "teacher_kill", "PooledTeacher", 1.0)
 
 
 def test_teacher_actor_killed_pipeline_continues(teacher_killed):
@@ -106,11 +111,7 @@ def test_teacher_actor_killed_pipeline_continues(teacher_killed):
 
 
 def test_student_worker_killed_resumes_from_checkpoint(teacher_killed, tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("faults")
-    killed: list[int] = []
-    t = _kill_when(tmp / "worker_kill", "RayTrainWorker", 0.5, killed)
-    summary = _distill(tmp, "worker_kill")
-    t.join(timeout=5)
+    summary, killed = _distill_killing(tmp_path_factory.mktemp("faults"), "worker_kill", "RayTrainWorker", 0.5)
     assert len(killed) == 1, "no student worker was found alive mid-run"
     _check_accounting(summary)
     # one restart, from the last committed checkpoint: epochs before it by the first attempt, the rest
@@ -146,10 +147,7 @@ def test_driver_killed_then_rerun_resumes_same_mlflow_run(teacher_killed, ray_cl
 
     client = MlflowClient(f"sqlite:///{out / 'mlflow.db'}")
     run_id = (out / "mlflow_run_id").read_text().strip()
-    deadline = time.time() + 30
-    while time.time() < deadline and client.get_run(run_id).info.status == "RUNNING":
-        time.sleep(0.5)
-    killed = client.get_run(run_id)
+    killed = wait_while_running(client, run_id)
     assert killed.info.status == "KILLED", "the dead driver's run was left RUNNING"
     assert killed.data.tags["simreg.end_reason"] == "driver process died"
     time.sleep(2)  # the dead job's actors are reclaimed

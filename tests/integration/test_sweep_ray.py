@@ -13,6 +13,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.helpers import wait_while_running
+
 pytestmark = [pytest.mark.ray, pytest.mark.faults, pytest.mark.timeout(1200)]
 
 
@@ -63,10 +65,7 @@ def resumed_sweep(tmp_path_factory, teachers_dir):
 
     client = MlflowClient(f"sqlite:///{out / 'mlflow.db'}")
     parent_id = (out / "mlflow_run_id").read_text().strip()
-    deadline = time.time() + 30
-    while time.time() < deadline and client.get_run(parent_id).info.status == "RUNNING":
-        time.sleep(0.5)
-    parent = client.get_run(parent_id)
+    parent = wait_while_running(client, parent_id)
     assert parent.info.status == "KILLED" and parent.data.tags["simreg.end_reason"] == "driver process died"
     children = client.search_runs([parent.info.experiment_id], f"tags.mlflow.parentRunId = '{parent_id}'")
     assert {c.info.status for c in children} <= {"FINISHED", "KILLED"}, [c.info.status for c in children]

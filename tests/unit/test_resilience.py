@@ -18,6 +18,7 @@ import torch
 
 from simreg.models.errors import ConfigError
 from simreg.orchestrator.config import load_config
+from tests.helpers import wait_while_running
 
 
 def test_elastic_workers_config_and_ray_scaling_config():
@@ -147,20 +148,13 @@ def _driver(out: Path, mode: str) -> tuple[str, str, int]:
     return run_id, child_id, p.returncode
 
 
-def _wait_status(client, run_id: str, not_status: str = "RUNNING", timeout: float = 30) -> str:
-    deadline = time.time() + timeout
-    while time.time() < deadline and client.get_run(run_id).info.status == not_status:
-        time.sleep(0.3)
-    return client.get_run(run_id).info.status
-
-
 def test_reaper_marks_a_killed_drivers_runs_and_a_rerun_resumes_the_same_run(tmp_path):
     from mlflow.tracking import MlflowClient
 
     run_id, child_id, rc = _driver(tmp_path, "die")
     assert rc == -signal.SIGKILL
     client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
-    assert _wait_status(client, run_id) == "KILLED"
+    assert wait_while_running(client, run_id).info.status == "KILLED"
     assert client.get_run(child_id).info.status == "KILLED"  # a sweep's trial runs too
     assert client.get_run(run_id).data.tags["simreg.end_reason"] == "driver process died"
 
