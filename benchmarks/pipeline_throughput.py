@@ -23,7 +23,7 @@ from typing import Any
 import torch
 from common import fused_batches  # benchmarks/common.py (the script's folder is on sys.path)
 
-from simreg.orchestrator.builders import build_objective, build_optimizer, teacher_specs, view_plan
+from simreg.orchestrator.builders import build_objective, build_optimizer, student_layout, teacher_specs, view_plan
 from simreg.orchestrator.config import SimRegConfig, load_config
 from simreg.orchestrator.loop import train_epoch
 from simreg.orchestrator.run import prepare
@@ -42,10 +42,11 @@ def inprocess(cfg: SimRegConfig, threads: int) -> list[float]:
     torch.set_num_threads(threads)
     prep = prepare(cfg, quiet=True)
     train = prep.train
-    teacher = TeacherInference(teacher_specs(cfg)[0], threads, device="cpu")
+    tp = cfg.teacher_pool  # the teacher as the product's actors run it
+    teacher = TeacherInference(teacher_specs(cfg)[0], threads, device="cpu", precision=tp.precision, channels_last=tp.channels_last)
     name = teacher.spec.name
     torch.manual_seed(cfg.seed)
-    obj = build_objective(cfg, {name: teacher.teacher.feature_dim})
+    obj = student_layout(build_objective(cfg, {name: teacher.teacher.feature_dim}), cfg)
     bs = cfg.train.batch_size
     opt, sched = build_optimizer(cfg, obj, len(train) // bs)
     plan = view_plan(cfg)

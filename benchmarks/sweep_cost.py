@@ -33,7 +33,14 @@ from common import (  # benchmarks/common.py (the script's folder is on sys.path
     require_teachers,
 )
 
-from simreg.orchestrator.builders import build_objective, build_optimizer, cache_spec, teacher_specs, view_plan
+from simreg.orchestrator.builders import (
+    build_objective,
+    build_optimizer,
+    cache_spec,
+    student_layout,
+    teacher_specs,
+    view_plan,
+)
 from simreg.orchestrator.config import SimRegConfig
 from simreg.orchestrator.data import load_splits
 from simreg.orchestrator.loop import train_epoch
@@ -54,10 +61,12 @@ def trial_config(a: argparse.Namespace, depth: int, width: float, cache_dir: str
 def run_trial(cfg: SimRegConfig, train: Any) -> dict[str, Any]:
     t0 = time.perf_counter()
     timer = {"teacher": 0.0, "views": 0.0}  # summed by fused_batches
-    teacher = TeacherInference(teacher_specs(cfg)[0], cfg.teacher_pool.threads, device="cpu", cache=cache_spec(cfg, train))
+    tp = cfg.teacher_pool  # the teacher as the product's actors run it
+    teacher = TeacherInference(teacher_specs(cfg)[0], tp.threads, device="cpu", cache=cache_spec(cfg, train), precision=tp.precision,
+                               channels_last=tp.channels_last)
     setup_s = time.perf_counter() - t0
     torch.manual_seed(cfg.seed)
-    obj = build_objective(cfg, {teacher.spec.name: teacher.teacher.feature_dim})
+    obj = student_layout(build_objective(cfg, {teacher.spec.name: teacher.teacher.feature_dim}), cfg)
     bs = cfg.train.batch_size
     opt, sched = build_optimizer(cfg, obj, len(train) // bs)
     plan, name = view_plan(cfg), teacher.spec.name

@@ -131,7 +131,7 @@ class TrainConfig(_Strict):
     epochs: int = Field(8, ge=1)
     batch_size: int = Field(128, ge=2, description="global batch, split over the workers")
     precision: Precision = Field("auto", description="auto: bf16 autocast on CUDA, fp32 on CPU")
-    channels_last: bool = Field(True, description="channels_last student on CUDA")
+    channels_last: bool = Field(True, description="channels_last student weights (CPU and CUDA)")
     compile: bool = Field(False, description="torch.compile the student backbone")
     ddp_compression: Literal["none", "fp16", "bf16"] = Field(
         "none", description="compress the DDP gradient all-reduce (half the bytes; gradients rounded on the wire)"
@@ -189,7 +189,7 @@ class TeacherPoolConfig(_Strict):
     threads: int = Field(2, ge=1, description="torch threads in each teacher actor")
     batch_size: int = Field(128, ge=1)
     precision: Precision = Field("auto", description="auto: bf16 autocast on CUDA, fp32 on CPU")
-    channels_last: bool = Field(True, description="channels_last teacher on CUDA")
+    channels_last: bool = Field(True, description="channels_last teacher weights and inputs (CPU and CUDA)")
     compile: bool = Field(False, description="torch.compile the teacher backbone")
     resources: dict[str, float] = Field(
         default_factory=dict, description="extra (custom) Ray resources each teacher actor holds, e.g. {teacher_gpu: 1}"
