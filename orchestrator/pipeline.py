@@ -1,7 +1,7 @@
 """The Ray Data pipeline: images (in memory, or a pack's Parquet shards) -> views -> targets from each
 teacher's actors.
 
-Ray Data re-executes the whole pipeline on every ``iter_torch_batches()`` call (one per epoch), strictly
+Ray Data re-executes the whole pipeline on every iteration of the split (one per epoch), strictly
 one execution after another (the split coordinator shuts an execution down before it starts the next).
 The view stage reads the epoch from a tiny ``RunState`` actor that rank 0 advances between epochs,
 behind a barrier, so view parameters are a pure function of (seed, epoch, sample_id).

@@ -205,7 +205,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     if cfg.train.compile:
         model = torch.compile(model)  # checkpoints keep reading ``objective``: its state-dict keys are unchanged
     view_key = view_plan(cfg).student_key  # "view" (shared with the teachers) or "student_view"
-    shard = ray.train.get_dataset_shard("train")  # once; iter_torch_batches() once per epoch
+    shard = ray.train.get_dataset_shard("train")  # once; iterated once per epoch (_batches)
     steps_done = [0]
 
     def on_step(n: int, _: dict[str, float]) -> None:
