@@ -49,7 +49,7 @@ def _parser() -> argparse.ArgumentParser:
     ev.add_argument("--arch", required=True, help="timm architecture of the weights")
     ev.add_argument("--format", default="auto", choices=["auto", "plain", "moco", "mocov3", "swav", "dino"],
                     help="checkpoint layout (auto: detected)")
-    ev.add_argument("--data", default="fashion-mnist", help="fashion-mnist or an ImageFolder directory")
+    ev.add_argument("--data", default="fashion-mnist", help="fashion-mnist, a pack (simreg data pack) or an ImageFolder directory")
     ev.add_argument("--input-size", type=int, default=64, help="model input resolution (the demo student: 32)")
     ev.add_argument("--mean", type=float, nargs="+", default=[0.2860], help="per-channel mean (1 or 3 values)")
     ev.add_argument("--std", type=float, nargs="+", default=[0.3530], help="per-channel std (1 or 3 values)")

@@ -18,6 +18,16 @@ from simreg.orchestrator.data import load_splits
 from simreg.orchestrator.evaluation import extract_features, knn_top1, linear_probe
 
 
+def data_source(data: str) -> tuple[str, str | None]:
+    """``--data``: ``fashion-mnist``, a pack written by ``simreg data pack`` (it has a manifest), or an
+    ImageFolder directory."""
+    if data == "fashion-mnist":
+        return "fashion-mnist", None
+    from simreg.orchestrator.pack import MANIFEST
+
+    return ("packed" if (Path(data).expanduser() / MANIFEST).is_file() else "image-folder"), data
+
+
 def evaluate_weights(
     weights: Path, arch: str, *, data: str = "fashion-mnist", input_size: int = 64, view_size: int = 64,
     mean: tuple[float, ...] = FMNIST_MEAN, std: tuple[float, ...] = FMNIST_STD, bank_size: int | None = None,
@@ -34,7 +44,7 @@ def evaluate_weights(
     if len(std) == 1:
         std = std * 3
     model = load_teacher("eval", arch, weights, InputTransform(input_size, tuple(mean), tuple(std)), key="--weights/--arch", layout=layout, model_kwargs=model_kwargs)
-    source, root = ("fashion-mnist", None) if data == "fashion-mnist" else ("image-folder", data)
+    source, root = data_source(data)
     train, test = load_splits(source, root, True, 96, seed, 0.1)
     bank, query = train.subset(bank_size, seed + 1), test.subset(query_size, seed + 2)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")

@@ -355,3 +355,16 @@ def test_stream_refuses_unknown_remote_args(clean, tmp_path: Path):
     pack_image_folder(clean, tmp_path / "out")
     with pytest.raises(DataError, match=r"\['scheduling_strategy'\] not supported here: use \['num_cpus'"):
         read_packed_dataset(tmp_path / "out", ray_remote_args={"num_cpus": 0.5, "scheduling_strategy": "SPREAD"})
+
+
+def test_eval_reads_a_pack_like_its_folder(clean: Path, teachers_dir: Path, tmp_path: Path):
+    """``simreg eval --data PACK``: the same bank, queries and accuracies as on the folder it was packed from."""
+    from simreg.orchestrator.eval_cli import evaluate_weights
+
+    pack_image_folder(clean, tmp_path / "pack", shard_rows=16)
+    w = teachers_dir / "fmnist_simclr_resnet10t.safetensors"
+    on_pack = evaluate_weights(w, "resnet10t", data=str(tmp_path / "pack"), threads=1)
+    on_folder = evaluate_weights(w, "resnet10t", data=str(clean), threads=1)
+    keys = ("bank_images", "query_images", "feature_dim", "top1_1nn", "top1_20nn")
+    assert {k: on_pack[k] for k in keys} == {k: on_folder[k] for k in keys}
+    assert on_pack["bank_images"] + on_pack["query_images"] == 64
