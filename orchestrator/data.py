@@ -12,6 +12,7 @@ import os
 import shutil
 import struct
 import urllib.request
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -63,6 +64,21 @@ class ImageSet:
         if not self.streamed:
             return self
         return ImageSet(np.asarray(self.images), self.labels, self.sample_ids, self.classes, self.name, self.source_fingerprint)
+
+    def blocks(self, rows: int) -> Iterator[dict[str, np.ndarray]]:
+        """{sample_id, image} blocks of at most ``rows`` rows covering the set once; a streamed pack is
+        read and decoded one block (a piece of one shard) at a time, so memory stays at one block."""
+        if not self.streamed:
+            for i in range(0, len(self), rows):
+                yield {"sample_id": self.sample_ids[i : i + rows], "image": np.asarray(self.images[i : i + rows])}
+            return
+        from simreg.orchestrator.pack import PackedRows, read_packed_rows  # pack imports this module
+
+        packed = self.images
+        assert isinstance(packed, PackedRows)
+        for shard, ids in packed.chunks(rows):
+            got = read_packed_rows(shard, ids, packed.store_size)
+            yield {"sample_id": got["sample_id"], "image": got["image"]}
 
     def subset(self, n: int | None, seed: int) -> ImageSet:
         """A class-stratified-by-chance random subset of ``n`` images (all when n is None or >= N)."""

@@ -368,3 +368,34 @@ def test_eval_reads_a_pack_like_its_folder(clean: Path, teachers_dir: Path, tmp_
     keys = ("bank_images", "query_images", "feature_dim", "top1_1nn", "top1_20nn")
     assert {k: on_pack[k] for k in keys} == {k: on_folder[k] for k in keys}
     assert on_pack["bank_images"] + on_pack["query_images"] == 64
+
+
+def test_cache_warm_reads_a_streamed_pack_block_by_block(clean: Path, tmp_path: Path, capsys):
+    """`simreg cache warm` on a streamed pack decodes one block at a time, and fills exactly the keys and rows
+    that the same pack loaded into memory asks for."""
+    from simreg.orchestrator.config import load_config
+    from simreg.orchestrator.data import load_splits
+
+    pack_image_folder(clean, tmp_path / "pack", shard_rows=16)
+    lazy, _ = load_splits("packed", str(tmp_path / "pack"), False, 96, 0, 0.1, lazy=True)
+    eager, _ = load_splits("packed", str(tmp_path / "pack"), False, 96, 0, 0.1)
+    assert lazy.streamed and not eager.streamed
+    got = list(lazy.blocks(10))
+    assert max(len(b["sample_id"]) for b in got) <= 10
+    ids = np.concatenate([b["sample_id"] for b in got])
+    assert sorted(ids.tolist()) == sorted(eager.sample_ids.tolist())  # every row once
+    where = {int(s): i for i, s in enumerate(eager.sample_ids)}
+    for b in got:  # the same pixels as the in-memory load
+        assert np.array_equal(b["image"], eager.images[[where[int(s)] for s in b["sample_id"]]])
+
+    base = ["cache", "warm", "--dir", str(tmp_path / "cache"), "data.source=packed", f"data.root={tmp_path / 'pack'}",
+            "data.train_size=null", "data.knn_bank_size=20", "data.knn_query_size=6", "train.epochs=2",
+            "augment.view_bank=2", "teacher_pool.batch_size=16", "teacher_pool.threads=1"]
+    n = len(eager)
+    assert main([*base, "data.stream=true"]) == 0
+    rep = json.loads(capsys.readouterr().out)["teachers"]["simclr_r10t"]
+    assert (rep["computed_rows"], rep["cached_rows"]) == (2 * n, 0)
+    assert main([*base, "data.stream=false"]) == 0  # the in-memory load: same key, every row already there
+    rep = json.loads(capsys.readouterr().out)["teachers"]["simclr_r10t"]
+    assert (rep["computed_rows"], rep["cached_rows"]) == (0, 2 * n)
+    assert load_config(None, base[4:]).data.stream  # streaming is the packed default
