@@ -1,7 +1,7 @@
 """channels_last against the contiguous (NCHW) layout on the CPU, for the demo's teacher forward and student step.
 
     python benchmarks/cpu_layout.py                          # 2 threads x batch 128, and 1 thread x batch 64
-    python benchmarks/cpu_layout.py --json layout.json --reps 12
+    python benchmarks/cpu_layout.py --json layout.json --reps 40
 
 The product's defaults (``teacher_pool.channels_last``, ``train.channels_last``) put weights, and the
 teacher's inputs, in channels_last on every device. Each row: the same model, batch and threads in both
@@ -17,11 +17,15 @@ from typing import Any
 
 import torch
 
-from simreg.models import InputTransform, build_backbone
-from simreg.orchestrator.builders import build_objective, build_optimizer
+from simreg.orchestrator.builders import (
+    build_objective,
+    build_optimizer,
+    student_layout,
+    teacher_options,
+    teacher_specs,
+)
 from simreg.orchestrator.config import load_config
-
-MS = ((0.286,) * 3, (0.353,) * 3)
+from simreg.orchestrator.teacher_pool import TeacherInference
 
 
 def rate(fn: Callable[[], None], batch: int, reps: int) -> float:
@@ -34,26 +38,17 @@ def rate(fn: Callable[[], None], batch: int, reps: int) -> float:
 
 
 def measure(threads: int, batch: int, reps: int) -> dict[str, dict[str, float]]:
-    torch.set_num_threads(threads)
-    cfg = load_config(None, [])  # the demo: resnet10t teacher at 64 px, resnet10t student at 32 px, 4L head
-    view = torch.rand(batch, 1, cfg.data.view_size, cfg.data.view_size)
     out: dict[str, dict[str, float]] = {"teacher forward": {}, "student step": {}}
     for layout in ("contiguous", "channels_last"):
-        cl = layout == "channels_last"
-        teacher = build_backbone(cfg.teachers[0].arch).eval()
-        tf = InputTransform(cfg.teachers[0].input_size, *MS)
-        if cl:
-            teacher = teacher.to(memory_format=torch.channels_last)
-
-        @torch.no_grad()
-        def forward() -> None:
-            x = tf(view)
-            teacher(x.contiguous(memory_format=torch.channels_last) if cl else x)
-
-        torch.manual_seed(0)
-        obj = build_objective(cfg, {"t": 512})
-        if cl:
-            obj = obj.to(memory_format=torch.channels_last)
+        flag = str(layout == "channels_last").lower()
+        # the demo (resnet10t teacher at 64 px, resnet10t student at 32 px, 4L head) in this layout
+        cfg = load_config(None, [f"teacher_pool.channels_last={flag}", f"train.channels_last={flag}"])
+        # the teacher as the product's actors run it (its real weights; sets torch's threads)
+        teacher = TeacherInference(teacher_specs(cfg)[0], threads, device="cpu", **teacher_options(cfg))
+        torch.manual_seed(0)  # the same views, targets and student initialisation in both layouts
+        view = torch.rand(batch, 1, cfg.data.view_size, cfg.data.view_size)
+        views = view.numpy()
+        obj = student_layout(build_objective(cfg, {"t": 512}), cfg)
         opt, _ = build_optimizer(cfg, obj, 100)
         tgt = {"t": torch.randn(batch, 512)}
 
@@ -63,14 +58,14 @@ def measure(threads: int, batch: int, reps: int) -> dict[str, dict[str, float]]:
             loss.backward()
             opt.step()
 
-        out["teacher forward"][layout] = rate(forward, batch, reps)
+        out["teacher forward"][layout] = rate(lambda: teacher.targets(views), batch, reps)
         out["student step"][layout] = rate(step, batch, reps)
     return out
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--reps", type=int, default=8)
+    ap.add_argument("--reps", type=int, default=20)
     ap.add_argument("--json", default=None)
     a = ap.parse_args()
     rows: list[dict[str, Any]] = []

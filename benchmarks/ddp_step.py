@@ -4,8 +4,8 @@
     python benchmarks/ddp_step.py --json ddp.json --steps 30
 
 Variants (each a fresh pair of processes, in this order): ``no DDP`` (each process steps alone), ``DDP``
-(torch's defaults), ``DDP, bucket views`` (``gradient_as_bucket_view=True``, what the workers use), ``DDP,
-bucket views, bf16 hook`` (``train.ddp_compression=bf16``). Per step: wall ms and CPU ms (user + system
+(torch's defaults), ``DDP, bucket views`` (the workers' ``DDP_OPTIONS``: ``gradient_as_bucket_view=True``),
+``DDP, bucket views, bf16 hook`` (plus ``train.ddp_compression=bf16``, through the workers' ``compress_allreduce``). Per step: wall ms and CPU ms (user + system
 of the process, so gloo's threads count), mean of the 2 ranks; ratio = CPU ms / the no-DDP CPU ms.
 """
 from __future__ import annotations
@@ -22,17 +22,25 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-VARIANTS = {
+from simreg.orchestrator.builders import (
+    DDP_OPTIONS,
+    build_objective,
+    build_optimizer,
+    compress_allreduce,
+    student_layout,
+)
+from simreg.orchestrator.config import load_config
+
+# name -> None (no DDP) or (DDP's options, train.ddp_compression)
+VARIANTS: dict[str, tuple[dict[str, Any], str] | None] = {
     "no DDP": None,
-    "DDP": {},
-    "DDP, bucket views": {"gradient_as_bucket_view": True},
-    "DDP, bucket views, bf16 hook": {"gradient_as_bucket_view": True, "hook": "bf16"},
+    "DDP": ({}, "none"),
+    "DDP, bucket views": (DDP_OPTIONS, "none"),
+    "DDP, bucket views, bf16 hook": (DDP_OPTIONS, "bf16"),
 }
 
 
-def _rank(rank: int, port: int, kw: dict[str, Any] | None, steps: int, batch: int, q: Any) -> None:
-    from simreg.orchestrator.builders import build_objective, build_optimizer, student_layout
-    from simreg.orchestrator.config import load_config
+def _rank(rank: int, port: int, variant: tuple[dict[str, Any], str] | None, steps: int, batch: int, q: Any) -> None:
 
     torch.set_num_threads(1)  # as in a Ray Train worker (scaling.threads_per_worker)
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
@@ -40,13 +48,10 @@ def _rank(rank: int, port: int, kw: dict[str, Any] | None, steps: int, batch: in
     torch.manual_seed(0)
     obj = student_layout(build_objective(cfg, {"t": 512}), cfg)
     model: Any = obj
-    if kw is not None:
-        opts = {k: v for k, v in kw.items() if k != "hook"}
-        model = torch.nn.parallel.DistributedDataParallel(obj, **opts)
-        if kw.get("hook") == "bf16":
-            from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
-
-            model.register_comm_hook(None, default_hooks.bf16_compress_hook)
+    if variant is not None:
+        options, compression = variant
+        model = torch.nn.parallel.DistributedDataParallel(obj, **options)
+        compress_allreduce(model, compression)
     opt, _ = build_optimizer(cfg, model, 100)
     view, tgt = torch.rand(batch, 1, 64, 64), {"t": torch.randn(batch, 512)}
 
@@ -83,9 +88,9 @@ def main() -> None:
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     ctx = mp.get_context("spawn")
     rows = []
-    for name, kw in VARIANTS.items():
+    for name, variant in VARIANTS.items():
         q, port = ctx.Queue(), _free_port()
-        procs = [ctx.Process(target=_rank, args=(r, port, kw, a.steps, a.batch, q)) for r in range(2)]
+        procs = [ctx.Process(target=_rank, args=(r, port, variant, a.steps, a.batch, q)) for r in range(2)]
         for p in procs:
             p.start()
         res = [q.get() for _ in procs]

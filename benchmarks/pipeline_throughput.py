@@ -23,7 +23,14 @@ from typing import Any
 import torch
 from common import fused_batches  # benchmarks/common.py (the script's folder is on sys.path)
 
-from simreg.orchestrator.builders import build_objective, build_optimizer, student_layout, teacher_specs, view_plan
+from simreg.orchestrator.builders import (
+    build_objective,
+    build_optimizer,
+    student_layout,
+    teacher_options,
+    teacher_specs,
+    view_plan,
+)
 from simreg.orchestrator.config import SimRegConfig, load_config
 from simreg.orchestrator.loop import train_epoch
 from simreg.orchestrator.run import prepare
@@ -42,8 +49,7 @@ def inprocess(cfg: SimRegConfig, threads: int) -> list[float]:
     torch.set_num_threads(threads)
     prep = prepare(cfg, quiet=True)
     train = prep.train
-    tp = cfg.teacher_pool  # the teacher as the product's actors run it
-    teacher = TeacherInference(teacher_specs(cfg)[0], threads, device="cpu", precision=tp.precision, channels_last=tp.channels_last)
+    teacher = TeacherInference(teacher_specs(cfg)[0], threads, device="cpu", **teacher_options(cfg))  # as the product's actors run it
     name = teacher.spec.name
     torch.manual_seed(cfg.seed)
     obj = student_layout(build_objective(cfg, {name: teacher.teacher.feature_dim}), cfg)

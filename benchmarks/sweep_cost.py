@@ -38,6 +38,7 @@ from simreg.orchestrator.builders import (
     build_optimizer,
     cache_spec,
     student_layout,
+    teacher_options,
     teacher_specs,
     view_plan,
 )
@@ -61,9 +62,8 @@ def trial_config(a: argparse.Namespace, depth: int, width: float, cache_dir: str
 def run_trial(cfg: SimRegConfig, train: Any) -> dict[str, Any]:
     t0 = time.perf_counter()
     timer = {"teacher": 0.0, "views": 0.0}  # summed by fused_batches
-    tp = cfg.teacher_pool  # the teacher as the product's actors run it
-    teacher = TeacherInference(teacher_specs(cfg)[0], tp.threads, device="cpu", cache=cache_spec(cfg, train), precision=tp.precision,
-                               channels_last=tp.channels_last)
+    # the teacher as the product's actors run it
+    teacher = TeacherInference(teacher_specs(cfg)[0], cfg.teacher_pool.threads, device="cpu", **teacher_options(cfg, cache_spec(cfg, train)))
     setup_s = time.perf_counter() - t0
     torch.manual_seed(cfg.seed)
     obj = student_layout(build_objective(cfg, {teacher.spec.name: teacher.teacher.feature_dim}), cfg)

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -23,6 +24,13 @@ def teacher_specs(cfg: SimRegConfig) -> list[TeacherSpec]:
         )
         for i, t in enumerate(cfg.teachers)
     ]
+
+
+def teacher_options(cfg: SimRegConfig, cache: CacheSpec | None = None) -> dict[str, Any]:
+    """``TeacherInference``'s options from ``teacher_pool`` (precision, memory layout) and a target cache: the
+    teacher as the product's actors run it (they add ``compile``). Benchmarks and ``cache warm`` use it too."""
+    tp = cfg.teacher_pool
+    return {"cache": cache, "precision": tp.precision, "channels_last": tp.channels_last}
 
 
 def view_plan(cfg: SimRegConfig) -> ViewPlan:
@@ -64,8 +72,23 @@ def build_objective(cfg: SimRegConfig, teacher_dims: dict[str, int]) -> SimRegOb
 
 def student_layout(objective: SimRegObjective, cfg: SimRegConfig) -> SimRegObjective:
     """The objective in the memory layout training uses: channels_last when ``train.channels_last`` (oneDNN's
-    and cuDNN's fast layout; a 64-image step of the demo's student on one CPU thread: 4-7% faster)."""
+    and cuDNN's fast layout; a 64-image step of the demo's student on one CPU thread: 4-9% faster, `benchmarks/cpu_layout.py`)."""
     return objective.to(memory_format=torch.channels_last) if cfg.train.channels_last else objective
+
+
+# DDP's options for the student workers: gradients live in the all-reduce buckets (no copy in and out per
+# step; `benchmarks/ddp_step.py`: 3-10 ms less CPU per 64-image step of the demo's objective on one thread)
+DDP_OPTIONS = {"gradient_as_bucket_view": True}
+
+
+def compress_allreduce(model: torch.nn.Module, compression: str) -> None:
+    """``train.ddp_compression``: send the gradients as fp16 or bf16 (a DDP comm hook); ``none`` and a model
+    not wrapped in DDP (one worker) are left as they are."""
+    if compression == "none" or not isinstance(model, torch.nn.parallel.DistributedDataParallel):
+        return
+    from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
+
+    model.register_comm_hook(None, default_hooks.bf16_compress_hook if compression == "bf16" else default_hooks.fp16_compress_hook)
 
 
 def build_optimizer(

@@ -252,7 +252,7 @@ def spec_dict(obj: Any) -> dict[str, Any]:
 def warm_cache(cfg: Any, epochs: int | None = None, progress: bool = True) -> dict[str, Any]:
     """Fill the cache for ``cfg`` in this process (no Ray): every teacher, every view index a run of
     ``epochs`` (default ``train.epochs``) will use. Rows already cached are skipped."""
-    from simreg.orchestrator.builders import cache_spec, view_plan
+    from simreg.orchestrator.builders import cache_spec, teacher_options, view_plan
     from simreg.orchestrator.run import prepare
     from simreg.orchestrator.teacher_pool import TeacherInference, add_views
     from simreg.orchestrator.views import view_index
@@ -268,7 +268,7 @@ def warm_cache(cfg: Any, epochs: int | None = None, progress: bool = True) -> di
     train = prep.train  # a streamed pack stays in its shards: read and decoded one block at a time
     report: dict[str, Any] = {"cache_dir": spec.root, "view_indices": indices, "images": len(train), "teachers": {}}
     t0 = time.perf_counter()
-    infs = [TeacherInference(ts, tp.threads, cache=spec, precision=tp.precision, channels_last=tp.channels_last) for ts in prep.specs]
+    infs = [TeacherInference(ts, tp.threads, **teacher_options(cfg, spec)) for ts in prep.specs]
     seconds = [0.0] * len(infs)
     done, next_log = 0, len(train) // 10
     for batch in train.blocks(tp.batch_size):  # each block decoded once, for every view index and teacher

@@ -80,9 +80,15 @@ def _python_rng() -> list[Any]:
     return [version, list(internal), gauss]
 
 
+def train_storage(output_dir: Path) -> Path:
+    """Where Ray Train keeps a run's checkpoints (``epoch_NNNN``) and its snapshot: RunConfig's
+    ``storage_path/name`` for the run in ``output_dir``."""
+    return output_dir / "ray" / "train"
+
+
 def committed_epochs(storage: Path) -> set[int]:
     """Epochs whose checkpoint (``epoch_NNNN``) Ray Train has registered in its checkpoint manager snapshot
-    under ``storage`` (the run's ``storage_path/name``). A checkpoint folder appears before that, while it is
+    under ``storage`` (the run's ``storage_path/name``, ``train_storage``). A checkpoint folder appears before that, while it is
     still being persisted: a failure then resumes from the checkpoint before it."""
     try:
         text = (storage / "checkpoint_manager_snapshot.json").read_text()

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from simreg.models.errors import ConfigError, SimRegError
-from simreg.orchestrator.checkpoint import committed_epochs
+from simreg.orchestrator.checkpoint import committed_epochs, train_storage
 from simreg.orchestrator.config import SimRegConfig, flatten, validate_config
 from simreg.orchestrator.data import ImageSet
 from simreg.orchestrator.run import failure_config, images_per_epoch, init_ray, make_trainer, plan_placement, prepare
@@ -188,8 +188,9 @@ def distill(cfg: SimRegConfig, output_dir: Path, tracking_uri: str | None = None
     actors: list[Any] = []
     try:
         # 4. teacher actors + pipeline + trainer
+        storage = train_storage(output_dir)
         trainer, actors = make_trainer(prep, placement, state, ray.train.RunConfig(
-            name="train", storage_path=str(output_dir / "ray"),
+            name=storage.name, storage_path=str(storage.parent),
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2),
             failure_config=failure_config(cfg),
             logging_config=ray.train.LoggingConfig(log_level="WARNING"),  # type: ignore[call-arg]
@@ -199,7 +200,6 @@ def distill(cfg: SimRegConfig, output_dir: Path, tracking_uri: str | None = None
         if resuming:
             log.info("resuming the interrupted run in %s from its latest checkpoint", output_dir)
         t_fit = time.perf_counter()
-        storage = output_dir / "ray" / "train"
         with _Progress(state, tracker, images_per_epoch(prep), cfg.train.epochs, lambda: committed_epochs(storage)) as progress:
             result = trainer.fit()
         fit_s = time.perf_counter() - t_fit
@@ -301,7 +301,7 @@ RESUMABLE_CHANGES = ("scaling", "ray", "teacher_pool", "tracking", "cache")
 def check_resume(cfg: SimRegConfig, output_dir: Path) -> bool:
     """True when ``output_dir`` holds a run to resume; refuses one whose config differs in what it computes."""
     saved_file = output_dir / "config.json"
-    if not (output_dir / "ray" / "train").is_dir():
+    if not train_storage(output_dir).is_dir():
         return False
     if (output_dir / "summary.json").is_file():
         raise ConfigError(

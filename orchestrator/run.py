@@ -10,7 +10,14 @@ from dataclasses import dataclass
 from typing import Any
 
 from simreg.models.errors import ConfigError
-from simreg.orchestrator.builders import build_objective, cache_spec, shard_plan, teacher_specs, view_plan
+from simreg.orchestrator.builders import (
+    build_objective,
+    cache_spec,
+    shard_plan,
+    teacher_options,
+    teacher_specs,
+    view_plan,
+)
 from simreg.orchestrator.config import SimRegConfig
 from simreg.orchestrator.data import ImageSet, load_splits
 from simreg.orchestrator.teacher_pool import TeacherSpec
@@ -169,7 +176,7 @@ def make_trainer(prep: Prepared, placement: Placement, state: Any, run_config: A
     cfg = prep.cfg
     ray.data.DataContext.get_current().enable_progress_bars = False  # the driver draws one bar per epoch
     tp = cfg.teacher_pool
-    options = {"cache": cache_spec(cfg, prep.train), "precision": tp.precision, "channels_last": tp.channels_last, "compile": tp.compile}
+    options = {**teacher_options(cfg, cache_spec(cfg, prep.train)), "compile": tp.compile}
     res = PoolResources(tp.actors_per_teacher, tp.cpus_per_actor, placement.teacher_gpus, tp.threads, tp.batch_size, options,
                         tp.view_tasks, tp.cpus_per_view_task, dict(tp.resources), dict(tp.label_selector), teacher_env(placement))
     teachers = start_teachers(prep.specs, state, res)

@@ -67,10 +67,10 @@ class TeacherInference:
     """One teacher in one actor: ``__call__(batch)`` adds ``target_<name>`` as float16 (B, d).
 
     Weights and inputs are channels_last (``channels_last=True``: the fast layout of oneDNN on CPUs and of
-    cuDNN; on 2 CPU threads the demo's ResNet-10t teacher ran 15-28% faster); on CUDA it runs in bf16
-    autocast (``precision="auto"``); optionally compiled. With a ``cache``, rows whose (view index, sample
-    id) target is stored are served from the Parquet cache and only the others go through the teacher (then
-    are stored)."""
+    cuDNN; on 2 CPU threads the demo's ResNet-10t teacher ran 31-43% faster, ``benchmarks/cpu_layout.py``);
+    on CUDA it runs in bf16 autocast (``precision="auto"``); optionally compiled. With a ``cache``, rows whose
+    (view index, sample id) target is stored are served from the Parquet cache and only the others go through
+    the teacher (then are stored)."""
 
     def __init__(
         self, spec: TeacherSpec, threads: int = 2, device: str = "auto", cache: CacheSpec | None = None,

@@ -21,7 +21,15 @@ import torch
 import torch.distributed as dist
 
 from simreg.models.errors import DataError
-from simreg.orchestrator.builders import build_objective, build_optimizer, shard_plan, student_layout, view_plan
+from simreg.orchestrator.builders import (
+    DDP_OPTIONS,
+    build_objective,
+    build_optimizer,
+    compress_allreduce,
+    shard_plan,
+    student_layout,
+    view_plan,
+)
 from simreg.orchestrator.checkpoint import load_state, restore, save_checkpoint
 from simreg.orchestrator.config import validate_config
 from simreg.orchestrator.evaluation import knn_report
@@ -90,25 +98,29 @@ def _batches(shard: Any, batch_size: int, pin: bool, ahead: int = 2) -> Iterator
             if isinstance(item, BaseException):
                 raise item
             pending.append(item)
-            rows += len(next(iter(item.values())))
+            rows += _num_rows(item)
             while rows >= batch_size:
-                batch, pending, rows = _cut(pending, batch_size, rows)
+                batch, pending = _cut(pending, batch_size)
+                rows -= batch_size
                 yield _to_torch(batch, pin)
         if rows:
-            batch, pending, rows = _cut(pending, rows, rows)
-            yield _to_torch(batch, pin)
+            yield _to_torch(_cut(pending, rows)[0], pin)
     finally:
         stop.set()
 
 
-def _cut(pending: list[dict[str, np.ndarray]], n: int, rows: int) -> tuple[dict[str, np.ndarray], list[dict[str, np.ndarray]], int]:
-    """The first ``n`` rows of the pending blocks, and what is left."""
+def _num_rows(block: dict[str, np.ndarray]) -> int:
+    return len(next(iter(block.values())))
+
+
+def _cut(pending: list[dict[str, np.ndarray]], n: int) -> tuple[dict[str, np.ndarray], list[dict[str, np.ndarray]]]:
+    """The first ``n`` rows of the pending blocks, and the blocks left."""
     take: list[dict[str, np.ndarray]] = []
     need = n
     rest = list(pending)
     while need:
         b = rest.pop(0)
-        k = len(next(iter(b.values())))
+        k = _num_rows(b)
         if k <= need:
             take.append(b)
             need -= k
@@ -117,7 +129,7 @@ def _cut(pending: list[dict[str, np.ndarray]], n: int, rows: int) -> tuple[dict[
             rest.insert(0, {c: v[need:] for c, v in b.items()})
             need = 0
     batch = take[0] if len(take) == 1 else {c: np.concatenate([t[c] for t in take]) for c in take[0]}
-    return batch, rest, rows - n
+    return batch, rest
 
 
 def _to_torch(batch: dict[str, np.ndarray], pin: bool) -> dict[str, torch.Tensor]:
@@ -194,14 +206,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     cuda = device.type == "cuda"
     objective = student_layout(objective, cfg)
     amp = torch.bfloat16 if cfg.train.precision == "bf16" or (cfg.train.precision == "auto" and cuda) else None
-    # DDP (gloo on CPU, nccl on GPU); gradients live in the all-reduce buckets (no copy in and out each step:
-    # -8 ms of CPU per step of the demo's objective on one thread)
-    model: Any = ray.train.torch.prepare_model(objective, parallel_strategy_kwargs={"gradient_as_bucket_view": True})
-    if cfg.train.ddp_compression != "none" and isinstance(model, torch.nn.parallel.DistributedDataParallel):
-        from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
-
-        hook = default_hooks.bf16_compress_hook if cfg.train.ddp_compression == "bf16" else default_hooks.fp16_compress_hook
-        model.register_comm_hook(None, hook)
+    model: Any = ray.train.torch.prepare_model(objective, parallel_strategy_kwargs=dict(DDP_OPTIONS))  # DDP: gloo on CPU, nccl on GPU
+    compress_allreduce(model, cfg.train.ddp_compression)
     if cfg.train.compile:
         model = torch.compile(model)  # checkpoints keep reading ``objective``: its state-dict keys are unchanged
     view_key = view_plan(cfg).student_key  # "view" (shared with the teachers) or "student_view"

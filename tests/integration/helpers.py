@@ -3,9 +3,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from simreg.orchestrator.checkpoint import committed_epochs
+from simreg.orchestrator.checkpoint import committed_epochs, train_storage
 
 
 def committed(out: Path, epoch: int) -> bool:
     """True once Ray Train registered ``epoch_<epoch>`` of the run in ``out`` (see ``committed_epochs``)."""
-    return epoch in committed_epochs(out / "ray" / "train")
+    return epoch in committed_epochs(train_storage(out))
