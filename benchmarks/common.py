@@ -11,9 +11,9 @@ import numpy as np
 import torch
 
 from simreg.orchestrator.config import SimRegConfig, load_config
-from simreg.orchestrator.data import ImageSet
-from simreg.orchestrator.teacher_pool import TeacherInference, add_views
-from simreg.orchestrator.views import ViewPlan
+from simreg.orchestrator.data.imageset import ImageSet
+from simreg.orchestrator.data.views import ViewPlan
+from simreg.orchestrator.pipeline.teacher import TeacherInference, add_views
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared" / "teachers"

@@ -17,15 +17,15 @@ from typing import Any
 
 import torch
 
-from simreg.orchestrator.builders import (
+from simreg.orchestrator.config import load_config
+from simreg.orchestrator.pipeline.teacher import TeacherInference
+from simreg.orchestrator.train.builders import (
     build_objective,
     build_optimizer,
     student_layout,
     teacher_options,
     teacher_specs,
 )
-from simreg.orchestrator.config import load_config
-from simreg.orchestrator.teacher_pool import TeacherInference
 
 
 def rate(fn: Callable[[], None], batch: int, reps: int) -> float:

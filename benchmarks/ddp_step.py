@@ -22,14 +22,14 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from simreg.orchestrator.builders import (
+from simreg.orchestrator.config import load_config
+from simreg.orchestrator.train.builders import (
     DDP_OPTIONS,
     build_objective,
     build_optimizer,
     compress_allreduce,
     student_layout,
 )
-from simreg.orchestrator.config import load_config
 
 # name -> None (no DDP) or (DDP's options, train.ddp_compression)
 VARIANTS: dict[str, tuple[dict[str, Any], str] | None] = {

@@ -19,10 +19,10 @@ import numpy as np
 import torch
 
 from simreg.models import InputTransform, SimRegObjective, build_backbone, load_teacher
-from simreg.orchestrator.data import fmnist_root, load_fashion_mnist
-from simreg.orchestrator.evaluation import knn_report
-from simreg.orchestrator.loop import train_epoch
-from simreg.orchestrator.views import ViewSpec, make_views
+from simreg.orchestrator.data.fashion_mnist import fmnist_root, load_fashion_mnist
+from simreg.orchestrator.data.views import ViewSpec, make_views
+from simreg.orchestrator.evaluation.knn import knn_report
+from simreg.orchestrator.train.epoch import train_epoch
 
 MS = ((0.2860,) * 3, (0.3530,) * 3)
 REPO = Path(__file__).resolve().parents[1]

@@ -24,8 +24,10 @@ import numpy as np
 import pyarrow as pa
 from PIL import Image
 
-from simreg.orchestrator.data import fmnist_root, load_fashion_mnist, load_splits
-from simreg.orchestrator.pack import pack_image_folder, scan_image_folder
+from simreg.orchestrator.data.fashion_mnist import fmnist_root, load_fashion_mnist
+from simreg.orchestrator.data.pack.scan import scan_image_folder
+from simreg.orchestrator.data.pack.write import pack_image_folder
+from simreg.orchestrator.data.sources import load_splits
 
 
 def main() -> None:

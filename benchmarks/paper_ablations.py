@@ -34,12 +34,18 @@ from common import (  # benchmarks/common.py (the script's folder is on sys.path
 )
 
 from simreg.models import Teacher, build_backbone
-from simreg.orchestrator.builders import build_objective, build_optimizer, student_transform, teacher_specs, view_plan
 from simreg.orchestrator.config import SimRegConfig
-from simreg.orchestrator.data import load_splits
-from simreg.orchestrator.evaluation import extract_features, knn_top1, linear_probe
-from simreg.orchestrator.loop import train_epoch
-from simreg.orchestrator.views import ViewSpec, make_views
+from simreg.orchestrator.data.sources import load_splits
+from simreg.orchestrator.data.views import ViewSpec, make_views
+from simreg.orchestrator.evaluation.knn import extract_features, knn_top1, linear_probe
+from simreg.orchestrator.train.builders import (
+    build_objective,
+    build_optimizer,
+    student_transform,
+    teacher_specs,
+    view_plan,
+)
+from simreg.orchestrator.train.epoch import train_epoch
 
 HEADS = [("linear (1 layer)", 1), ("2L-MLP", 2), ("4L-MLP", 4)]
 TABLE7 = [("same", "weak", "weak"), ("same", "strong", "strong"), ("different", "weak", "weak"),

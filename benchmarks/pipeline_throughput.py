@@ -23,7 +23,9 @@ from typing import Any
 import torch
 from common import fused_batches  # benchmarks/common.py (the script's folder is on sys.path)
 
-from simreg.orchestrator.builders import (
+from simreg.orchestrator.config import SimRegConfig, load_config
+from simreg.orchestrator.pipeline.teacher import TeacherInference
+from simreg.orchestrator.train.builders import (
     build_objective,
     build_optimizer,
     student_layout,
@@ -31,10 +33,8 @@ from simreg.orchestrator.builders import (
     teacher_specs,
     view_plan,
 )
-from simreg.orchestrator.config import SimRegConfig, load_config
-from simreg.orchestrator.loop import train_epoch
-from simreg.orchestrator.run import prepare
-from simreg.orchestrator.teacher_pool import TeacherInference
+from simreg.orchestrator.train.epoch import train_epoch
+from simreg.orchestrator.train.prepare import prepare
 
 
 def config(a: argparse.Namespace) -> SimRegConfig:
@@ -66,7 +66,7 @@ def inprocess(cfg: SimRegConfig, threads: int) -> list[float]:
 
 
 def on_ray(cfg: SimRegConfig) -> dict[str, Any]:
-    from simreg.orchestrator.driver import distill
+    from simreg.orchestrator.train.distill import distill
 
     with tempfile.TemporaryDirectory(prefix="simreg-throughput-") as d:
         t0 = time.perf_counter()

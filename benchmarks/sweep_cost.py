@@ -33,7 +33,10 @@ from common import (  # benchmarks/common.py (the script's folder is on sys.path
     require_teachers,
 )
 
-from simreg.orchestrator.builders import (
+from simreg.orchestrator.config import SimRegConfig
+from simreg.orchestrator.data.sources import load_splits
+from simreg.orchestrator.pipeline.teacher import TeacherInference
+from simreg.orchestrator.train.builders import (
     build_objective,
     build_optimizer,
     cache_spec,
@@ -42,10 +45,7 @@ from simreg.orchestrator.builders import (
     teacher_specs,
     view_plan,
 )
-from simreg.orchestrator.config import SimRegConfig
-from simreg.orchestrator.data import load_splits
-from simreg.orchestrator.loop import train_epoch
-from simreg.orchestrator.teacher_pool import TeacherInference
+from simreg.orchestrator.train.epoch import train_epoch
 
 HEADS = [(d, w) for d in (1, 2, 3, 4) for w in (1.0, 2.0)]
 

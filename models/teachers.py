@@ -14,9 +14,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from simreg.models.checkpoints import LAYOUTS, adapt
 from simreg.models.errors import TeacherLoadError
 from simreg.models.students import build_backbone, feature_dim
+from simreg.models.teacher_layouts import LAYOUTS, adapt
 
 
 @dataclass(frozen=True)

@@ -30,7 +30,7 @@ def fmnist_root() -> Path:
 
 @pytest.fixture(scope="session")
 def fmnist_small(fmnist_root: Path):
-    from simreg.orchestrator.data import load_fashion_mnist
+    from simreg.orchestrator.data.fashion_mnist import load_fashion_mnist
 
     return load_fashion_mnist(fmnist_root, "test").subset(64, 0)
 

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from simreg.orchestrator.checkpoint import committed_epochs, train_storage
+from simreg.orchestrator.train.checkpoint import committed_epochs, train_storage
 
 
 def committed(out: Path, epoch: int) -> bool:

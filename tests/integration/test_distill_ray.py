@@ -32,7 +32,7 @@ def distilled(ray_cluster, teachers_dir: Path, fmnist_root: Path, tmp_path_facto
     import yaml
 
     from simreg.orchestrator.config import load_config
-    from simreg.orchestrator.driver import distill
+    from simreg.orchestrator.train.distill import distill
 
     out = tmp_path_factory.mktemp("distill")
     torch.manual_seed(0)
@@ -101,8 +101,8 @@ def test_mlflow_run_has_params_epoch_metrics_and_artifacts(distilled):
 
 
 def test_exported_student_loads_in_timm_with_same_features(distilled):
-    from simreg.orchestrator.builders import student_transform
-    from simreg.orchestrator.checkpoint import load_state
+    from simreg.orchestrator.train.builders import student_transform
+    from simreg.orchestrator.train.checkpoint import load_state
 
     cfg, out, summary = distilled
     exported = timm.create_model("resnet10t", num_classes=0)

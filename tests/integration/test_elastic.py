@@ -39,7 +39,7 @@ def cluster():
 @pytest.fixture(scope="module")
 def elastic_run(cluster, tmp_path_factory):
     from simreg.orchestrator.config import load_config
-    from simreg.orchestrator.driver import distill
+    from simreg.orchestrator.train.distill import distill
 
     c, nodes = cluster
     out = tmp_path_factory.mktemp("elastic") / "run"
@@ -115,7 +115,7 @@ def test_teachers_and_students_land_where_configured(elastic_run):
 def test_missing_custom_resource_is_refused_before_ray_waits_forever(cluster):
     from simreg.models.errors import ConfigError
     from simreg.orchestrator.config import load_config
-    from simreg.orchestrator.run import custom_check
+    from simreg.orchestrator.train.placement import custom_check
 
     cfg = load_config(None, ["scaling.num_workers=[3, 4]", "scaling.resources={student_gpu: 1}",
                              "teacher_pool.resources={teacher_gpu: 2}"])

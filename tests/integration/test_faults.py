@@ -78,7 +78,7 @@ def _check_accounting(summary: dict) -> None:
 
 def _distill(tmp: Path, name: str, *extra: str) -> dict:
     from simreg.orchestrator.config import load_config
-    from simreg.orchestrator.driver import distill
+    from simreg.orchestrator.train.distill import distill
 
     return distill(load_config(None, [f"name={name}", *SMALL, *extra]), tmp / name)
 

@@ -16,7 +16,7 @@ PROBE = textwrap.dedent("""
     import json, os
     from pathlib import Path
     from simreg.orchestrator.config import load_config
-    from simreg.orchestrator.run import init_ray
+    from simreg.orchestrator.train.trainer import init_ray
     init_ray(load_config(None, ["ray.num_cpus=1"]))
     import ray
     node = ray._private.worker.global_worker.node

@@ -11,10 +11,11 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from simreg.models import DataError
-from simreg.orchestrator.cache import CacheSpec, TargetCache, cache_entries, key_digest, spec_dict
-from simreg.orchestrator.cli import main
-from simreg.orchestrator.teacher_pool import TeacherInference, TeacherSpec, add_views
-from simreg.orchestrator.views import ViewPlan, ViewSpec, preset_spec
+from simreg.orchestrator.cache.admin import cache_entries
+from simreg.orchestrator.cache.targets import CacheSpec, TargetCache, key_digest, spec_dict
+from simreg.orchestrator.cli.main import main
+from simreg.orchestrator.data.views import ViewPlan, ViewSpec, preset_spec
+from simreg.orchestrator.pipeline.teacher import TeacherInference, TeacherSpec, add_views
 
 FM = ((0.2860,) * 3, (0.3530,) * 3)
 
@@ -61,7 +62,7 @@ def test_subsets_share_and_partial_hits_compute_only_missing_rows(teachers_dir: 
 
 
 def test_anything_in_the_key_changing_misses(teachers_dir: Path, fmnist_small, fmnist_root, tmp_path: Path):
-    from simreg.orchestrator.data import load_fashion_mnist
+    from simreg.orchestrator.data.fashion_mnist import load_fashion_mnist
 
     w = teachers_dir / "fmnist_simclr_resnet10t.safetensors"
     TeacherInference(_spec(w), threads=1, device="cpu", cache=_cache_spec(tmp_path, fmnist_small))(dict(_batch(fmnist_small, 0)))

@@ -5,7 +5,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from simreg.orchestrator.cli import main
+from simreg.orchestrator.cli.main import main
 
 
 def _run(capsys, *args: str) -> str:

@@ -5,9 +5,9 @@ from pathlib import Path
 
 import torch
 
-from simreg.orchestrator.cli import main
-from simreg.orchestrator.eval_cli import evaluate_weights
-from simreg.orchestrator.evaluation import linear_probe
+from simreg.orchestrator.cli.main import main
+from simreg.orchestrator.evaluation.knn import linear_probe
+from simreg.orchestrator.evaluation.weights import evaluate_weights
 
 
 def test_linear_probe_learns_separable_and_not_noise():

@@ -14,19 +14,14 @@ import pytest
 from PIL import Image, ImageFile
 
 from simreg.models.errors import ConfigError, DataError
-from simreg.orchestrator.cli import main
-from simreg.orchestrator.data import decode_image, load_image_folder, load_splits
-from simreg.orchestrator.pack import (
-    MANIFEST,
-    check_image,
-    decode_batch,
-    load_packed_split,
-    load_packed_splits,
-    pack_image_folder,
-    read_manifest,
-    read_packed_rows,
-    scan_image_folder,
-)
+from simreg.orchestrator.cli.main import main
+from simreg.orchestrator.data.image_folder import decode_image, load_image_folder
+from simreg.orchestrator.data.pack.format import MANIFEST
+from simreg.orchestrator.data.pack.read import decode_batch, read_manifest, read_packed_rows
+from simreg.orchestrator.data.pack.scan import check_image, scan_image_folder
+from simreg.orchestrator.data.pack.write import pack_image_folder
+from simreg.orchestrator.data.packed import load_packed_split, load_packed_splits
+from simreg.orchestrator.data.sources import load_splits
 
 AS_ROOT = hasattr(os, "geteuid") and os.geteuid() == 0
 MODES = [("L", "png"), ("RGB", "png"), ("RGBA", "png"), ("CMYK", "jpg"), ("P", "png")]  # image i is saved as MODES[i % 5]
@@ -228,7 +223,7 @@ def test_train_val_layout(tmp_path: Path, fmnist_small):
 
 
 def test_decode_batch_matches_loader(clean, tmp_path: Path):
-    """The decode stage of read_packed_dataset (Ray Data) on a plain dict of packed rows."""
+    """The decode of streamed rows (the view stage reads a pack's rows with it) on a plain dict of packed rows."""
     pack_image_folder(clean, tmp_path / "out", shard_rows=20)
     t = pq.read_table(tmp_path / "out" / "all" / "part-00001.parquet")
     batch = {k: t[k].to_numpy(zero_copy_only=False) for k in ("sample_id", "label", "image", "path")}
@@ -311,7 +306,7 @@ def test_cli_scan_and_pack(folder, clean, tmp_path: Path, capsys):
 
 def test_config_and_prepare_on_a_pack(clean, tmp_path: Path):
     from simreg.orchestrator.config import load_config
-    from simreg.orchestrator.run import prepare
+    from simreg.orchestrator.train.prepare import prepare
 
     with pytest.raises(ConfigError, match="data.source=packed needs data.root"):
         load_config(overrides=["data.source=packed"])
@@ -349,17 +344,9 @@ def cfg_overrides(out: Path) -> list[str]:
     ]
 
 
-def test_stream_refuses_unknown_remote_args(clean, tmp_path: Path):
-    from simreg.orchestrator.pack import read_packed_dataset
-
-    pack_image_folder(clean, tmp_path / "out")
-    with pytest.raises(DataError, match=r"\['scheduling_strategy'\] not supported here: use \['num_cpus'"):
-        read_packed_dataset(tmp_path / "out", ray_remote_args={"num_cpus": 0.5, "scheduling_strategy": "SPREAD"})
-
-
 def test_eval_reads_a_pack_like_its_folder(clean: Path, teachers_dir: Path, tmp_path: Path):
     """``simreg eval --data PACK``: the same bank, queries and accuracies as on the folder it was packed from."""
-    from simreg.orchestrator.eval_cli import evaluate_weights
+    from simreg.orchestrator.evaluation.weights import evaluate_weights
 
     pack_image_folder(clean, tmp_path / "pack", shard_rows=16)
     w = teachers_dir / "fmnist_simclr_resnet10t.safetensors"
@@ -374,7 +361,7 @@ def test_cache_warm_reads_a_streamed_pack_block_by_block(clean: Path, tmp_path: 
     """`simreg cache warm` on a streamed pack decodes one block at a time, and fills exactly the keys and rows
     that the same pack loaded into memory asks for."""
     from simreg.orchestrator.config import load_config
-    from simreg.orchestrator.data import load_splits
+    from simreg.orchestrator.data.sources import load_splits
 
     pack_image_folder(clean, tmp_path / "pack", shard_rows=16)
     lazy, _ = load_splits("packed", str(tmp_path / "pack"), False, 96, 0, 0.1, lazy=True)

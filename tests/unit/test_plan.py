@@ -3,10 +3,10 @@ from __future__ import annotations
 import pytest
 
 from simreg.models import ConfigError
-from simreg.orchestrator.builders import build_objective, build_optimizer, shard_plan
 from simreg.orchestrator.config import load_config
-from simreg.orchestrator.driver import knn_table
-from simreg.orchestrator.run import Placement, resource_check
+from simreg.orchestrator.evaluation.final import knn_table
+from simreg.orchestrator.train.builders import build_objective, build_optimizer, shard_plan
+from simreg.orchestrator.train.placement import Placement, resource_check
 
 CPU_ONLY = Placement(has_gpu=False, use_gpu=False, teacher_gpus=0.0)
 

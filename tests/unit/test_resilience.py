@@ -22,7 +22,7 @@ from tests.helpers import wait_while_running
 
 
 def test_elastic_workers_config_and_ray_scaling_config():
-    from simreg.orchestrator.run import Placement, failure_config, scaling_config
+    from simreg.orchestrator.train.placement import Placement, failure_config, scaling_config
 
     cfg = load_config(None, ["scaling.num_workers=[1, 4]", "scaling.resources={student_gpu: 1}",
                              "scaling.label_selector={role: student}", "scaling.resize_interval_s=5", "scaling.max_failures=-1"])
@@ -48,7 +48,7 @@ def test_batch_rule_uses_the_largest_size():
 
 
 def test_elastic_resource_rule_counts_the_minimum():
-    from simreg.orchestrator.run import Placement, resource_check
+    from simreg.orchestrator.train.placement import Placement, resource_check
 
     p = Placement(False, False, 0.0)
     resource_check(load_config(None, ["scaling.num_workers=[2, 8]"]), {"CPU": 2.0}, p)  # starts at 2, grows later
@@ -59,8 +59,8 @@ def test_elastic_resource_rule_counts_the_minimum():
 
 
 def test_checkpoint_restores_every_generator_and_the_history(tmp_path):
-    from simreg.orchestrator.builders import build_objective, build_optimizer
-    from simreg.orchestrator.checkpoint import load_state, restore, save_checkpoint
+    from simreg.orchestrator.train.builders import build_objective, build_optimizer
+    from simreg.orchestrator.train.checkpoint import load_state, restore, save_checkpoint
 
     cfg = load_config(None, ["heads.depth=1"])
     obj = build_objective(cfg, {"t": 512})
@@ -77,7 +77,7 @@ def test_checkpoint_restores_every_generator_and_the_history(tmp_path):
 
 
 def test_resume_rules(tmp_path):
-    from simreg.orchestrator.driver import check_resume, safe_config_json
+    from simreg.orchestrator.train.rundir import check_resume, safe_config_json
 
     cfg = load_config(None, ["train.epochs=3"])
     assert check_resume(cfg, tmp_path) is False  # nothing there yet
@@ -93,7 +93,7 @@ def test_resume_rules(tmp_path):
 
 
 def test_output_dir_is_locked_for_one_driver(tmp_path):
-    from simreg.orchestrator.driver import hold_output_dir
+    from simreg.orchestrator.train.rundir import hold_output_dir
 
     lock = hold_output_dir(tmp_path)
     with pytest.raises(ConfigError, match="in use by another simreg process"):
@@ -103,8 +103,8 @@ def test_output_dir_is_locked_for_one_driver(tmp_path):
 
 
 def test_redaction():
-    from simreg.orchestrator.driver import safe_config_json
-    from simreg.orchestrator.tracking import redact, redact_uri
+    from simreg.orchestrator.tracking.redact import redact, redact_uri
+    from simreg.orchestrator.train.rundir import safe_config_json
 
     assert redact_uri("https://alice:s3cr3t@mlflow.example.com/x") == "https://alice:***@mlflow.example.com/x"
     assert redact_uri("sqlite:////tmp/a@b/mlflow.db") == "sqlite:////tmp/a@b/mlflow.db"
@@ -116,7 +116,7 @@ def test_redaction():
 
 
 def test_sigterm_unwinds_as_keyboard_interrupt():
-    from simreg.orchestrator.cli import _interrupt_on_sigterm
+    from simreg.orchestrator.cli.main import _interrupt_on_sigterm
 
     old = signal.getsignal(signal.SIGTERM)
     try:
@@ -131,7 +131,7 @@ def test_sigterm_unwinds_as_keyboard_interrupt():
 DRIVER = textwrap.dedent("""
     import os, signal, sys
     from pathlib import Path
-    from simreg.orchestrator.tracking import Tracker
+    from simreg.orchestrator.tracking.mlflow_backend import Tracker
     out = Path(sys.argv[1])
     t = Tracker(f"sqlite:///{out / 'mlflow.db'}", "exp", out, "run", {})
     child = t.client.create_run(t.client.get_run(t.run_id).info.experiment_id, tags={"mlflow.parentRunId": t.run_id})
@@ -169,7 +169,7 @@ def test_reaper_marks_a_killed_drivers_runs_and_a_rerun_resumes_the_same_run(tmp
 def test_rerun_marks_a_run_left_running_without_a_reaper(tmp_path):
     from mlflow.tracking import MlflowClient
 
-    from simreg.orchestrator.tracking import RUN_ID_FILE, Tracker
+    from simreg.orchestrator.tracking.mlflow_backend import RUN_ID_FILE, Tracker
 
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     client = MlflowClient(uri)
@@ -187,7 +187,7 @@ def test_rerun_marks_a_run_left_running_without_a_reaper(tmp_path):
 
 
 def test_a_normal_end_stops_the_reaper(tmp_path):
-    from simreg.orchestrator.tracking import Tracker
+    from simreg.orchestrator.tracking.mlflow_backend import Tracker
 
     t = Tracker(f"sqlite:///{tmp_path / 'mlflow.db'}", "exp", tmp_path, "run", {})
     reaper = t._reaper
@@ -203,7 +203,7 @@ class _Payload:
 
 
 def test_checkpoint_state_with_code_is_refused(tmp_path):
-    from simreg.orchestrator.checkpoint import STATE, load_state
+    from simreg.orchestrator.train.checkpoint import STATE, load_state
 
     torch.save({"epoch": 0, "evil": _Payload()}, tmp_path / STATE)
     with pytest.raises(Exception, match="Weights only load failed|weights_only"):

@@ -7,7 +7,7 @@ import pytest
 
 from simreg.models import ConfigError
 from simreg.orchestrator.config import SimRegConfig
-from simreg.orchestrator.sweep import check_space, trial_config, tune_param_space
+from simreg.orchestrator.tune.space import check_space, trial_config, tune_param_space
 from simreg.search_spaces import load_space, shipped
 
 BASE = json.loads(SimRegConfig().model_dump_json())

@@ -8,9 +8,10 @@ from types import SimpleNamespace
 
 from mlflow.tracking import MlflowClient
 
-from simreg.orchestrator.compare import comparison_rows, markdown, table_lines
 from simreg.orchestrator.config import SimRegConfig
-from simreg.orchestrator.sweep import MlflowTrialsCallback, tune_param_space
+from simreg.orchestrator.tune.callback import MlflowTrialsCallback
+from simreg.orchestrator.tune.compare import comparison_rows, markdown, table_lines
+from simreg.orchestrator.tune.space import tune_param_space
 from simreg.search_spaces import SearchSpace
 
 BASE = json.loads(SimRegConfig().model_dump_json())

@@ -9,9 +9,11 @@ import torch
 from PIL import Image
 
 from simreg.models import DataError
-from simreg.orchestrator.data import fmnist_root, load_fashion_mnist, load_image_folder, load_splits
-from simreg.orchestrator.evaluation import knn_top1
-from simreg.orchestrator.views import ViewSpec, eval_views, make_views, view_params
+from simreg.orchestrator.data.fashion_mnist import fmnist_root, load_fashion_mnist
+from simreg.orchestrator.data.image_folder import load_image_folder
+from simreg.orchestrator.data.sources import load_splits
+from simreg.orchestrator.data.views import ViewSpec, eval_views, make_views, view_params
+from simreg.orchestrator.evaluation.knn import knn_top1
 
 
 def test_view_params_reproducible_and_vary():

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from simreg.orchestrator.worker import _batches
+from simreg.orchestrator.train.batches import _batches
 
 
 class Split:

@@ -9,11 +9,11 @@ import torch
 
 from simreg.models import InputTransform, SimRegObjective, build_backbone
 from simreg.models.errors import ConfigError
-from simreg.orchestrator.cache import CacheSpec, default_cache_dir, spec_dict
+from simreg.orchestrator.cache.targets import CacheSpec, default_cache_dir, spec_dict
 from simreg.orchestrator.config import SimRegConfig
-from simreg.orchestrator.data import ImageSet
-from simreg.orchestrator.teacher_pool import TeacherSpec
-from simreg.orchestrator.views import Preset, ViewPlan, ViewSpec, preset_spec
+from simreg.orchestrator.data.imageset import ImageSet
+from simreg.orchestrator.data.views import Preset, ViewPlan, ViewSpec, preset_spec
+from simreg.orchestrator.pipeline.teacher import TeacherSpec
 
 
 def teacher_specs(cfg: SimRegConfig) -> list[TeacherSpec]:

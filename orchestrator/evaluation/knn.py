@@ -11,7 +11,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from simreg.orchestrator.views import eval_views
+from simreg.orchestrator.data.views import eval_views
 
 
 @torch.no_grad()

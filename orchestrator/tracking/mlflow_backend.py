@@ -7,38 +7,18 @@ from __future__ import annotations
 
 import logging
 import os
-import re
 import socket
 import uuid
 from pathlib import Path
 from typing import Any
 
-from simreg.orchestrator.reaper import DRIVER_TAG
-from simreg.orchestrator.reaper import spawn as spawn_reaper
+from simreg.orchestrator.tracking.reaper import DRIVER_TAG
+from simreg.orchestrator.tracking.reaper import spawn as spawn_reaper
+from simreg.orchestrator.tracking.redact import redact
 
 log = logging.getLogger("simreg")
 RUN_ID_FILE = "mlflow_run_id"
 MAX_PARAM_LEN = 6000
-
-
-SECRET_KEY = re.compile(r"(password|passwd|secret|token|api[_-]?key|credential)", re.IGNORECASE)
-URI_USERINFO = re.compile(r"^(?P<scheme>[A-Za-z][A-Za-z0-9+.-]*://)(?P<user>[^/@:]*)(:(?P<pw>[^/@]*))?@")
-
-
-def redact_uri(uri: str) -> str:
-    """``scheme://user:password@host/...`` -> ``scheme://user:***@host/...`` (anything else unchanged)."""
-    m = URI_USERINFO.match(uri)
-    if m is None or m.group("pw") is None:
-        return uri
-    return f"{m.group('scheme')}{m.group('user')}:***@{uri[m.end():]}"
-
-
-def redact(params: dict[str, Any]) -> dict[str, Any]:
-    """Params safe to log: values of secret-looking keys hidden, passwords in URIs masked."""
-    return {
-        k: "***" if SECRET_KEY.search(k) and v not in (None, "") else (redact_uri(v) if isinstance(v, str) else v)
-        for k, v in params.items()
-    }
 
 
 def log_params(client: Any, run_id: str, params: dict[str, Any]) -> None:
@@ -71,7 +51,7 @@ class Tracker:
     """A thin wrapper over ``MlflowClient`` holding one run; reuses the run of a resumed output dir.
 
     No run is left RUNNING: ``end`` closes it (the callers' ``finally``), a reaper process closes it as
-    KILLED if the driver dies first (``simreg.orchestrator.reaper``), and a rerun on the same output dir
+    KILLED if the driver dies first (``simreg.orchestrator.tracking.reaper``), and a rerun on the same output dir
     marks a run it finds RUNNING as KILLED before resuming it (tags ``simreg.attempt``,
     ``simreg.previous_attempt_status``)."""
 
@@ -104,7 +84,7 @@ class Tracker:
             if prev is not None:
                 attempt = int(prev.data.tags.get("simreg.attempt", "1")) + 1
                 if prev.info.status == "RUNNING":  # its driver died and no reaper ended it (e.g. the host went down)
-                    from simreg.orchestrator.reaper import mark_killed
+                    from simreg.orchestrator.tracking.reaper import mark_killed
 
                     mark_killed(self.client, run_id, None, "driver died; found RUNNING by the next driver")
                     log.warning("MLflow run %s was left RUNNING by a driver that died: marked KILLED, now resumed", run_id)

@@ -1,7 +1,7 @@
 """Marks a driver's MLflow run KILLED when the driver dies without ending it (SIGKILL, OOM killer, a lost
 node), so no run is left RUNNING forever.
 
-The driver starts ``python -m simreg.orchestrator.reaper RUN_ID TOKEN PARENT_PID`` (the tracking URI in
+The driver starts ``python -m simreg.orchestrator.tracking.reaper RUN_ID TOKEN PARENT_PID`` (the tracking URI in
 its environment, not on a command line others can read) as a child in its own session; the child sleeps
 until its parent is gone (its parent pid changes: no pid-reuse race), then ends the run and its RUNNING
 child runs (a sweep's trials) as KILLED, unless the run was ended normally or a newer driver took it over
@@ -24,7 +24,7 @@ def spawn(run_id: str, tracking_uri: str, token: str) -> subprocess.Popen[bytes]
     next ``simreg`` on the same output folder to find it RUNNING and mark it)."""
     try:
         return subprocess.Popen(  # the URI (it may hold a password) goes by environment, not on the command line
-            [sys.executable, "-m", "simreg.orchestrator.reaper", run_id, token, str(os.getpid())],
+            [sys.executable, "-m", "simreg.orchestrator.tracking.reaper", run_id, token, str(os.getpid())],
             env={**os.environ, URI_ENV: tracking_uri},
             stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
         )

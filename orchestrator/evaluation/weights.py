@@ -14,8 +14,8 @@ import torch
 
 from simreg.models.teachers import InputTransform, load_teacher
 from simreg.orchestrator.config import FMNIST_MEAN, FMNIST_STD
-from simreg.orchestrator.data import load_splits
-from simreg.orchestrator.evaluation import extract_features, knn_top1, linear_probe
+from simreg.orchestrator.data.sources import load_splits
+from simreg.orchestrator.evaluation.knn import extract_features, knn_top1, linear_probe
 
 
 def data_source(data: str) -> tuple[str, str | None]:
@@ -23,7 +23,7 @@ def data_source(data: str) -> tuple[str, str | None]:
     ImageFolder directory."""
     if data == "fashion-mnist":
         return "fashion-mnist", None
-    from simreg.orchestrator.pack import MANIFEST
+    from simreg.orchestrator.data.pack.format import MANIFEST
 
     return ("packed" if (Path(data).expanduser() / MANIFEST).is_file() else "image-folder"), data
 

@@ -129,7 +129,8 @@ def _interrupt_on_sigterm() -> None:
 
 
 def _data(args: argparse.Namespace) -> int:
-    from simreg.orchestrator.pack import manifest_summary, pack_image_folder, scan_image_folder
+    from simreg.orchestrator.data.pack.scan import scan_image_folder
+    from simreg.orchestrator.data.pack.write import manifest_summary, pack_image_folder
 
     if args.workers is not None and args.workers < 1:
         print(f"simreg: error: --workers={args.workers} must be >= 1", file=sys.stderr)
@@ -152,12 +153,12 @@ def main(argv: list[str] | None = None) -> int:
         _interrupt_on_sigterm()
     try:
         if args.command == "compare":
-            from simreg.orchestrator.compare import compare
+            from simreg.orchestrator.tune.compare import compare
 
             print(compare(args.target, args.tracking_uri))
             return 0
         if args.command == "eval":
-            from simreg.orchestrator.eval_cli import evaluate_weights, write_json
+            from simreg.orchestrator.evaluation.weights import evaluate_weights, write_json
 
             for flag, vals in (("--mean", args.mean), ("--std", args.std)):
                 if len(vals) not in (1, 3):
@@ -174,7 +175,8 @@ def main(argv: list[str] | None = None) -> int:
             print(json.dumps(res, indent=2))
             return 0
         if args.command == "cache" and args.action != "warm":
-            from simreg.orchestrator.cache import cache_entries, clear_cache, default_cache_dir, entries_table
+            from simreg.orchestrator.cache.admin import cache_entries, clear_cache, entries_table
+            from simreg.orchestrator.cache.targets import default_cache_dir
 
             root = Path(args.dir).expanduser() if args.dir else default_cache_dir()
             if args.action == "info":
@@ -192,13 +194,13 @@ def main(argv: list[str] | None = None) -> int:
 
         cfg = load_config(args.config, args.overrides)
         if args.command == "cache":  # warm: the run's config decides teachers, data and views
-            from simreg.orchestrator.cache import warm_cache
+            from simreg.orchestrator.cache.warm import warm_cache
 
             cfg = load_config(args.config, [*args.overrides, "cache.enabled=true", *([f"cache.dir={args.dir}"] if args.dir else [])])
             print(json.dumps(warm_cache(cfg, args.epochs), indent=2))
             return 0
         if args.command == "sweep":
-            from simreg.orchestrator.sweep import sweep
+            from simreg.orchestrator.tune.sweep import sweep
             from simreg.search_spaces import load_space
 
             space, source = load_space(args.space)
@@ -207,7 +209,7 @@ def main(argv: list[str] | None = None) -> int:
                 return 2
             out = args.output_dir or Path("runs") / f"sweep-{Path(args.space).stem}-{time.strftime('%Y%m%d-%H%M%S')}"
             summary = sweep(cfg, space, source, out, resume=args.resume, tracking_uri=args.tracking_uri)
-            from simreg.orchestrator.compare import markdown, table_lines
+            from simreg.orchestrator.tune.compare import markdown, table_lines
 
             print(markdown(table_lines(summary["trials"], list(space.params))))
             print(f"\nsweep summary: {Path(summary['output_dir']) / 'sweep_summary.json'}\n"
@@ -218,7 +220,8 @@ def main(argv: list[str] | None = None) -> int:
 
             print(yaml.safe_dump(json.loads(cfg.model_dump_json()), sort_keys=False))
             return 0
-        from simreg.orchestrator.driver import distill, knn_table
+        from simreg.orchestrator.evaluation.final import knn_table
+        from simreg.orchestrator.train.distill import distill
 
         out = args.output_dir or Path("runs") / f"{cfg.name}-{time.strftime('%Y%m%d-%H%M%S')}"
         summary = distill(cfg, out, args.tracking_uri)

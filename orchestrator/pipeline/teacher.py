@@ -17,8 +17,8 @@ import numpy as np
 import torch
 
 from simreg.models.teachers import InputTransform, Teacher, load_teacher
-from simreg.orchestrator.cache import CacheSpec, TargetCache, weights_sha256
-from simreg.orchestrator.views import ViewPlan, make_views, view_index
+from simreg.orchestrator.cache.targets import CacheSpec, TargetCache, weights_sha256
+from simreg.orchestrator.data.views import ViewPlan, make_views, view_index
 
 log = logging.getLogger("simreg")
 Batch = dict[str, np.ndarray]

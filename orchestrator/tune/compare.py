@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from simreg.models.errors import ConfigError
-from simreg.orchestrator.tracking import RUN_ID_FILE, default_tracking_uri
+from simreg.orchestrator.tracking.mlflow_backend import RUN_ID_FILE, default_tracking_uri
 
 
 def _score(row: dict[str, Any], key: str, mode: str) -> float:

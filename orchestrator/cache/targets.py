@@ -13,7 +13,7 @@ view index; the view index is the epoch, or ``epoch mod augment.view_bank`` with
 Shards are written to a temporary name and renamed (atomic on POSIX), so a concurrent reader (another
 trial, another actor) sees a whole shard or none. Two writers of the same shard write the same bytes.
 On a multi-node cluster ``cache.dir`` must be shared storage (NFS, a mounted bucket) for nodes to share it.
-Pure numpy/pyarrow/torch: no Ray.
+Pure numpy/pyarrow: no Ray.
 """
 from __future__ import annotations
 
@@ -21,10 +21,8 @@ import hashlib
 import json
 import logging
 import os
-import shutil
 import time
-import uuid
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -35,9 +33,14 @@ import pyarrow.parquet as pq
 
 from simreg.models.errors import DataError
 from simreg.models.teachers import file_sha256
+from simreg.orchestrator.storage import write_atomic
 
 log = logging.getLogger("simreg")
+
+
 CACHE_VERSION = 1
+
+
 META = "meta.json"
 
 
@@ -77,16 +80,6 @@ class CacheSpec:
 
 def key_digest(key: Mapping[str, Any]) -> str:
     return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:20]
-
-
-def write_atomic(path: Path, write: Callable[[Path], Any]) -> None:
-    """``write(tmp)`` then rename to ``path``: readers never see a partial file; the temp file never stays."""
-    tmp = path.parent / f".tmp-{uuid.uuid4().hex}-{path.name}"
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 class TargetCache:
@@ -179,123 +172,6 @@ class TargetCache:
         self._add(v, sample_ids, targets.copy())
 
 
-# ---------------------------------------------------------------- info / clear (the `simreg cache` command)
-
-
-def cache_entries(root: str | Path | None = None) -> list[dict[str, Any]]:
-    """One row per key directory: digest, teacher, arch, views held, rows, bytes, created."""
-    base = Path(root).expanduser() if root else default_cache_dir()
-    rows: list[dict[str, Any]] = []
-    if not base.is_dir():
-        return rows
-    for d in sorted(p for p in base.iterdir() if p.is_dir()):
-        meta_path = d / META
-        try:
-            meta = json.loads(meta_path.read_text())
-        except (OSError, ValueError):
-            meta = {}
-        views = sorted(p for p in d.glob("v*") if p.is_dir())
-        n_rows = 0
-        for vd in views:
-            for shard in vd.glob("part-*.parquet"):
-                try:
-                    n_rows += pq.ParquetFile(shard).metadata.num_rows
-                except Exception:
-                    pass
-        size = sum(p.stat().st_size for p in d.rglob("*") if p.is_file())
-        t = meta.get("key", {}).get("teacher", {})
-        rows.append({
-            "key": d.name, "teacher": meta.get("teacher", "?"), "arch": t.get("arch", "?"), "dim": meta.get("dim"),
-            "precision": t.get("precision", "?"), "views": len(views), "rows": n_rows, "bytes": size,
-            "created": meta.get("created", "?"), "data": meta.get("key", {}).get("data", "?"),
-        })
-    return rows
-
-
-def clear_cache(root: str | Path | None = None, keys: list[str] | None = None) -> list[str]:
-    """Remove the given key directories (a unique prefix is enough), or all of them; returns what went."""
-    base = Path(root).expanduser() if root else default_cache_dir()
-    if not base.is_dir():
-        return []
-    present = sorted(p.name for p in base.iterdir() if p.is_dir() and (p / META).is_file())
-    if keys is None:
-        chosen = present
-    else:
-        chosen = []
-        for k in keys:
-            match = [p for p in present if p.startswith(k)]
-            if len(match) != 1:
-                raise DataError(
-                    f"cache key {k!r} matches {len(match)} entries in {base}: give a unique prefix "
-                    f"(see `simreg cache info`; present: {present})"
-                )
-            chosen.append(match[0])
-    for k in chosen:
-        shutil.rmtree(base / k)
-    return chosen
-
-
-def entries_table(rows: list[dict[str, Any]]) -> str:
-    head = ("key", "teacher", "arch", "dim", "precision", "views", "rows", "MiB", "created")
-    body = [(r["key"], str(r["teacher"]), str(r["arch"]), str(r["dim"]), str(r["precision"]), str(r["views"]), str(r["rows"]),
-             f"{r['bytes'] / 2**20:.1f}", str(r["created"])) for r in rows]
-    w = [max(len(x[i]) for x in (head, *body)) for i in range(len(head))]
-    line = lambda r: "  ".join(c.ljust(w[i]) for i, c in enumerate(r))  # noqa: E731
-    return "\n".join([line(head), *map(line, body)])
-
-
 def spec_dict(obj: Any) -> dict[str, Any]:
     """A dataclass as a JSON-able dict (tuples as lists), for keys."""
     return json.loads(json.dumps(asdict(obj)))
-
-
-def warm_cache(cfg: Any, epochs: int | None = None, progress: bool = True) -> dict[str, Any]:
-    """Fill the cache for ``cfg`` in this process (no Ray): every teacher, every view index a run of
-    ``epochs`` (default ``train.epochs``) will use. Rows already cached are skipped."""
-    from simreg.orchestrator.builders import cache_spec, teacher_options, view_plan
-    from simreg.orchestrator.run import prepare
-    from simreg.orchestrator.teacher_pool import TeacherInference, add_views
-    from simreg.orchestrator.views import view_index
-
-    prep = prepare(cfg, quiet=True)
-    spec = cache_spec(cfg, prep.train)
-    if spec is None:
-        raise DataError("the target cache is off: pass cache.enabled=true (and optionally cache.dir=...)")
-    plan = view_plan(cfg)
-    n_epochs = epochs or cfg.train.epochs
-    indices = sorted({view_index(e, plan.bank) for e in range(n_epochs)})
-    tp = cfg.teacher_pool
-    train = prep.train  # a streamed pack stays in its shards: read and decoded one block at a time
-    report: dict[str, Any] = {"cache_dir": spec.root, "view_indices": indices, "images": len(train), "teachers": {}}
-    t0 = time.perf_counter()
-    infs = [TeacherInference(ts, tp.threads, **teacher_options(cfg, spec)) for ts in prep.specs]
-    seconds = [0.0] * len(infs)
-    done, next_log = 0, len(train) // 10
-    for batch in train.blocks(tp.batch_size):  # each block decoded once, for every view index and teacher
-        n = len(batch["sample_id"])
-        for v in indices:
-            todo = []
-            for k, inf in enumerate(infs):
-                assert inf.cache is not None
-                if inf.cache.contains(v, batch["sample_id"]):  # skip rendering views nobody needs
-                    inf.cached_rows += n
-                else:
-                    todo.append(k)
-            if todo:
-                views = add_views(batch, epoch=v, seed=cfg.seed, plan=plan)  # v < bank: view_index(v) == v
-                for k in todo:
-                    t1 = time.perf_counter()
-                    infs[k](dict(views))
-                    seconds[k] += time.perf_counter() - t1
-        done += n
-        if progress and done >= next_log:
-            next_log += max(1, len(train) // 10)
-            log.info("cache warm: %d / %d images x %d view(s); %s", done, len(train), len(indices),
-                     ", ".join(f"{i.spec.name}: {i.forward_rows} computed, {i.cached_rows} already cached" for i in infs))
-    for inf, s in zip(infs, seconds, strict=True):
-        assert inf.cache is not None
-        report["teachers"][inf.spec.name] = {
-            "key": inf.cache.dir.name, "computed_rows": inf.forward_rows, "cached_rows": inf.cached_rows, "seconds": s,
-        }
-    report["wall_s"] = time.perf_counter() - t0
-    return report

@@ -1,0 +1,1 @@
+"""The ``simreg`` command line."""

@@ -1,0 +1,1 @@
+"""Labelled image sources, augmented views and packs of a user's images."""

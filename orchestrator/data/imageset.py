@@ -1,0 +1,83 @@
+"""Labelled images in memory (or streamed from storage): ``ImageSet`` and the content fingerprint.
+
+Every image keeps its index in its split as ``sample_id``; subsets keep the original ids.
+"""
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import numpy as np
+
+
+@dataclass
+class ImageSet:
+    """uint8 images (N, H, W) or (N, H, W, 3), int64 labels and ids, class names.
+
+    ``source_fingerprint`` identifies the split the ids index into (its content hash), kept by subsets:
+    the target cache keys on it, so every subset of one split shares cached targets per sample id."""
+
+    images: np.ndarray
+    labels: np.ndarray
+    sample_ids: np.ndarray
+    classes: list[str]
+    name: str
+    source_fingerprint: str = ""
+
+    def __len__(self) -> int:
+        return int(self.images.shape[0])
+
+    @property
+    def streamed(self) -> bool:
+        """Images still in a pack's Parquet shards (``data.stream``): the train pipeline reads them there."""
+        return not isinstance(self.images, np.ndarray)
+
+    def materialized(self) -> ImageSet:
+        """The same set with its images decoded into memory (itself when they already are)."""
+        if not self.streamed:
+            return self
+        return ImageSet(np.asarray(self.images), self.labels, self.sample_ids, self.classes, self.name, self.source_fingerprint)
+
+    def blocks(self, rows: int) -> Iterator[dict[str, np.ndarray]]:
+        """{sample_id, image} blocks of at most ``rows`` rows covering the set once; a streamed pack is
+        read and decoded one block (a piece of one shard) at a time, so memory stays at one block."""
+        if not self.streamed:
+            for i in range(0, len(self), rows):
+                yield {"sample_id": self.sample_ids[i : i + rows], "image": np.asarray(self.images[i : i + rows])}
+            return
+        from simreg.orchestrator.data.pack.read import read_packed_rows  # packed imports this module
+        from simreg.orchestrator.data.packed import PackedRows
+
+        packed = self.images
+        assert isinstance(packed, PackedRows)
+        for shard, ids in packed.chunks(rows):
+            got = read_packed_rows(shard, ids, packed.store_size)
+            yield {"sample_id": got["sample_id"], "image": got["image"]}
+
+    def subset(self, n: int | None, seed: int) -> ImageSet:
+        """A class-stratified-by-chance random subset of ``n`` images (all when n is None or >= N)."""
+        if n is None or n >= len(self):
+            return self
+        idx = np.sort(np.random.default_rng(seed).permutation(len(self))[:n])
+        return ImageSet(self.images[idx], self.labels[idx], self.sample_ids[idx], self.classes, self.name, self.source_fingerprint)
+
+    def split_two(self, n_a: int, n_b: int, seed: int) -> tuple[ImageSet, ImageSet]:
+        """Two disjoint random subsets of sizes n_a and n_b (shrunk proportionally when N is smaller)."""
+        if n_a + n_b > len(self):
+            n_a = max(1, len(self) * n_a // (n_a + n_b))
+            n_b = len(self) - n_a
+        perm = np.random.default_rng(seed).permutation(len(self))
+        return self.take(np.sort(perm[:n_a]), "a"), self.take(np.sort(perm[n_a : n_a + n_b]), "b")
+
+    def take(self, idx: np.ndarray, tag: str) -> ImageSet:
+        return ImageSet(self.images[idx], self.labels[idx], self.sample_ids[idx], self.classes, f"{self.name}/{tag}", self.source_fingerprint)
+
+
+def content_fingerprint(*arrays: np.ndarray) -> str:
+    h = hashlib.sha256()
+    for a in arrays:
+        a = np.ascontiguousarray(a)
+        h.update(f"{a.dtype}{a.shape}".encode())
+        h.update(a.tobytes())
+    return h.hexdigest()[:16]

@@ -1,0 +1,1 @@
+"""k-NN and the linear probe, the end-of-run evaluation, ``simreg eval``, the exported student."""

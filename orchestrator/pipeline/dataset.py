@@ -1,0 +1,94 @@
+"""The Ray Data pipeline: images (in memory, or a pack's Parquet shards) -> views -> targets from each
+teacher's actors.
+
+Ray Data re-executes the whole pipeline on every iteration of the split (one per epoch), strictly
+one execution after another (the split coordinator shuts an execution down before it starts the next).
+The view stage reads the epoch from a tiny ``RunState`` actor that rank 0 advances between epochs,
+behind a barrier, so view parameters are a pure function of (seed, epoch, sample_id).
+
+Teachers run in actors that live for the whole run (``TeacherServer``, ``num_gpus`` each on a GPU
+cluster): a Ray Data actor pool would be torn down and rebuilt at every epoch's execution, and on a
+small machine that restart (process, imports, weights, the first block through the teacher) cost ~7 s
+of every epoch in which the students waited. The view stage is a Ray Data *task* (Ray reuses its
+worker processes): it renders a block's views, puts them in the object store once and asks every
+teacher's actors for targets concurrently. A teacher actor that dies is restarted by Ray and the call
+retried (``max_restarts``/``max_task_retries``); a failed view task is retried by Ray Data.
+"""
+from __future__ import annotations
+
+import numpy as np
+import pyarrow as pa
+import ray
+from ray.data import Dataset, TaskPoolStrategy
+from ray.data.extensions import ArrowTensorArray
+
+from simreg.orchestrator.data.imageset import ImageSet
+from simreg.orchestrator.data.views import ViewPlan
+from simreg.orchestrator.pipeline.actors import PoolResources
+from simreg.orchestrator.pipeline.teacher import add_views
+
+
+def _views_and_targets(
+    batch: dict[str, np.ndarray], *, state: ray.actor.ActorHandle, seed: int, plan: ViewPlan,
+    teachers: dict[str, list[ray.actor.ActorHandle]],
+) -> dict[str, np.ndarray]:
+    """The view stage: this epoch's views of a block, then every teacher's targets for them. A streamed
+    pack's block names a piece of a shard ({shard, ids}): its rows are read and decoded here first."""
+    if "shard" in batch:
+        from simreg.orchestrator.data.pack.read import read_packed_rows
+
+        parts = [read_packed_rows(str(sh), np.asarray(ids, np.int64), int(size))
+                 for sh, ids, size in zip(batch["shard"], batch["ids"], batch["store_size"], strict=True)]
+        batch = {k: np.concatenate([p[k] for p in parts]) for k in ("sample_id", "label", "image")}
+    out = add_views(batch, epoch=ray.get(state.get_epoch.remote()), seed=seed, plan=plan)
+    request = ray.put({k: out[k] for k in ("sample_id", "view", "view_index")})  # shipped once to all teachers
+    pick = int(out["sample_id"][0]) if len(out["sample_id"]) else 0  # spreads blocks over a teacher's actors
+    refs = {name: actors[pick % len(actors)].infer.remote(request) for name, actors in teachers.items()}
+    for name, ref in refs.items():
+        out[f"target_{name}"] = ray.get(ref)
+    return out
+
+
+def images_dataset(images: ImageSet, rows_per_block: int) -> Dataset:
+    """Rows {sample_id, label, image}; many small blocks so the stream starts early and shuffles by block."""
+    tables = []
+    for i in range(0, len(images), rows_per_block):
+        sl = slice(i, i + rows_per_block)
+        tables.append(
+            pa.table({
+                "sample_id": pa.array(images.sample_ids[sl]),
+                "label": pa.array(images.labels[sl]),
+                "image": ArrowTensorArray.from_numpy(np.ascontiguousarray(images.images[sl])),
+            })
+        )
+    return ray.data.from_arrow(tables)
+
+
+def packed_dataset(images: ImageSet, rows_per_block: int) -> Dataset:
+    """A streamed pack's train rows as blocks of {shard, ids}: one block per piece of a shard, read and
+    decoded by the view stage's tasks (nothing decoded in the driver, nothing held in the object store)."""
+    from simreg.orchestrator.data.packed import PackedRows
+
+    assert isinstance(images.images, PackedRows)
+    chunks = images.images.chunks(rows_per_block)
+    size = images.images.store_size
+    return ray.data.from_items(
+        [{"shard": shard, "ids": ids.tolist(), "store_size": size} for shard, ids in chunks], override_num_blocks=len(chunks)
+    )
+
+
+def build_train_dataset(
+    images: ImageSet, teachers: dict[str, list[ray.actor.ActorHandle]], state: ray.actor.ActorHandle, seed: int,
+    plan: ViewPlan, res: PoolResources,
+) -> Dataset:
+    """Images -> this epoch's views and every teacher's targets, block order randomized per epoch. In-memory
+    images travel as blocks of one teacher batch (``teacher_pool.batch_size`` rows: the first block of an
+    epoch reaches the students after one teacher call); a streamed pack as pieces of its shards."""
+    streamed = images.streamed
+    ds = (packed_dataset(images, res.batch_size) if streamed else images_dataset(images, res.batch_size)).randomize_block_order()
+    return ds.map_batches(
+        _views_and_targets,  # type: ignore[arg-type]  # keyword-only extras come from fn_kwargs
+        fn_kwargs={"state": state, "seed": seed, "plan": plan, "teachers": teachers},
+        batch_size=1 if streamed else res.batch_size, num_cpus=res.cpus_per_view_task,
+        compute=TaskPoolStrategy(size=res.view_tasks), zero_copy_batch=True,
+    )

@@ -1,0 +1,1 @@
+"""Experiment tracking (MLflow), secret redaction and the reaper of dead drivers' runs."""

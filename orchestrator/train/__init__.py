@@ -1,0 +1,1 @@
+"""One distillation run: the driver, Ray Train wiring, the worker's epoch loop, checkpoints."""

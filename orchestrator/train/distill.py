@@ -1,0 +1,164 @@
+"""``distill(cfg)``: one SimReg distillation on Ray, in numbered phases.
+
+    simreg distill                                   # the offline demo (Fashion-MNIST, SimCLR ResNet-50 teacher)
+    simreg distill --config my.yaml train.epochs=8   # a YAML config plus dotted overrides
+    simreg distill --output-dir runs/x --tracking-uri http://127.0.0.1:5000
+
+1 data -> 2 teachers -> 3 Ray + pipeline -> 4 trainer -> 5 fit -> 6 evaluate -> 7 export -> 8 summary.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import time
+from pathlib import Path
+from typing import Any
+
+from simreg.models.errors import SimRegError
+from simreg.orchestrator.config import SimRegConfig, flatten
+from simreg.orchestrator.evaluation.final import final_knn, knn_table
+from simreg.orchestrator.tracking.mlflow_backend import Tracker, default_tracking_uri
+from simreg.orchestrator.tracking.redact import redact_uri
+from simreg.orchestrator.train.checkpoint import committed_epochs, train_storage
+from simreg.orchestrator.train.placement import failure_config, plan_placement
+from simreg.orchestrator.train.prepare import prepare
+from simreg.orchestrator.train.progress import _Progress
+from simreg.orchestrator.train.rundir import check_resume, hold_output_dir, safe_config_json
+from simreg.orchestrator.train.trainer import images_per_epoch, init_ray, make_trainer
+
+log = logging.getLogger("simreg")
+
+
+def distill(cfg: SimRegConfig, output_dir: Path, tracking_uri: str | None = None) -> dict[str, Any]:
+    """Run one distillation; writes ``output_dir/summary.json`` and returns the summary."""
+    import ray
+    import ray.train
+
+    from simreg.orchestrator.evaluation.export import export_student
+    from simreg.orchestrator.pipeline.actors import start_run_state
+
+    t_start = time.perf_counter()
+    output_dir = output_dir.resolve()
+    output_dir.mkdir(parents=True, exist_ok=True)
+    lock = hold_output_dir(output_dir)  # noqa: F841  (held until this function returns)
+    resuming = check_resume(cfg, output_dir)
+    (output_dir / "config.json").write_text(safe_config_json(cfg))
+
+    # 1-2. data (distillation subset, k-NN bank and queries, validation sets) and teachers, before Ray
+    prep = prepare(cfg)
+    specs, teacher_dims, evals = prep.specs, prep.teacher_dims, prep.final_eval
+
+    # 3. Ray, placement, tracking
+    cluster = init_ray(cfg)
+    placement = plan_placement(cfg, cluster)
+    log.info(
+        "ray: %g CPUs, %g GPUs; %d student worker(s) on %s; teacher actors on %s",
+        cluster.get("CPU", 0), cluster.get("GPU", 0), cfg.scaling.num_workers, "GPU" if placement.use_gpu else "CPU",
+        f"{placement.teacher_gpus:g} GPU each" if placement.teacher_gpus else f"CPU ({cfg.teacher_pool.threads} threads each)",
+    )
+    tracker = Tracker(
+        tracking_uri or cfg.tracking.tracking_uri or default_tracking_uri(output_dir),
+        cfg.tracking.experiment, output_dir, cfg.name, {"simreg.command": "distill", "simreg.output_dir": str(output_dir)},
+    )
+    tracker.log_params(flatten(cfg))
+    status = "FAILED"
+    state = start_run_state()
+    actors: list[Any] = []
+    try:
+        # 4. teacher actors + pipeline + trainer
+        storage = train_storage(output_dir)
+        trainer, actors = make_trainer(prep, placement, state, ray.train.RunConfig(
+            name=storage.name, storage_path=str(storage.parent),
+            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2),
+            failure_config=failure_config(cfg),
+            logging_config=ray.train.LoggingConfig(log_level="WARNING"),  # type: ignore[call-arg]
+        ))
+
+        # 5. fit (from the latest checkpoint when the output dir holds an interrupted run)
+        if resuming:
+            log.info("resuming the interrupted run in %s from its latest checkpoint", output_dir)
+        t_fit = time.perf_counter()
+        with _Progress(state, tracker, images_per_epoch(prep), cfg.train.epochs, lambda: committed_epochs(storage)) as progress:
+            result = trainer.fit()
+        fit_s = time.perf_counter() - t_fit
+        if result.error is not None:
+            raise result.error
+        if result.checkpoint is None:
+            raise SimRegError(f"training in {output_dir} produced no checkpoint: see the Ray log above")
+        from simreg.orchestrator.train.checkpoint import load_state
+
+        with result.checkpoint.as_directory() as d:
+            final = load_state(Path(d))
+
+        teacher_rows = ray.get(state.get_teacher_rows.remote())
+        records = ray.get(state.get_records.remote())
+        for name, r in teacher_rows.items():
+            log.info("teacher %s: %d rows through the teacher, %d from the target cache", name, r["forward"], r["cached"])
+
+        # 6. evaluate: k-NN of teachers, student, random-init student, in a Ray task (GPU when there is one)
+        eval_remote = ray.remote(final_knn).options(num_cpus=min(1.0, cluster.get("CPU", 1.0)), num_gpus=1 if placement.has_gpu else 0)
+        ev = ray.get(eval_remote.remote(
+            json.loads(cfg.model_dump_json()), [s.to_dict() for s in specs], teacher_dims, final["backbone"], final["heads"], evals.bank, evals.query,
+        ))
+
+        # 7. export
+        weights = export_student(final["backbone"], cfg, output_dir / "student", {"student_knn": ev["student_knn"]})
+
+        # 8. summary + MLflow; the checkpoint's history covers epochs of earlier attempts too
+        history = list(final.get("history") or progress.history)
+        imgs = sum(m["train/images"] for m in history)
+        train_s = sum(m["train/epoch_s"] for m in history)
+        summary: dict[str, Any] = {
+            "name": cfg.name,
+            "teacher_knn": ev["teacher_knn"],
+            "student_knn": ev["student_knn"],
+            "random_student_knn": ev["random_student_knn"],
+            "student_gain_20nn": ev["student_knn"]["top1_20nn"] - ev["random_student_knn"]["top1_20nn"],
+            "student_head_knn": ev.get("student_head_knn", {}),
+            "knn_weighting": cfg.eval.knn_weighting,
+            "epochs": cfg.train.epochs,
+            "train_images": len(prep.train),
+            "knn_bank_images": len(evals.bank),
+            "knn_query_images": len(evals.query),
+            "train_images_per_s": imgs / train_s if train_s > 0 else None,
+            "fit_s": fit_s,
+            "eval_s": ev["eval_s"],
+            "wall_s": time.perf_counter() - t_start,
+            "mlflow_tracking_uri": redact_uri(tracker.tracking_uri),
+            "mlflow_run_id": tracker.run_id,
+            "student_arch": cfg.student.arch,
+            "student_weights": str(weights),
+            "student_input": {"size": cfg.student_input_size, "mean": list(cfg.student.mean), "std": list(cfg.student.std)},
+            "teacher_placements": [p for p in progress.placements if p.startswith("teacher ")],
+            "placements": records,  # each teacher actor start and student worker (per attempt): node, pid, resources
+            "teacher_rows": teacher_rows,  # per teacher: rows computed ("forward") and served by the cache ("cached")
+            "history": history,
+            "output_dir": str(output_dir),
+        }
+        final_metrics = {f"knn/teacher/{n}/{k}": v for n, r in ev["teacher_knn"].items() for k, v in r.items()}
+        final_metrics.update({f"knn/student/{k}": v for k, v in ev["student_knn"].items()})
+        final_metrics.update({f"knn/random_student/{k}": v for k, v in ev["random_student_knn"].items()})
+        final_metrics.update({
+            f"knn/student_head/{where.replace('/', '_layers')}/{k}": v
+            for where, r in summary["student_head_knn"].items() for k, v in r.items()
+        })
+        final_metrics.update({"knn/student_gain_20nn": summary["student_gain_20nn"], "wall_s": summary["wall_s"]})
+        final_metrics.update({f"teacher/{n}/{k}_rows": float(v) for n, r in teacher_rows.items() for k, v in r.items()})
+        tracker.log_metrics(final_metrics, step=cfg.train.epochs)
+        tracker.log_missing_epochs(history)  # epochs of an earlier attempt whose driver died before logging them
+        table = knn_table(summary)
+        (output_dir / "knn.md").write_text(table + "\n")
+        (output_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+        for f in ("summary.json", "knn.md", "config.json"):
+            tracker.log_artifact(output_dir / f)
+        tracker.log_artifact(weights, "student")
+        tracker.log_artifact(weights.with_suffix(".json"), "student")
+        status = "FINISHED"
+        return summary
+    except (KeyboardInterrupt, SystemExit):  # Ctrl-C, SIGTERM (the CLI turns it into KeyboardInterrupt)
+        status = "KILLED"
+        raise
+    finally:
+        tracker.end(status)
+        for a in [state, *actors]:
+            ray.kill(a)

@@ -1,0 +1,111 @@
+"""Where a run's pieces go and whether the cluster holds them: CPU/GPU placement, the resource rule
+(checked before Ray Data would wait forever), Ray Train's scaling and failure configs.
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Any
+
+from simreg.models.errors import ConfigError
+from simreg.orchestrator.config import SimRegConfig
+
+log = logging.getLogger("simreg")
+
+
+@dataclass(frozen=True)
+class Placement:
+    has_gpu: bool
+    use_gpu: bool
+    teacher_gpus: float
+
+
+def trial_cpus(cfg: SimRegConfig, placement: Placement) -> float:
+    """CPUs one run holds at once: student workers + teacher actors + view-stage tasks in flight (an elastic
+    run counts its minimum size: it starts with what the cluster has, down to that)."""
+    tp = cfg.teacher_pool
+    workers = 0.0 if placement.use_gpu else cfg.scaling.min_workers * cfg.scaling.cpus_per_worker
+    return workers + len(cfg.teachers) * tp.actors_per_teacher * tp.cpus_per_actor + tp.view_tasks * tp.cpus_per_view_task
+
+
+def trial_gpus(cfg: SimRegConfig, placement: Placement) -> float:
+    """GPUs one run holds at once: student workers (when on GPU) + teacher actors."""
+    workers = cfg.scaling.min_workers if placement.use_gpu else 0
+    return workers + len(cfg.teachers) * cfg.teacher_pool.actors_per_teacher * placement.teacher_gpus
+
+
+def resource_check(cfg: SimRegConfig, cluster: dict[str, float], placement: Placement) -> None:
+    """Refuse a plan whose requests exceed the cluster: Ray Data would wait forever, silently."""
+    cpus, need = cluster.get("CPU", 0.0), trial_cpus(cfg, placement)
+    if need > cpus + 1e-9:
+        tp = cfg.teacher_pool
+        workers = "" if placement.use_gpu else (
+            f"scaling.num_workers={cfg.scaling.min_workers} x scaling.cpus_per_worker={cfg.scaling.cpus_per_worker:g} + "
+        )
+        raise ConfigError(
+            f"the plan needs {need:g} CPUs ({workers}{len(cfg.teachers)} teacher(s) x "
+            f"teacher_pool.actors_per_teacher={tp.actors_per_teacher} x teacher_pool.cpus_per_actor={tp.cpus_per_actor:g} + "
+            f"teacher_pool.view_tasks={tp.view_tasks} x teacher_pool.cpus_per_view_task={tp.cpus_per_view_task:g}) "
+            f"but the Ray cluster has {cpus:g}: lower those keys or add CPUs (ray.num_cpus)"
+        )
+    gpus_needed = trial_gpus(cfg, placement)
+    if gpus_needed > cluster.get("GPU", 0.0) + 1e-9:
+        raise ConfigError(
+            f"the plan needs {gpus_needed:g} GPU(s) (students + teacher actors) but the cluster has "
+            f"{cluster.get('GPU', 0):g}: set scaling.use_gpu=false, teacher_pool.gpus_per_actor=0, or fewer workers"
+        )
+    custom_check(cfg, cluster)
+
+
+def custom_check(cfg: SimRegConfig, cluster: dict[str, float]) -> None:
+    """Refuse custom resources the cluster does not offer in the amount the plan needs (Ray would wait
+    forever for them, as for CPUs)."""
+    need: dict[str, list[tuple[float, str]]] = {}
+    n_actors = len(cfg.teachers) * cfg.teacher_pool.actors_per_teacher
+    for k, v in cfg.teacher_pool.resources.items():
+        need.setdefault(k, []).append((v * n_actors, f"{n_actors} teacher actor(s) x teacher_pool.resources.{k}={v:g}"))
+    for k, v in cfg.scaling.resources.items():
+        n = cfg.scaling.min_workers
+        need.setdefault(k, []).append((v * n, f"{n} student worker(s) x scaling.resources.{k}={v:g}"))
+    problems = []
+    for k, parts in need.items():
+        total = sum(p[0] for p in parts)
+        if total > cluster.get(k, 0.0) + 1e-9:
+            problems.append(f"{total:g} {k!r} ({' + '.join(p[1] for p in parts)}) but the cluster offers {cluster.get(k, 0.0):g}")
+    if problems:
+        raise ConfigError(
+            "the plan needs custom resources the Ray cluster lacks: " + "; ".join(problems)
+            + ". Start the nodes with them (ray start --resources='{\"NAME\": N}') or change those keys"
+        )
+
+
+def plan_placement(cfg: SimRegConfig, cluster: dict[str, float], check: bool = True) -> Placement:
+    has_gpu = cluster.get("GPU", 0.0) >= 1
+    use_gpu = has_gpu if cfg.scaling.use_gpu == "auto" else bool(cfg.scaling.use_gpu)
+    gpa = cfg.teacher_pool.gpus_per_actor
+    teacher_gpus = (1.0 if has_gpu else 0.0) if gpa == "auto" else float(gpa)
+    placement = Placement(has_gpu, use_gpu, teacher_gpus)
+    if check:
+        resource_check(cfg, cluster, placement)
+    return placement
+
+
+def scaling_config(cfg: SimRegConfig, placement: Placement) -> Any:
+    """Ray Train's ScalingConfig: fixed N or elastic (min, max) workers, CPU or GPU, custom resources and
+    node labels per worker."""
+    from ray.train.v2.api.config import ScalingConfig  # what ray.train.ScalingConfig is under Train V2
+
+    sc = cfg.scaling
+    per_worker: dict[str, float] = {"GPU": 1.0} if placement.use_gpu else {"CPU": sc.cpus_per_worker}
+    per_worker.update(sc.resources)
+    return ScalingConfig(
+        num_workers=sc.num_workers if isinstance(sc.num_workers, int) else (sc.min_workers, sc.max_workers),
+        use_gpu=placement.use_gpu, resources_per_worker=per_worker,
+        label_selector=dict(sc.label_selector) or None, elastic_resize_monitor_interval_s=sc.resize_interval_s,
+    )
+
+
+def failure_config(cfg: SimRegConfig) -> Any:
+    import ray.train
+
+    return ray.train.FailureConfig(max_failures=cfg.scaling.max_failures)

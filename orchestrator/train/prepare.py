@@ -1,0 +1,62 @@
+"""Phases 1-2 of a run, before Ray starts: data, k-NN sets and the teachers, loaded and checked.
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+from simreg.orchestrator.config import SimRegConfig
+from simreg.orchestrator.data.imageset import ImageSet
+from simreg.orchestrator.data.sources import load_splits
+from simreg.orchestrator.pipeline.teacher import TeacherSpec
+from simreg.orchestrator.train.builders import (
+    build_objective,
+    teacher_specs,
+)
+
+log = logging.getLogger("simreg")
+
+
+@dataclass(frozen=True)
+class EvalSets:
+    bank: ImageSet
+    query: ImageSet
+
+
+@dataclass(frozen=True)
+class Prepared:
+    """Everything a run needs before Ray: the images, the k-NN sets and the checked teachers."""
+
+    cfg: SimRegConfig
+    train: ImageSet
+    final_eval: EvalSets  # bank: train split, queries: the held-out split (reported)
+    val: EvalSets | None  # bank and queries both from the train split (for model selection)
+    specs: list[TeacherSpec]
+    teacher_dims: dict[str, int]
+
+
+def prepare(cfg: SimRegConfig, quiet: bool = False) -> Prepared:
+    """Phases 1-2: load data and every teacher once, so a bad path or name fails before Ray starts."""
+    train_full, held_out = load_splits(
+        cfg.data.source, cfg.data.root, cfg.data.download, cfg.data.store_size, cfg.seed, cfg.data.holdout_fraction,
+        lazy=cfg.data.source == "packed" and cfg.data.stream,
+    )
+    # A streamed pack: only the evaluation images are decoded here; the train images stay in their shards
+    train = train_full.subset(cfg.data.train_size, cfg.seed)
+    final = EvalSets(
+        train_full.subset(cfg.data.knn_bank_size, cfg.seed + 1).materialized(),
+        held_out.subset(cfg.data.knn_query_size, cfg.seed + 2).materialized(),
+    )
+    val = None
+    if cfg.eval.val_every > 0:
+        val = EvalSets(*(s.materialized() for s in train_full.split_two(cfg.eval.val_bank_size, cfg.eval.val_query_size, cfg.seed + 3)))
+    if not quiet:
+        log.info(
+            "data: %s, %d images distilled on%s; k-NN bank %d, queries %d (%s)",
+            train.name, len(train), " (streamed from the pack's shards)" if train.streamed else "",
+            len(final.bank), len(final.query), held_out.name,
+        )
+    specs = teacher_specs(cfg)
+    dims = {s.name: s.build().feature_dim for s in specs}
+    build_objective(cfg, dims)  # fails early on an unknown student arch or a bad head design
+    return Prepared(cfg, train, final, val, specs, dims)

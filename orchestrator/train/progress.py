@@ -1,0 +1,85 @@
+"""The driver's view of a running fit: progress per epoch, a log line per epoch, MLflow logging of
+committed epochs.
+"""
+from __future__ import annotations
+
+import logging
+import threading
+from typing import Any
+
+from simreg.orchestrator.tracking.mlflow_backend import Tracker
+
+log = logging.getLogger("simreg")
+
+
+class _Progress:
+    """Driver-side thread: a progress bar per epoch, a log line per epoch as it lands, and MLflow logging of
+    each epoch's metrics once Ray Train has committed that epoch's checkpoint (``committed``): an epoch a
+    failure makes the run redo is then logged once, by the attempt whose checkpoint the run continues from."""
+
+    def __init__(self, state: Any, tracker: Tracker, images_per_epoch: int, epochs: int, committed: Any) -> None:
+        self.state, self.tracker, self.total, self.epochs = state, tracker, images_per_epoch, epochs
+        self.committed = committed  # () -> set of epochs whose checkpoints Ray Train has registered
+        self.history: list[dict[str, float]] = []  # the latest report of each epoch, in order of arrival
+        self.placements: list[str] = []
+        self._seen = 0  # RunState reports consumed
+        self._logged: set[int] = set()  # epochs written to MLflow
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def __enter__(self) -> _Progress:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self._stop.set()
+        self._thread.join(timeout=10)
+        self._drain()
+
+    def _drain(self) -> tuple[int, int]:
+        import ray
+
+        epoch, done, new, placed = ray.get(self.state.poll.remote(self._seen, len(self.placements)))
+        self._seen += len(new)
+        for p in placed:
+            self.placements.append(p)
+            log.info(p)
+        for m in new:
+            self.history = [h for h in self.history if h["epoch"] != m["epoch"]] + [m]  # a redone epoch: its new report
+            val = f", val 20-NN {m['val/top1_20nn']:.2f}" if "val/top1_20nn" in m else ""
+            log.info(
+                "epoch %d/%d: loss %.4f, %.0f images/s, %.1f s (%.1f s waiting for data, %.1f of it for the first batch)%s",
+                int(m["epoch"]) + 1, self.epochs, m["train/loss"], m["train/images_per_s"], m["train/epoch_s"],
+                m.get("train/data_wait_s", 0.0), m.get("train/first_batch_wait_s", 0.0), val,
+            )
+        pending = [m for m in self.history if int(m["epoch"]) not in self._logged]
+        if pending:
+            ready = self.committed()
+            for m in pending:
+                if int(m["epoch"]) in ready:
+                    self.tracker.log_metrics(m, step=int(m["epoch"]))
+                    self._logged.add(int(m["epoch"]))
+        return epoch, done
+
+    def _run(self) -> None:
+        from tqdm import tqdm
+
+        bar, bar_epoch = None, -1
+        while not self._stop.wait(0.5):
+            try:
+                epoch, done = self._drain()
+            except Exception:  # the state actor is gone: the run is ending
+                break
+            finished = {int(m["epoch"]) for m in self.history}
+            if bar is not None and bar_epoch in finished:
+                bar.n = bar.total
+                bar.close()
+                bar = None
+            if epoch > bar_epoch and epoch not in finished:
+                bar = tqdm(total=self.total, desc=f"epoch {epoch + 1}/{self.epochs}", unit="img", leave=True)
+                bar_epoch = epoch
+            if bar is not None:
+                bar.n = min(done, self.total)
+                bar.refresh()
+        if bar is not None:
+            bar.close()

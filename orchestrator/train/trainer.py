@@ -1,0 +1,84 @@
+"""Ray itself and the wiring of one run: teacher actors, the Ray Data pipeline and the TorchTrainer it feeds.
+"""
+from __future__ import annotations
+
+import json
+import logging
+from typing import Any
+
+from simreg.orchestrator.config import SimRegConfig
+from simreg.orchestrator.train.builders import (
+    cache_spec,
+    shard_plan,
+    teacher_options,
+    view_plan,
+)
+from simreg.orchestrator.train.placement import Placement, scaling_config
+from simreg.orchestrator.train.prepare import Prepared
+
+log = logging.getLogger("simreg")
+
+
+def init_ray(cfg: SimRegConfig) -> dict[str, float]:
+    import ray
+
+    if not ray.is_initialized():
+        ray.init(
+            address=cfg.ray.address, num_cpus=cfg.ray.num_cpus if cfg.ray.address is None else None,
+            # The dashboard serves Ray's state API, which Ray Train polls; it binds to loopback only.
+            dashboard_host="127.0.0.1", log_to_driver=True, logging_level=logging.WARNING,
+            # Ray kills a worker process idle for 1 s once more processes than CPUs exist (always, with Train
+            # and our actors); the view stage's task workers then die between epochs and every epoch paid
+            # ~5 s to start and import torch in new ones. Keep idle workers for 10 minutes.
+            _system_config={"idle_worker_killing_time_threshold_ms": 600_000} if cfg.ray.address is None else None,
+        )
+    return dict(ray.cluster_resources())
+
+
+def make_trainer(prep: Prepared, placement: Placement, state: Any, run_config: Any) -> tuple[Any, list[Any]]:
+    """Phase 3-4: the run-long teacher actors, the Ray Data pipeline (views -> targets) and the Ray Train V2
+    TorchTrainer it feeds. Returns (trainer, teacher actors): the caller kills the actors when done."""
+    import ray
+    import ray.train
+    from ray.train.torch import TorchTrainer
+
+    from simreg.orchestrator.pipeline.actors import PoolResources, start_teachers
+    from simreg.orchestrator.pipeline.dataset import build_train_dataset
+    from simreg.orchestrator.train.worker import train_loop_per_worker
+
+    cfg = prep.cfg
+    ray.data.DataContext.get_current().enable_progress_bars = False  # the driver draws one bar per epoch
+    tp = cfg.teacher_pool
+    options = {**teacher_options(cfg, cache_spec(cfg, prep.train)), "compile": tp.compile}
+    res = PoolResources(tp.actors_per_teacher, tp.cpus_per_actor, placement.teacher_gpus, tp.threads, tp.batch_size, options,
+                        tp.view_tasks, tp.cpus_per_view_task, dict(tp.resources), dict(tp.label_selector), teacher_env(placement))
+    teachers = start_teachers(prep.specs, state, res)
+    dataset = build_train_dataset(prep.train, teachers, state, cfg.seed, view_plan(cfg), res)
+    trainer = TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config={
+            "cfg": json.loads(cfg.model_dump_json()), "state": state, "teacher_dims": prep.teacher_dims,
+            "n_train": len(prep.train), "val": prep.val,
+        },
+        scaling_config=scaling_config(cfg, placement),
+        run_config=run_config,
+        datasets={"train": dataset},
+        # No shard locality: with it the split holds finished blocks back to match them to nodes, which
+        # delayed every epoch's first batch by ~2 s here; our blocks are small and mostly node-local anyway.
+        dataset_config=ray.train.DataConfig(enable_shard_locality=False),
+    )
+    return trainer, [a for actors in teachers.values() for a in actors]
+
+
+def teacher_env(placement: Placement) -> dict[str, str]:
+    """CPU teacher actors share cores with the student workers: OpenMP threads that spin after each parallel
+    region (the default) burn the cores the students need. Passive waiting measured +10% images/s on 2
+    cores (`benchmarks/pipeline_throughput.py`). A GPU teacher's host threads are left as they are."""
+    return {"OMP_WAIT_POLICY": "PASSIVE"} if placement.teacher_gpus == 0 else {}
+
+
+def images_per_epoch(prep: Prepared) -> int:
+    """Images of one epoch at the largest size (the progress bar's total)."""
+    n = prep.cfg.scaling.max_workers
+    rows, _, _ = shard_plan(len(prep.train), prep.cfg.train.batch_size, n)
+    return rows * n

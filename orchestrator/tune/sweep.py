@@ -1,0 +1,167 @@
+"""``sweep(cfg, space)``: Ray Tune over head designs / augmentation, one Ray Train run per trial, MLflow
+parent run per sweep with a nested child run per trial.
+
+    simreg sweep --space smoke                          # 3 small trials on the offline demo
+    simreg sweep --config my.yaml --space head_design --output-dir runs/heads
+    simreg sweep --space head_design --output-dir runs/heads --resume     # after an interruption
+    simreg compare runs/heads                           # the comparison table, best first
+
+Train V2 pattern: a Tune *function* trainable builds and fits one TorchTrainer per trial with
+``TuneReportCallback``; it asks Tune for a token CPU share only, the Train workers and teacher actors
+hold the real resources. Only the driver writes to MLflow, from a Tune callback.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+from ray import tune
+
+from simreg.models.errors import ConfigError, SimRegError
+from simreg.orchestrator.config import SimRegConfig
+from simreg.orchestrator.tracking.mlflow_backend import Tracker, default_tracking_uri
+from simreg.orchestrator.tracking.redact import redact_uri
+from simreg.orchestrator.tune.callback import CHILD_RUNS_FILE, MlflowTrialsCallback
+from simreg.orchestrator.tune.space import check_space, trial_config, tune_param_space
+from simreg.orchestrator.tune.trial import run_trial
+from simreg.search_spaces import SearchSpace
+
+log = logging.getLogger("simreg")
+
+
+def sweep(
+    cfg: SimRegConfig, space: SearchSpace, space_source: str, output_dir: Path, *, resume: bool = False,
+    tracking_uri: str | None = None,
+) -> dict[str, Any]:
+    """Run (or resume) a sweep; writes ``output_dir/sweep_summary.json`` and returns it."""
+    from ray.tune.schedulers import ASHAScheduler
+
+    from simreg.orchestrator.train.placement import plan_placement, trial_cpus, trial_gpus
+    from simreg.orchestrator.train.prepare import prepare
+    from simreg.orchestrator.train.rundir import hold_output_dir
+    from simreg.orchestrator.train.trainer import init_ray
+
+    t0 = time.perf_counter()
+    output_dir = output_dir.resolve()
+    tune_dir = output_dir / "tune"
+    if resume and not (tune_dir / "sweep").is_dir():
+        raise ConfigError(f"--resume: {output_dir} holds no sweep to resume (no tune/sweep folder): drop --resume or fix --output-dir")
+    if not resume and (tune_dir / "sweep").is_dir():
+        raise ConfigError(f"{output_dir} already holds a sweep: pass --resume to continue it, or choose another --output-dir")
+    output_dir.mkdir(parents=True, exist_ok=True)
+    lock = hold_output_dir(output_dir)  # noqa: F841  (held until this function returns)
+
+    # 1. the space, checked against the config; every trial must validate. A resumed sweep keeps the
+    #    space and base config it started with (the trials already run used them).
+    if resume:
+        space = SearchSpace.model_validate_json((output_dir / "space.json").read_text())
+        base_tree = json.loads((output_dir / "base_config.json").read_text())
+        log.info("resuming the sweep in %s with its original space and base config", output_dir)
+    else:
+        base_tree = check_space(space, json.loads(cfg.model_dump_json()), space_source)
+    keys = list(space.params)
+    base_cfg = trial_config(base_tree, {})
+    epochs = base_cfg.train.epochs
+    if base_cfg.eval.val_every != 1 and space.search.metric.startswith("val/"):
+        raise ConfigError("sweeps report the validation k-NN every epoch: set eval.val_every=1")
+    (output_dir / "space.json").write_text(space.model_dump_json(indent=2))
+    (output_dir / "base_config.json").write_text(json.dumps(base_tree, indent=2))
+
+    # 2. data and teachers once in the driver: a bad path fails here, not in every trial
+    prepare(base_cfg)
+
+    # 3. Ray, concurrency from the cluster's resources
+    cluster = init_ray(base_cfg)
+    placement = plan_placement(base_cfg, cluster)
+    per_trial = trial_cpus(base_cfg, placement) + 0.01
+    fit_cpu = max(1, math.floor(cluster.get("CPU", 1.0) / per_trial))
+    gpu_per_trial = trial_gpus(base_cfg, placement)
+    fit_gpu = math.floor(cluster.get("GPU", 0.0) / gpu_per_trial) if gpu_per_trial else fit_cpu
+    concurrent = space.search.max_concurrent_trials or max(1, min(fit_cpu, fit_gpu))
+    log.info("sweep: %d param(s) %s, %s search, %d concurrent trial(s) (%.2f CPUs each)", len(keys), keys,
+             space.search.algorithm, concurrent, per_trial)
+
+    # 4. MLflow parent run (reused on resume)
+    parent = Tracker(
+        tracking_uri or cfg.tracking.tracking_uri or default_tracking_uri(output_dir), cfg.tracking.experiment,
+        output_dir, f"sweep-{cfg.name}", {"simreg.command": "sweep", "simreg.output_dir": str(output_dir)},
+    )
+    parent.log_params({f"space.{k}": json.dumps(d.model_dump(exclude_none=True)) for k, d in space.params.items()}
+                      | {f"search.{k}": v for k, v in space.search.model_dump().items()})
+    runs_file = output_dir / CHILD_RUNS_FILE
+    children = MlflowTrialsCallback(parent.tracking_uri, parent.run_id, base_tree, keys, epochs, str(runs_file))
+
+    # 5. Tune
+    trainable = tune.with_resources(
+        tune.with_parameters(run_trial, base=base_tree, keys=keys, storage=str(output_dir / "trials")), {"CPU": 0.01}
+    )
+    scheduler = None
+    if space.search.scheduler == "asha":
+        scheduler = ASHAScheduler(time_attr="training_iteration", max_t=epochs, grace_period=space.search.grace_period,
+                                  reduction_factor=space.search.reduction_factor)
+    search_alg = None
+    if space.search.algorithm == "optuna":
+        from ray.tune.search.optuna import OptunaSearch
+
+        search_alg = OptunaSearch(seed=cfg.seed)
+    # Save Tune's experiment state at most every second (default: adaptive, >= 10 s), so a sweep killed
+    # right after a trial ends does not restart that trial on --resume (its Train run would restore the
+    # final checkpoint and train no further, but would still pay a start-up).
+    os.environ.setdefault("TUNE_GLOBAL_CHECKPOINT_S", "1")
+    status = "FAILED"
+    try:
+        if resume:
+            tuner = tune.Tuner.restore(str(tune_dir / "sweep"), trainable, resume_unfinished=True, resume_errored=True)
+        else:
+            tuner = tune.Tuner(
+                trainable,
+                param_space=tune_param_space(space),
+                tune_config=tune.TuneConfig(
+                    metric=space.search.metric, mode=space.search.mode, num_samples=space.search.num_samples,
+                    scheduler=scheduler, search_alg=search_alg, max_concurrent_trials=concurrent,
+                ),
+                run_config=tune.RunConfig(
+                    name="sweep", storage_path=str(tune_dir), callbacks=[children],
+                    failure_config=tune.FailureConfig(max_failures=0),
+                ),
+            )
+        tuner.fit()  # on --resume, Tune restores the pickled callback above: same runs file, same parent
+        status = "FINISHED"
+    except (KeyboardInterrupt, SystemExit):  # Ctrl-C, SIGTERM (the CLI turns it into KeyboardInterrupt)
+        status = "KILLED"
+        raise
+    finally:
+        if status != "FINISHED":
+            parent.end(status)
+
+    # 6. comparison, plots, summary
+    from simreg.orchestrator.tune.compare import comparison_rows, write_comparison
+
+    rows = comparison_rows(json.loads(runs_file.read_text()) if runs_file.is_file() else {}, space.search.metric, space.search.mode)
+    artifacts = write_comparison(rows, keys, space.search.metric, output_dir, parent)
+    best = rows[0] if rows else None
+    summary = {
+        "parent_run_id": parent.run_id,
+        "mlflow_tracking_uri": redact_uri(parent.tracking_uri),
+        "space": space_source,
+        "metric": space.search.metric,
+        "mode": space.search.mode,
+        "best_trial": best,
+        "trials": rows,
+        "artifacts": artifacts,
+        "wall_s": time.perf_counter() - t0,
+        "output_dir": str(output_dir),
+    }
+    (output_dir / "sweep_summary.json").write_text(json.dumps(summary, indent=2))
+    parent.log_artifact(output_dir / "sweep_summary.json")
+    if best is not None:
+        parent.client.log_metric(parent.run_id, f"best/{space.search.metric}", best["metrics"].get("top1_20nn", float("nan")))
+    parent.end("FINISHED")
+    if not rows:
+        raise SimRegError(f"the sweep in {output_dir} finished no trial: see the Ray log above")
+    return summary

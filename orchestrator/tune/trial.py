@@ -1,0 +1,43 @@
+"""One sweep trial, run by Tune in a function trainable: a TorchTrainer with ``TuneReportCallback``.
+"""
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from ray import tune
+
+from simreg.orchestrator.tune.space import trial_config
+
+log = logging.getLogger("simreg")
+
+
+def run_trial(config: dict[str, Any], *, base: dict[str, Any], keys: list[str], storage: str) -> None:
+    import ray
+    import ray.train
+    from ray.tune.integration.ray_train import TuneReportCallback
+
+    from simreg.orchestrator.pipeline.actors import start_run_state
+    from simreg.orchestrator.train.placement import failure_config, plan_placement
+    from simreg.orchestrator.train.prepare import prepare
+    from simreg.orchestrator.train.trainer import make_trainer
+
+    cfg = trial_config(base, {k: config[k] for k in keys})
+    prep = prepare(cfg, quiet=True)
+    placement = plan_placement(cfg, dict(ray.cluster_resources()), check=False)
+    state = start_run_state()
+    trial_id = tune.get_context().get_trial_id()
+    actors: list[Any] = []
+    try:
+        trainer, actors = make_trainer(prep, placement, state, ray.train.RunConfig(
+            name=f"trial_{trial_id}", storage_path=storage,
+            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=1), failure_config=failure_config(cfg),
+            callbacks=[TuneReportCallback()],  # type: ignore[list-item]
+            logging_config=ray.train.LoggingConfig(log_level="WARNING"),  # type: ignore[call-arg]
+        ))
+        result = trainer.fit()
+        if result.error is not None:
+            raise result.error
+    finally:
+        for a in [state, *actors]:
+            ray.kill(a)
