@@ -24,6 +24,7 @@ import numpy as np
 import pyarrow as pa
 from PIL import Image
 
+from simreg.orchestrator.config import DataConfig
 from simreg.orchestrator.data.fashion_mnist import fmnist_root, load_fashion_mnist
 from simreg.orchestrator.data.pack.scan import scan_image_folder
 from simreg.orchestrator.data.pack.write import pack_image_folder
@@ -62,8 +63,8 @@ def main() -> None:
 
         report = timed("scan_s", lambda: scan_image_folder(src, workers=a.workers))
         manifest = timed("pack_s", lambda: pack_image_folder(src, out, shard_rows=a.shard_rows, workers=a.workers, overwrite=True))
-        p_train, p_held = timed("load_packed_s", lambda: load_splits("packed", str(out), False, a.store_size, 0, 0.1))
-        f_train, f_held = timed("load_folder_s", lambda: load_splits("image-folder", str(src), False, a.store_size, 0, 0.1))
+        p_train, p_held = timed("load_packed_s", lambda: load_splits(DataConfig(source="packed", root=str(out), download=False, store_size=a.store_size, holdout_fraction=0.1, stream=False), 0))
+        f_train, f_held = timed("load_folder_s", lambda: load_splits(DataConfig(source="image-folder", root=str(src), download=False, store_size=a.store_size, holdout_fraction=0.1, stream=False), 0))
         assert report.clean and np.array_equal(p_train.images, f_train.images) and np.array_equal(p_held.images, f_held.images)
         pack_mib = manifest["splits"]["all"]["bytes"] / 2**20
     finally:

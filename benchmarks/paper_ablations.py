@@ -34,7 +34,7 @@ from common import (  # benchmarks/common.py (the script's folder is on sys.path
 )
 
 from simreg.models import Teacher, build_backbone
-from simreg.orchestrator.config import SimRegConfig
+from simreg.orchestrator.config import DataConfig, SimRegConfig
 from simreg.orchestrator.data.sources import load_splits
 from simreg.orchestrator.data.views import ViewSpec, make_views
 from simreg.orchestrator.evaluation.knn import extract_features, knn_top1, linear_probe
@@ -58,7 +58,7 @@ class Bench:
 
     def __init__(self, a: argparse.Namespace) -> None:
         self.a = a
-        train_full, test = load_splits("fashion-mnist", None, True, 96, 0, 0.1)
+        train_full, test = load_splits(DataConfig(), 0)
         self.train = train_full.subset(a.train_size, 0)  # the same images for every arm and seed
         self.bank, self.query = train_full.subset(10000, 1), test.subset(2000, 2)
         self.views: dict[tuple[ViewSpec, int, int, int], torch.Tensor] = {}

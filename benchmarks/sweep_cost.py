@@ -33,7 +33,7 @@ from common import (  # benchmarks/common.py (the script's folder is on sys.path
     require_teachers,
 )
 
-from simreg.orchestrator.config import SimRegConfig
+from simreg.orchestrator.config import DataConfig, SimRegConfig
 from simreg.orchestrator.data.sources import load_splits
 from simreg.orchestrator.pipeline.teacher import TeacherInference
 from simreg.orchestrator.train.builders import (
@@ -95,7 +95,7 @@ def main() -> None:
     torch.set_num_threads(a.threads)
     require_teachers([a.teacher])
     heads = HEADS[: a.trials]
-    train_full, _ = load_splits("fashion-mnist", None, True, 96, 0, 0.1)
+    train_full, _ = load_splits(DataConfig(source="fashion-mnist", root=None, download=True, store_size=96, holdout_fraction=0.1, stream=False), 0)
     train = train_full.subset(a.train_size, 0)
     cache_dir = tempfile.mkdtemp(prefix="simreg-sweep-cost-")
     runs: dict[str, list[dict[str, Any]]] = {"nocache": [], "cache": []}

@@ -15,6 +15,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from simreg.models.errors import ConfigError
+from simreg.orchestrator.data.sources import SOURCES, source_names
 
 BUILTIN_PREFIX = "builtin:"
 WEIGHTS_DIR = Path(__file__).resolve().parent.parent / "models" / "weights"
@@ -27,7 +28,7 @@ class _Strict(BaseModel):
 
 
 class DataConfig(_Strict):
-    source: Literal["fashion-mnist", "image-folder", "packed"] = "fashion-mnist"
+    source: str = Field("fashion-mnist", description="a registered data source (data/sources.py): fashion-mnist, image-folder, packed")
     root: str | None = Field(None, description="folder of the source; null = Debian package, then download cache")
     download: bool = Field(True, description="download Fashion-MNIST when it is not installed")
     train_size: int | None = Field(10000, ge=2, description="images of the train split distilled on (null = all)")
@@ -40,12 +41,18 @@ class DataConfig(_Strict):
     )
     holdout_fraction: float = Field(0.1, gt=0, lt=1, description="image-folder / packed held-out share when no val/ split")
 
+    @field_validator("source")
+    @classmethod
+    def _known_source(cls, v: str) -> str:
+        if v not in SOURCES:
+            raise ValueError(f"unknown data source; use one of {source_names()}")
+        return v
+
     @model_validator(mode="after")
     def _root_needed(self) -> DataConfig:
-        if self.source == "image-folder" and not self.root:
-            raise ValueError("data.source=image-folder needs data.root=/path/to/folder (one subfolder per class)")
-        if self.source == "packed" and not self.root:
-            raise ValueError("data.source=packed needs data.root=/path/to/pack (the OUT_DIR of `simreg data pack IMAGE_FOLDER OUT_DIR`)")
+        hint = SOURCES[self.source].needs_root
+        if hint and not self.root:
+            raise ValueError(hint)
         return self
 
 

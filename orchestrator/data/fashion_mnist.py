@@ -10,13 +10,18 @@ import shutil
 import struct
 import urllib.request
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from simreg.models.errors import DataError
 from simreg.orchestrator.data.imageset import ImageSet, content_fingerprint
+from simreg.orchestrator.data.sources import DataSource, register_source
 
 DEBIAN_FMNIST = Path("/usr/share/datasets/fashion-mnist")
+
+if TYPE_CHECKING:
+    from simreg.orchestrator.config import DataConfig
 
 
 FMNIST_URL = "http://fashion-mnist.s3-website.eu-central-1.amazonaws.com/"
@@ -129,3 +134,12 @@ def load_fashion_mnist(root: Path, split: str) -> ImageSet:
         images, labels, np.arange(len(labels), dtype=np.int64), FMNIST_CLASSES, f"fashion-mnist/{split}",
         content_fingerprint(images, labels),
     )
+
+
+@register_source("fashion-mnist")
+class FashionMnistSource(DataSource):
+    """Train split (60,000) distilled on, test split (10,000) held out; ``data.root`` optional."""
+
+    def load(self, data: DataConfig, seed: int, *, stream: bool = False) -> tuple[ImageSet, ImageSet]:
+        root = fmnist_root(data.root, data.download)
+        return load_fashion_mnist(root, "train"), load_fashion_mnist(root, "test")

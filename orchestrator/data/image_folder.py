@@ -5,14 +5,18 @@ from __future__ import annotations
 
 import io
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from simreg.models.errors import DataError
 from simreg.orchestrator.data.imageset import ImageSet, content_fingerprint
+from simreg.orchestrator.data.sources import DataSource, register_source
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm"}
+
+if TYPE_CHECKING:
+    from simreg.orchestrator.config import DataConfig
 
 
 SPLIT_LAYOUTS = (("train", "val"), ("train", "test"))  # ROOT/train + ROOT/val (or test): a given held-out split
@@ -89,3 +93,19 @@ def holdout_split(full: ImageSet, seed: int, holdout: float, where: str) -> tupl
     n_val = max(1, int(round(holdout * len(full))))
     val_idx, train_idx = np.sort(perm[:n_val]), np.sort(perm[n_val:])
     return full.take(train_idx, "train"), full.take(val_idx, "holdout")
+
+
+@register_source("image-folder")
+class ImageFolderSource(DataSource):
+    """``ROOT/<class>/<image>`` (a seeded ``data.holdout_fraction`` held out) or ``ROOT/train`` + ``ROOT/val``."""
+
+    needs_root = "data.source=image-folder needs data.root=/path/to/folder (one subfolder per class)"
+
+    def load(self, data: DataConfig, seed: int, *, stream: bool = False) -> tuple[ImageSet, ImageSet]:
+        assert data.root is not None  # needs_root: the config refuses a missing root
+        base = Path(data.root).expanduser()
+        names = split_dirs(base)
+        if names is not None:
+            train = load_image_folder(base / names[0], data.store_size)
+            return train, load_image_folder(base / names[1], data.store_size, classes=train.classes)
+        return holdout_split(load_image_folder(base, data.store_size), seed, data.holdout_fraction, str(base))

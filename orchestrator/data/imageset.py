@@ -7,8 +7,33 @@ from __future__ import annotations
 import hashlib
 from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
+
+
+@runtime_checkable
+class StreamedImages(Protocol):
+    """Images a source leaves in storage: a lazy uint8 (N, H, W, C) array the Ray Data view stage reads.
+
+    Indexing selects rows without reading them (subsets stay lazy); ``np.asarray`` reads and decodes the
+    selected rows (the k-NN sets). ``pieces(rows)`` plans a streamed read: JSON-able descriptions of at
+    most ``rows`` rows each (one Ray Data block each); ``read_piece(piece)``, a static method, reads one in a
+    view-stage task -> {"sample_id" (B,), "label" (B,), "image" uint8 (B, H, W, C)}."""
+
+    @property
+    def shape(self) -> tuple[int, ...]: ...
+
+    def __len__(self) -> int: ...
+
+    def __getitem__(self, idx: Any) -> StreamedImages: ...
+
+    def __array__(self, dtype: Any = None, copy: Any = None) -> np.ndarray: ...
+
+    def pieces(self, rows: int) -> list[dict[str, Any]]: ...
+
+    @staticmethod
+    def read_piece(piece: dict[str, Any]) -> dict[str, np.ndarray]: ...
 
 
 @dataclass
@@ -18,7 +43,7 @@ class ImageSet:
     ``source_fingerprint`` identifies the split the ids index into (its content hash), kept by subsets:
     the target cache keys on it, so every subset of one split shares cached targets per sample id."""
 
-    images: np.ndarray
+    images: np.ndarray  # or StreamedImages
     labels: np.ndarray
     sample_ids: np.ndarray
     classes: list[str]
@@ -30,8 +55,9 @@ class ImageSet:
 
     @property
     def streamed(self) -> bool:
-        """Images still in a pack's Parquet shards (``data.stream``): the train pipeline reads them there."""
-        return not isinstance(self.images, np.ndarray)
+        """Images left in storage (``StreamedImages``, e.g. a pack's shards with ``data.stream``): the train
+        pipeline reads them there."""
+        return isinstance(self.images, StreamedImages)
 
     def materialized(self) -> ImageSet:
         """The same set with its images decoded into memory (itself when they already are)."""
@@ -41,18 +67,15 @@ class ImageSet:
 
     def blocks(self, rows: int) -> Iterator[dict[str, np.ndarray]]:
         """{sample_id, image} blocks of at most ``rows`` rows covering the set once; a streamed pack is
-        read and decoded one block (a piece of one shard) at a time, so memory stays at one block."""
+        read and decoded one piece at a time, so memory stays at one block."""
         if not self.streamed:
             for i in range(0, len(self), rows):
                 yield {"sample_id": self.sample_ids[i : i + rows], "image": np.asarray(self.images[i : i + rows])}
             return
-        from simreg.orchestrator.data.pack.read import read_packed_rows  # packed imports this module
-        from simreg.orchestrator.data.packed import PackedRows
-
-        packed = self.images
-        assert isinstance(packed, PackedRows)
-        for shard, ids in packed.chunks(rows):
-            got = read_packed_rows(shard, ids, packed.store_size)
+        lazy = self.images
+        assert isinstance(lazy, StreamedImages)
+        for piece in lazy.pieces(rows):
+            got = lazy.read_piece(piece)
             yield {"sample_id": got["sample_id"], "image": got["image"]}
 
     def subset(self, n: int | None, seed: int) -> ImageSet:

@@ -9,7 +9,7 @@ from collections.abc import Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pyarrow.parquet as pq
@@ -20,6 +20,10 @@ from simreg.orchestrator.data.imageset import ImageSet
 from simreg.orchestrator.data.pack.format import MANIFEST, _row_digest
 from simreg.orchestrator.data.pack.read import _decode_into, read_manifest, read_packed_rows, shard_paths
 from simreg.orchestrator.data.pack.scan import default_workers
+from simreg.orchestrator.data.sources import DataSource, register_source
+
+if TYPE_CHECKING:
+    from simreg.orchestrator.config import DataConfig
 
 
 def load_packed_split(root: str | Path, split: str, store_size: int, *, workers: int | None = None,
@@ -83,7 +87,8 @@ def _cache_fingerprint(info: Mapping[str, Any], store_size: int) -> str:
 @dataclass(frozen=True)
 class PackedRows:
     """Rows of one pack split as a lazy uint8 (N, S, S, 3) array: indexing selects rows without decoding,
-    ``np.asarray`` decodes just those rows, ``chunks`` plans a streamed read (shard, ids) for Ray Data."""
+    ``np.asarray`` decodes just those rows, ``pieces`` plans a streamed read ({shard, ids, store_size} per
+    piece of one shard) that ``read_piece`` reads in a Ray Data view task (``StreamedImages``)."""
 
     root: str
     split: str
@@ -113,6 +118,14 @@ class PackedRows:
             mine = ids[owner == k]
             out += [(self.shards[k], mine[i : i + rows_per_chunk]) for i in range(0, len(mine), rows_per_chunk)]
         return out
+
+    def pieces(self, rows: int) -> list[dict[str, Any]]:
+        return [{"shard": shard, "ids": ids.tolist(), "store_size": self.store_size} for shard, ids in self.chunks(rows)]
+
+    @staticmethod
+    def read_piece(piece: dict[str, Any]) -> dict[str, np.ndarray]:
+        """One piece, read and decoded: {sample_id, label, image uint8 (B, S, S, 3)} in shard order."""
+        return read_packed_rows(str(piece["shard"]), np.asarray(piece["ids"], np.int64), int(piece["store_size"]))
 
     def __array__(self, dtype: Any = None, copy: Any = None) -> np.ndarray:
         out = np.empty(self.shape, np.uint8)
@@ -150,3 +163,18 @@ def index_packed_split(root: str | Path, split: str, store_size: int, *, manifes
         raise DataError(f"split {split!r} of pack {str(root)!r} does not hold ids 0..{n - 1}: re-pack the folder")
     rows = PackedRows(str(root), split, store_size, tuple(str(p) for p in paths), shard_of, ids.copy())
     return ImageSet(rows, labels, ids, list(m["classes"]), f"packed:{root}/{split}", _cache_fingerprint(info, store_size))
+
+
+@register_source("packed")
+class PackedSource(DataSource):
+    """The OUT_DIR of ``simreg data pack``; with ``data.stream`` the train split stays in its shards."""
+
+    needs_root = "data.source=packed needs data.root=/path/to/pack (the OUT_DIR of `simreg data pack IMAGE_FOLDER OUT_DIR`)"
+
+    def load(self, data: DataConfig, seed: int, *, stream: bool = False) -> tuple[ImageSet, ImageSet]:
+        assert data.root is not None  # needs_root: the config refuses a missing root
+        return load_packed_splits(data.root, data.store_size, seed, data.holdout_fraction, lazy=stream)
+
+    @classmethod
+    def detect(cls, path: Path) -> bool:
+        return (path / MANIFEST).is_file()

@@ -13,19 +13,9 @@ from typing import Any
 import torch
 
 from simreg.models.teachers import InputTransform, load_teacher
-from simreg.orchestrator.config import FMNIST_MEAN, FMNIST_STD
-from simreg.orchestrator.data.sources import load_splits
+from simreg.orchestrator.config import FMNIST_MEAN, FMNIST_STD, DataConfig
+from simreg.orchestrator.data.sources import load_splits, resolve_source
 from simreg.orchestrator.evaluation.knn import extract_features, knn_top1, linear_probe
-
-
-def data_source(data: str) -> tuple[str, str | None]:
-    """``--data``: ``fashion-mnist``, a pack written by ``simreg data pack`` (it has a manifest), or an
-    ImageFolder directory."""
-    if data == "fashion-mnist":
-        return "fashion-mnist", None
-    from simreg.orchestrator.data.pack.format import MANIFEST
-
-    return ("packed" if (Path(data).expanduser() / MANIFEST).is_file() else "image-folder"), data
 
 
 def evaluate_weights(
@@ -44,8 +34,8 @@ def evaluate_weights(
     if len(std) == 1:
         std = std * 3
     model = load_teacher("eval", arch, weights, InputTransform(input_size, tuple(mean), tuple(std)), key="--weights/--arch", layout=layout, model_kwargs=model_kwargs)
-    source, root = data_source(data)
-    train, test = load_splits(source, root, True, 96, seed, 0.1)
+    source, root = resolve_source(data)
+    train, test = load_splits(DataConfig(source=source, root=root, store_size=96, holdout_fraction=0.1, stream=False), seed)
     bank, query = train.subset(bank_size, seed + 1), test.subset(query_size, seed + 2)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     model = model.to(device)

@@ -1,4 +1,4 @@
-"""The Ray Data pipeline: images (in memory, or a pack's Parquet shards) -> views -> targets from each
+"""The Ray Data pipeline: images (in memory, or streamed from storage such as a pack's Parquet shards) -> views -> targets from each
 teacher's actors.
 
 Ray Data re-executes the whole pipeline on every iteration of the split (one per epoch), strictly
@@ -16,13 +16,16 @@ retried (``max_restarts``/``max_task_retries``); a failed view task is retried b
 """
 from __future__ import annotations
 
+from collections.abc import Callable
+from typing import Any
+
 import numpy as np
 import pyarrow as pa
 import ray
 from ray.data import Dataset, TaskPoolStrategy
 from ray.data.extensions import ArrowTensorArray
 
-from simreg.orchestrator.data.imageset import ImageSet
+from simreg.orchestrator.data.imageset import ImageSet, StreamedImages
 from simreg.orchestrator.data.views import ViewPlan
 from simreg.orchestrator.pipeline.actors import PoolResources
 from simreg.orchestrator.pipeline.teacher import add_views
@@ -30,15 +33,14 @@ from simreg.orchestrator.pipeline.teacher import add_views
 
 def _views_and_targets(
     batch: dict[str, np.ndarray], *, state: ray.actor.ActorHandle, seed: int, plan: ViewPlan,
-    teachers: dict[str, list[ray.actor.ActorHandle]],
+    teachers: dict[str, list[ray.actor.ActorHandle]], read_piece: Callable[[dict[str, Any]], dict[str, np.ndarray]] | None = None,
 ) -> dict[str, np.ndarray]:
     """The view stage: this epoch's views of a block, then every teacher's targets for them. A streamed
-    pack's block names a piece of a shard ({shard, ids}): its rows are read and decoded here first."""
-    if "shard" in batch:
-        from simreg.orchestrator.data.pack.read import read_packed_rows
-
-        parts = [read_packed_rows(str(sh), np.asarray(ids, np.int64), int(size))
-                 for sh, ids, size in zip(batch["shard"], batch["ids"], batch["store_size"], strict=True)]
+    source's block describes pieces of storage (``StreamedImages.pieces``): ``read_piece`` reads and decodes
+    their rows here first."""
+    if read_piece is not None:
+        n = len(next(iter(batch.values())))
+        parts = [read_piece({k: v[i] for k, v in batch.items()}) for i in range(n)]
         batch = {k: np.concatenate([p[k] for p in parts]) for k in ("sample_id", "label", "image")}
     out = add_views(batch, epoch=ray.get(state.get_epoch.remote()), seed=seed, plan=plan)
     request = ray.put({k: out[k] for k in ("sample_id", "view", "view_index")})  # shipped once to all teachers
@@ -64,17 +66,12 @@ def images_dataset(images: ImageSet, rows_per_block: int) -> Dataset:
     return ray.data.from_arrow(tables)
 
 
-def packed_dataset(images: ImageSet, rows_per_block: int) -> Dataset:
-    """A streamed pack's train rows as blocks of {shard, ids}: one block per piece of a shard, read and
-    decoded by the view stage's tasks (nothing decoded in the driver, nothing held in the object store)."""
-    from simreg.orchestrator.data.packed import PackedRows
-
-    assert isinstance(images.images, PackedRows)
-    chunks = images.images.chunks(rows_per_block)
-    size = images.images.store_size
-    return ray.data.from_items(
-        [{"shard": shard, "ids": ids.tolist(), "store_size": size} for shard, ids in chunks], override_num_blocks=len(chunks)
-    )
+def streamed_dataset(images: ImageSet, rows_per_block: int) -> Dataset:
+    """A streamed source's train rows as one block per piece of storage (``StreamedImages.pieces``), read
+    and decoded by the view stage's tasks (nothing decoded in the driver, nothing held in the object store)."""
+    assert isinstance(images.images, StreamedImages)
+    pieces = images.images.pieces(rows_per_block)
+    return ray.data.from_items(pieces, override_num_blocks=len(pieces))
 
 
 def build_train_dataset(
@@ -83,12 +80,13 @@ def build_train_dataset(
 ) -> Dataset:
     """Images -> this epoch's views and every teacher's targets, block order randomized per epoch. In-memory
     images travel as blocks of one teacher batch (``teacher_pool.batch_size`` rows: the first block of an
-    epoch reaches the students after one teacher call); a streamed pack as pieces of its shards."""
-    streamed = images.streamed
-    ds = (packed_dataset(images, res.batch_size) if streamed else images_dataset(images, res.batch_size)).randomize_block_order()
+    epoch reaches the students after one teacher call); a streamed source as pieces of its storage."""
+    streamed = isinstance(images.images, StreamedImages)
+    ds = (streamed_dataset(images, res.batch_size) if streamed else images_dataset(images, res.batch_size)).randomize_block_order()
+    reader = type(images.images).read_piece if streamed else None
     return ds.map_batches(
         _views_and_targets,  # type: ignore[arg-type]  # keyword-only extras come from fn_kwargs
-        fn_kwargs={"state": state, "seed": seed, "plan": plan, "teachers": teachers},
+        fn_kwargs={"state": state, "seed": seed, "plan": plan, "teachers": teachers, "read_piece": reader},
         batch_size=1 if streamed else res.batch_size, num_cpus=res.cpus_per_view_task,
         compute=TaskPoolStrategy(size=res.view_tasks), zero_copy_batch=True,
     )

@@ -37,10 +37,7 @@ class Prepared:
 
 def prepare(cfg: SimRegConfig, quiet: bool = False) -> Prepared:
     """Phases 1-2: load data and every teacher once, so a bad path or name fails before Ray starts."""
-    train_full, held_out = load_splits(
-        cfg.data.source, cfg.data.root, cfg.data.download, cfg.data.store_size, cfg.seed, cfg.data.holdout_fraction,
-        lazy=cfg.data.source == "packed" and cfg.data.stream,
-    )
+    train_full, held_out = load_splits(cfg.data, cfg.seed)
     # A streamed pack: only the evaluation images are decoded here; the train images stay in their shards
     train = train_full.subset(cfg.data.train_size, cfg.seed)
     final = EvalSets(

@@ -15,9 +15,10 @@ from PIL import Image, ImageFile
 
 from simreg.models.errors import ConfigError, DataError
 from simreg.orchestrator.cli.main import main
+from simreg.orchestrator.config import DataConfig
 from simreg.orchestrator.data.image_folder import decode_image, load_image_folder
 from simreg.orchestrator.data.pack.format import MANIFEST
-from simreg.orchestrator.data.pack.read import decode_batch, read_manifest, read_packed_rows
+from simreg.orchestrator.data.pack.read import decode_batch, read_manifest
 from simreg.orchestrator.data.pack.scan import check_image, scan_image_folder
 from simreg.orchestrator.data.pack.write import pack_image_folder
 from simreg.orchestrator.data.packed import load_packed_split, load_packed_splits
@@ -182,8 +183,8 @@ def test_clean_pack_equals_image_folder_source(clean, tmp_path: Path):
     for a in ("images", "labels", "sample_ids"):
         assert np.array_equal(getattr(direct, a), getattr(packed, a))
     assert direct.classes == packed.classes
-    tr_d, ho_d = load_splits("image-folder", str(clean), False, 20, 7, 0.25)
-    tr_p, ho_p = load_splits("packed", str(tmp_path / "out"), False, 20, 7, 0.25)
+    tr_d, ho_d = load_splits(DataConfig(source="image-folder", root=str(clean), download=False, store_size=20, holdout_fraction=0.25, stream=False), 7)
+    tr_p, ho_p = load_splits(DataConfig(source="packed", root=str(tmp_path / "out"), download=False, store_size=20, holdout_fraction=0.25, stream=False), 7)
     assert len(ho_p) == 16 and np.array_equal(ho_d.sample_ids, ho_p.sample_ids) and np.array_equal(tr_d.images, tr_p.images)
     assert tr_p.source_fingerprint == ho_p.source_fingerprint == packed.source_fingerprint
 
@@ -329,10 +330,11 @@ def test_config_and_prepare_on_a_pack(clean, tmp_path: Path):
     assert np.array_equal(np.asarray(streamed.train.images), eager.train.images)
     assert np.array_equal(streamed.final_eval.bank.images, eager.final_eval.bank.images)
     assert streamed.train.source_fingerprint == eager.train.source_fingerprint
-    pieces = streamed.train.images.chunks(16)
-    assert sorted(i for _, ids in pieces for i in ids.tolist()) == sorted(eager.train.sample_ids.tolist())
-    assert all(len(ids) <= 16 for _, ids in pieces)
-    got = read_packed_rows(*pieces[0], 32)
+    pieces = streamed.train.images.pieces(16)  # what the Ray Data view stage reads, one block each
+    json.dumps(pieces)  # plain data: Ray Data ships it to the view tasks
+    assert sorted(i for p in pieces for i in p["ids"]) == sorted(eager.train.sample_ids.tolist())
+    assert all(len(p["ids"]) <= 16 for p in pieces)
+    got = type(streamed.train.images).read_piece(pieces[0])
     where = [eager.train.sample_ids.tolist().index(i) for i in got["sample_id"].tolist()]
     assert np.array_equal(got["image"], eager.train.images[where])
 
@@ -364,8 +366,8 @@ def test_cache_warm_reads_a_streamed_pack_block_by_block(clean: Path, tmp_path: 
     from simreg.orchestrator.data.sources import load_splits
 
     pack_image_folder(clean, tmp_path / "pack", shard_rows=16)
-    lazy, _ = load_splits("packed", str(tmp_path / "pack"), False, 96, 0, 0.1, lazy=True)
-    eager, _ = load_splits("packed", str(tmp_path / "pack"), False, 96, 0, 0.1)
+    lazy, _ = load_splits(DataConfig(source="packed", root=str(tmp_path / "pack"), download=False, store_size=96, holdout_fraction=0.1, stream=True), 0)
+    eager, _ = load_splits(DataConfig(source="packed", root=str(tmp_path / "pack"), download=False, store_size=96, holdout_fraction=0.1, stream=False), 0)
     assert lazy.streamed and not eager.streamed
     got = list(lazy.blocks(10))
     assert max(len(b["sample_id"]) for b in got) <= 10

@@ -9,6 +9,7 @@ import torch
 from PIL import Image
 
 from simreg.models import DataError
+from simreg.orchestrator.config import DataConfig
 from simreg.orchestrator.data.fashion_mnist import fmnist_root, load_fashion_mnist
 from simreg.orchestrator.data.image_folder import load_image_folder
 from simreg.orchestrator.data.sources import load_splits
@@ -72,7 +73,7 @@ def test_image_folder(tmp_path: Path):
         for i in range(5):
             mode = "L" if i % 2 else "RGBA"
             Image.new(mode, (40 + i, 30), color=col if mode == "L" else (col, col, col, 255)).save(tmp_path / c / f"{i}.png")
-    train, held = load_splits("image-folder", str(tmp_path), False, 16, 0, 0.2)
+    train, held = load_splits(DataConfig(source="image-folder", root=str(tmp_path), download=False, store_size=16, holdout_fraction=0.2, stream=False), 0)
     assert len(train) + len(held) == 10 and len(held) == 2
     assert train.images.shape[1:] == (16, 16, 3) and train.classes == ["cat", "dog"]
 
