@@ -6,13 +6,16 @@ from __future__ import annotations
 
 from simreg.models.errors import ConfigError, DataError, ModelError, SimRegError, TeacherLoadError
 from simreg.models.heads import HEAD_LAYOUTS, build_head, build_heads, head_prefix, head_widths
-from simreg.models.loss import cosine_to_target, simreg_loss
+from simreg.models.loss import LOSSES, cosine_to_target, get_loss, register_loss, simreg_loss
 from simreg.models.step import SimRegObjective
 from simreg.models.students import build_backbone, feature_dim
 from simreg.models.teachers import InputTransform, Teacher, load_teacher, load_weights_file
 
 __all__ = [
     "HEAD_LAYOUTS",
+    "LOSSES",
+    "get_loss",
+    "register_loss",
     "ConfigError",
     "DataError",
     "InputTransform",

@@ -1,10 +1,35 @@
-"""SimReg regression loss (Navaneet et al., BMVC 2021, eq. 1)."""
+"""Regression losses of a student head against a teacher feature; SimReg's is the default (Navaneet et al.,
+BMVC 2021, eq. 1). ``train.loss`` picks one by name from ``LOSSES``; a new one is a function
+``(pred (B, d), target (B, d)) -> scalar`` decorated with ``@register_loss("name")``.
+"""
 from __future__ import annotations
+
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
 
+from simreg.models.errors import ConfigError
 
+LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+LOSSES: dict[str, LossFn] = {}
+
+
+def register_loss(name: str) -> Callable[[LossFn], LossFn]:
+    def deco(fn: LossFn) -> LossFn:
+        LOSSES[name] = fn
+        return fn
+
+    return deco
+
+
+def get_loss(name: str) -> LossFn:
+    if name not in LOSSES:
+        raise ConfigError(f"train.loss={name!r} is unknown: use one of {sorted(LOSSES)}")
+    return LOSSES[name]
+
+
+@register_loss("simreg")
 def simreg_loss(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     """Squared distance of l2-normalized vectors, ``2 - 2 cos(pred, target)``, mean over the batch.
 

@@ -10,7 +10,7 @@ import torch
 import torch.nn as nn
 
 from simreg.models.heads import build_heads, head_prefix
-from simreg.models.loss import cosine_to_target, simreg_loss
+from simreg.models.loss import cosine_to_target, get_loss
 from simreg.models.students import feature_dim
 from simreg.models.teachers import InputTransform
 
@@ -32,8 +32,10 @@ class SimRegObjective(nn.Module):
         width_mult: float = 2.0,
         layout: str = "paper",
         teacher_weights: Mapping[str, float] | None = None,
+        loss: str = "simreg",
     ) -> None:
         super().__init__()
+        self.loss_fn = get_loss(loss)  # SimReg's 2 - 2 cos by default (models/loss.py)
         self.backbone = backbone
         self.transform = transform
         self.student_dim = feature_dim(backbone, transform.size)
@@ -56,7 +58,7 @@ class SimRegObjective(nn.Module):
         for name, head in self.heads.items():
             pred = head(feat)  # (B, d_k)
             tgt = targets[name].to(pred.device)
-            loss_k = simreg_loss(pred, tgt)
+            loss_k = self.loss_fn(pred, tgt)
             out[f"loss/{name}"] = loss_k
             out[f"cos/{name}"] = cosine_to_target(pred.detach(), tgt)
             total = total + self.teacher_weights[name] * loss_k

@@ -15,6 +15,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from simreg.models.errors import ConfigError
+from simreg.models.loss import LOSSES
 from simreg.orchestrator.data.sources import SOURCES, source_names
 
 BUILTIN_PREFIX = "builtin:"
@@ -71,7 +72,7 @@ class AugmentConfig(_Strict):
         description="scales crop-scale lower bound, jitter magnitude and probabilities (1 = as published, 0 = none)",
     )
     view_bank: int | None = Field(
-        None, ge=1, description="K views per sample, epoch e uses view e mod K (null: a fresh view every epoch)"
+        4, ge=1, description="K views per sample, epoch e uses view e mod K (null: a fresh view every epoch)"
     )
 
     @model_validator(mode="after")
@@ -135,18 +136,27 @@ Precision = Literal["auto", "fp32", "bf16"]
 
 
 class TrainConfig(_Strict):
-    epochs: int = Field(8, ge=1)
+    epochs: int = Field(16, ge=1)
     batch_size: int = Field(128, ge=2, description="global batch, split over the workers")
     precision: Precision = Field("auto", description="auto: bf16 autocast on CUDA, fp32 on CPU")
     channels_last: bool = Field(True, description="channels_last student weights (CPU and CUDA)")
     compile: bool = Field(False, description="torch.compile the student backbone")
+    loss: str = Field("simreg", description="regression loss per head (models/loss.py LOSSES): simreg = 2 - 2 cos")
     ddp_compression: Literal["none", "fp16", "bf16"] = Field(
         "none", description="compress the DDP gradient all-reduce (half the bytes; gradients rounded on the wire)"
     )
 
 
+    @field_validator("loss")
+    @classmethod
+    def _known_loss(cls, v: str) -> str:
+        if v not in LOSSES:
+            raise ValueError(f"unknown loss; use one of {sorted(LOSSES)} (models/loss.py)")
+        return v
+
+
 class CacheConfig(_Strict):
-    enabled: bool = Field(False, description="serve teacher targets from the Parquet cache, filling it on first use")
+    enabled: bool = Field(True, description="serve teacher targets from the Parquet cache, filling it on first use")
     dir: str | None = Field(None, description="null: $SIMREG_CACHE_DIR or ~/.cache/simreg/targets (shared storage on a cluster)")
 
 

@@ -14,6 +14,14 @@ SHARED_TEACHERS = Path(os.environ.get("SIMREG_SHARED_TEACHERS", REPO.parent / "s
 FMNIST = Path("/usr/share/datasets/fashion-mnist")
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _own_target_cache(tmp_path_factory):
+    """The target cache is on by default: tests get a cache folder of their own, never the user's."""
+    if "SIMREG_CACHE_DIR" not in os.environ:
+        os.environ["SIMREG_CACHE_DIR"] = str(tmp_path_factory.mktemp("target-cache"))
+    yield
+
+
 @pytest.fixture(scope="session")
 def teachers_dir() -> Path:
     if not (SHARED_TEACHERS / "fmnist_simclr_resnet10t.safetensors").is_file():

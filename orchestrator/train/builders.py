@@ -67,6 +67,7 @@ def build_objective(cfg: SimRegConfig, teacher_dims: dict[str, int]) -> SimRegOb
         width_mult=cfg.heads.width_mult,
         layout=cfg.heads.layout,
         teacher_weights={t.name: t.weight for t in cfg.teachers},
+        loss=cfg.train.loss,
     )
 
 

@@ -4,7 +4,6 @@ format) and ``heads.safetensors`` (heads kept apart: they are discarded after di
 from __future__ import annotations
 
 import random
-import re
 from pathlib import Path
 from typing import Any
 
@@ -13,6 +12,7 @@ import torch
 from safetensors.torch import save_file
 
 from simreg.models import SimRegObjective
+from simreg.orchestrator.ray_compat import registered_checkpoints
 
 STATE = "state.pt"
 STUDENT = "student.safetensors"
@@ -90,8 +90,4 @@ def committed_epochs(storage: Path) -> set[int]:
     """Epochs whose checkpoint (``epoch_NNNN``) Ray Train has registered in its checkpoint manager snapshot
     under ``storage`` (the run's ``storage_path/name``, ``train_storage``). A checkpoint folder appears before that, while it is
     still being persisted: a failure then resumes from the checkpoint before it."""
-    try:
-        text = (storage / "checkpoint_manager_snapshot.json").read_text()
-    except OSError:
-        return set()
-    return {int(m) for m in re.findall(r"epoch_(\d{4,})", text)}
+    return {int(name.removeprefix("epoch_")) for name in registered_checkpoints(storage)}

@@ -17,8 +17,7 @@ from typing import Any
 from simreg.models.errors import SimRegError
 from simreg.orchestrator.config import SimRegConfig, flatten
 from simreg.orchestrator.evaluation.final import final_knn, knn_table
-from simreg.orchestrator.tracking.mlflow_backend import Tracker, default_tracking_uri
-from simreg.orchestrator.tracking.redact import redact_uri
+from simreg.orchestrator.tracking.backends import backend_for, default_tracking_uri
 from simreg.orchestrator.train.checkpoint import committed_epochs, train_storage
 from simreg.orchestrator.train.placement import failure_config, plan_placement
 from simreg.orchestrator.train.prepare import prepare
@@ -56,8 +55,7 @@ def distill(cfg: SimRegConfig, output_dir: Path, tracking_uri: str | None = None
         cluster.get("CPU", 0), cluster.get("GPU", 0), cfg.scaling.num_workers, "GPU" if placement.use_gpu else "CPU",
         f"{placement.teacher_gpus:g} GPU each" if placement.teacher_gpus else f"CPU ({cfg.teacher_pool.threads} threads each)",
     )
-    tracker = Tracker(
-        tracking_uri or cfg.tracking.tracking_uri or default_tracking_uri(output_dir),
+    tracker = backend_for(tracking_uri or cfg.tracking.tracking_uri or default_tracking_uri(output_dir)).open_run(
         cfg.tracking.experiment, output_dir, cfg.name, {"simreg.command": "distill", "simreg.output_dir": str(output_dir)},
     )
     tracker.log_params(flatten(cfg))
@@ -124,7 +122,7 @@ def distill(cfg: SimRegConfig, output_dir: Path, tracking_uri: str | None = None
             "fit_s": fit_s,
             "eval_s": ev["eval_s"],
             "wall_s": time.perf_counter() - t_start,
-            "mlflow_tracking_uri": redact_uri(tracker.tracking_uri),
+            "mlflow_tracking_uri": tracker.uri,
             "mlflow_run_id": tracker.run_id,
             "student_arch": cfg.student.arch,
             "student_weights": str(weights),
@@ -145,7 +143,10 @@ def distill(cfg: SimRegConfig, output_dir: Path, tracking_uri: str | None = None
         final_metrics.update({"knn/student_gain_20nn": summary["student_gain_20nn"], "wall_s": summary["wall_s"]})
         final_metrics.update({f"teacher/{n}/{k}_rows": float(v) for n, r in teacher_rows.items() for k, v in r.items()})
         tracker.log_metrics(final_metrics, step=cfg.train.epochs)
-        tracker.log_missing_epochs(history)  # epochs of an earlier attempt whose driver died before logging them
+        logged = tracker.logged_steps("train/loss")  # epochs of an earlier attempt whose driver died before logging them
+        for m in history:
+            if int(m["epoch"]) not in logged:
+                tracker.log_metrics(m, step=int(m["epoch"]))
         table = knn_table(summary)
         (output_dir / "knn.md").write_text(table + "\n")
         (output_dir / "summary.json").write_text(json.dumps(summary, indent=2))

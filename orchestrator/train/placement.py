@@ -9,6 +9,7 @@ from typing import Any
 
 from simreg.models.errors import ConfigError
 from simreg.orchestrator.config import SimRegConfig
+from simreg.orchestrator.ray_compat import scaling_config_class
 
 log = logging.getLogger("simreg")
 
@@ -93,8 +94,7 @@ def plan_placement(cfg: SimRegConfig, cluster: dict[str, float], check: bool = T
 def scaling_config(cfg: SimRegConfig, placement: Placement) -> Any:
     """Ray Train's ScalingConfig: fixed N or elastic (min, max) workers, CPU or GPU, custom resources and
     node labels per worker."""
-    from ray.train.v2.api.config import ScalingConfig  # what ray.train.ScalingConfig is under Train V2
-
+    ScalingConfig = scaling_config_class()  # noqa: N806
     sc = cfg.scaling
     per_worker: dict[str, float] = {"GPU": 1.0} if placement.use_gpu else {"CPU": sc.cpus_per_worker}
     per_worker.update(sc.resources)

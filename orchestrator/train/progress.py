@@ -7,7 +7,7 @@ import logging
 import threading
 from typing import Any
 
-from simreg.orchestrator.tracking.mlflow_backend import Tracker
+from simreg.orchestrator.tracking.base import RunTracker
 
 log = logging.getLogger("simreg")
 
@@ -17,7 +17,7 @@ class _Progress:
     each epoch's metrics once Ray Train has committed that epoch's checkpoint (``committed``): an epoch a
     failure makes the run redo is then logged once, by the attempt whose checkpoint the run continues from."""
 
-    def __init__(self, state: Any, tracker: Tracker, images_per_epoch: int, epochs: int, committed: Any) -> None:
+    def __init__(self, state: Any, tracker: RunTracker, images_per_epoch: int, epochs: int, committed: Any) -> None:
         self.state, self.tracker, self.total, self.epochs = state, tracker, images_per_epoch, epochs
         self.committed = committed  # () -> set of epochs whose checkpoints Ray Train has registered
         self.history: list[dict[str, float]] = []  # the latest report of each epoch, in order of arrival

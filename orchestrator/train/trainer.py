@@ -7,6 +7,7 @@ import logging
 from typing import Any
 
 from simreg.orchestrator.config import SimRegConfig
+from simreg.orchestrator.ray_compat import LOCAL_SYSTEM_CONFIG
 from simreg.orchestrator.train.builders import (
     cache_spec,
     shard_plan,
@@ -27,10 +28,8 @@ def init_ray(cfg: SimRegConfig) -> dict[str, float]:
             address=cfg.ray.address, num_cpus=cfg.ray.num_cpus if cfg.ray.address is None else None,
             # The dashboard serves Ray's state API, which Ray Train polls; it binds to loopback only.
             dashboard_host="127.0.0.1", log_to_driver=True, logging_level=logging.WARNING,
-            # Ray kills a worker process idle for 1 s once more processes than CPUs exist (always, with Train
-            # and our actors); the view stage's task workers then die between epochs and every epoch paid
-            # ~5 s to start and import torch in new ones. Keep idle workers for 10 minutes.
-            _system_config={"idle_worker_killing_time_threshold_ms": 600_000} if cfg.ray.address is None else None,
+            # idle workers kept for 10 minutes (see ray_compat.LOCAL_SYSTEM_CONFIG)
+            _system_config=dict(LOCAL_SYSTEM_CONFIG) if cfg.ray.address is None else None,
         )
     return dict(ray.cluster_resources())
 

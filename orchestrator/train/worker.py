@@ -4,7 +4,6 @@ Rank and world size are read once, here; the epoch loop itself (``loop.train_epo
 """
 from __future__ import annotations
 
-import logging
 import os
 import tempfile
 import time
@@ -18,6 +17,7 @@ import torch.distributed as dist
 
 from simreg.orchestrator.config import validate_config
 from simreg.orchestrator.evaluation.knn import knn_report
+from simreg.orchestrator.ray_compat import quiet_train_report_log
 from simreg.orchestrator.train.batches import _batches, _checked
 from simreg.orchestrator.train.builders import (
     DDP_OPTIONS,
@@ -61,19 +61,8 @@ def _validate(objective: torch.nn.Module, val: Any, cfg: Any, device: torch.devi
     return {"val/top1_1nn": r["top1_1nn"], "val/top1_20nn": r["top1_20nn"]}
 
 
-def _quiet_report_log() -> None:
-    """Ray Train logs every report with its whole metrics dict at INFO, on every rank, under a logger named
-    by its file path (so ``LoggingConfig`` does not reach it); the driver already logs one line per epoch."""
-    try:
-        from ray.train.v2._internal.execution import context
-
-        logging.getLogger(context.__file__).setLevel(logging.WARNING)
-    except ImportError:  # another Ray layout: keep its logging as it is
-        pass
-
-
 def train_loop_per_worker(config: dict[str, Any]) -> None:
-    _quiet_report_log()
+    quiet_train_report_log()
     cfg = validate_config(config["cfg"], "worker config")
     state = config["state"]
     teacher_dims: dict[str, int] = config["teacher_dims"]

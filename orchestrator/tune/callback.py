@@ -1,5 +1,5 @@
-"""MLflow child runs of a sweep's trials, written by a Tune callback in the driver.
-"""
+"""Child runs of a sweep's trials (one per trial under the sweep's parent run), written by a Tune
+callback in the driver through the tracker seam (tracking/base.py)."""
 from __future__ import annotations
 
 import json
@@ -10,7 +10,8 @@ from typing import Any
 from ray import tune
 
 from simreg.orchestrator.config import flatten
-from simreg.orchestrator.tracking.mlflow_backend import log_metrics, log_params
+from simreg.orchestrator.tracking.backends import backend_for
+from simreg.orchestrator.tracking.base import TrackerBackend
 from simreg.orchestrator.tune.space import trial_config
 
 log = logging.getLogger("simreg")
@@ -18,28 +19,27 @@ log = logging.getLogger("simreg")
 CHILD_RUNS_FILE = "mlflow_child_runs.json"
 
 
-class MlflowTrialsCallback(tune.Callback):
+class TrialRunsCallback(tune.Callback):
     """A Tune callback in the driver: one nested child run per trial under the sweep's parent run.
 
     Picklable (Tune stores it with the experiment and restores it on ``--resume``): it holds plain values,
-    opens its MLflow client lazily, and keeps the trial -> run map in ``DIR/mlflow_child_runs.json`` so a
+    opens its tracker backend lazily, and keeps the trial -> run map in ``DIR/mlflow_child_runs.json`` so a
     resumed sweep reuses its runs instead of creating duplicates."""
 
     def __init__(self, tracking_uri: str, parent_run_id: str, base: dict[str, Any], keys: list[str], epochs: int, runs_file: str) -> None:
         self.tracking_uri, self.parent_run_id = tracking_uri, parent_run_id
         self.base, self.keys, self.epochs, self.runs_file = base, keys, epochs, runs_file
-        self._client: Any = None
+        self._backend: TrackerBackend | None = None
 
     def __getstate__(self) -> dict[str, Any]:
-        return {k: v for k, v in self.__dict__.items() if k != "_client"} | {"_client": None}
+        return {k: v for k, v in self.__dict__.items() if k != "_backend"} | {"_backend": None}
 
     @property
-    def client(self) -> Any:
-        if self._client is None:
-            from mlflow.tracking import MlflowClient
+    def backend(self) -> TrackerBackend:
+        if self._backend is None:
+            self._backend = backend_for(self.tracking_uri)
+        return self._backend
 
-            self._client = MlflowClient(tracking_uri=self.tracking_uri)
-        return self._client
 
     def _load(self) -> dict[str, dict[str, Any]]:
         p = Path(self.runs_file)
@@ -52,22 +52,18 @@ class MlflowTrialsCallback(tune.Callback):
         tmp.replace(p)
 
     def on_trial_start(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
-        from mlflow.entities import RunStatus
-
         runs = self._load()
         entry = runs.get(trial.trial_id)
+        name = f"trial_{trial.trial_id}"
         if entry is not None:  # a resumed trial: same run, running again
-            self.client.update_run(entry["run_id"], status=RunStatus.to_string(RunStatus.RUNNING))
+            self.backend.open_child(self.parent_run_id, name, {}, run_id=entry["run_id"])
             entry["status"] = "RUNNING"
             self._save(runs)
             return
         overrides = {k: trial.config[k] for k in self.keys}
-        exp_id = self.client.get_run(self.parent_run_id).info.experiment_id
-        run = self.client.create_run(exp_id, run_name=f"trial_{trial.trial_id}", tags={
-            "mlflow.parentRunId": self.parent_run_id, "simreg.trial_id": trial.trial_id, "simreg.command": "sweep-trial",
-        })
-        log_params(self.client, run.info.run_id, flatten(trial_config(self.base, overrides)))
-        runs[trial.trial_id] = {"trial_id": trial.trial_id, "run_id": run.info.run_id, "params": overrides, "status": "RUNNING"}
+        run = self.backend.open_child(self.parent_run_id, name, {"simreg.trial_id": trial.trial_id, "simreg.command": "sweep-trial"})
+        run.log_params(flatten(trial_config(self.base, overrides)))
+        runs[trial.trial_id] = {"trial_id": trial.trial_id, "run_id": run.run_id, "params": overrides, "status": "RUNNING"}
         self._save(runs)
 
     def on_trial_result(self, iteration: int, trials: list, trial: Any, result: dict, **info: Any) -> None:
@@ -76,7 +72,7 @@ class MlflowTrialsCallback(tune.Callback):
         if entry is None or "epoch" not in result:
             return
         step = int(result["epoch"])
-        log_metrics(self.client, entry["run_id"], {
+        self.backend.attach(entry["run_id"]).log_metrics({
             k: v for k, v in result.items()
             if isinstance(v, (int, float)) and not isinstance(v, bool) and k.startswith(("train/", "val/"))
         }, step)
@@ -104,9 +100,11 @@ class MlflowTrialsCallback(tune.Callback):
             status, fate = "KILLED", "early_stopped"  # the scheduler stopped it before its last epoch
         else:
             status, fate = "FINISHED", "completed"
-        self.client.set_tag(entry["run_id"], "simreg.trial_fate", fate)
-        for k, v in entry.get("metrics", {}).items():  # the trial's final validation k-NN
-            self.client.log_metric(entry["run_id"], f"final/val_{k}", v)
-        self.client.set_terminated(entry["run_id"], status=status)
+        run = self.backend.attach(entry["run_id"])
+        run.set_tags({"simreg.trial_fate": fate})
+        final = {f"final/val_{k}": v for k, v in entry.get("metrics", {}).items()}  # the trial's final validation k-NN
+        if final:
+            run.log_metrics(final, step=max(0, entry.get("last_epoch", 0)))
+        run.end(status)
         entry["status"], entry["fate"] = status, fate
         self._save(runs)

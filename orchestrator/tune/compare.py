@@ -8,7 +8,8 @@ from pathlib import Path
 from typing import Any
 
 from simreg.models.errors import ConfigError
-from simreg.orchestrator.tracking.mlflow_backend import RUN_ID_FILE, default_tracking_uri
+from simreg.orchestrator.tracking.backends import backend_for, default_tracking_uri
+from simreg.orchestrator.tracking.mlflow_backend import RUN_ID_FILE
 
 
 def _score(row: dict[str, Any], key: str, mode: str) -> float:
@@ -121,10 +122,8 @@ def write_comparison(rows: list[dict[str, Any]], keys: list[str], metric: str, o
 
 
 def compare(target: str, tracking_uri: str | None = None) -> str:
-    """The comparison table of a sweep, best first, from its MLflow runs: ``target`` is a sweep's output
+    """The comparison table of a sweep, best first, from its tracked runs: ``target`` is a sweep's output
     folder or a parent run id (with ``tracking_uri``)."""
-    from mlflow.tracking import MlflowClient
-
     p = Path(target)
     if p.is_dir():
         id_file = p / RUN_ID_FILE
@@ -136,28 +135,21 @@ def compare(target: str, tracking_uri: str | None = None) -> str:
         if tracking_uri is None:
             raise ConfigError(f"{target!r} is not a folder; to compare a parent run id, also pass --tracking-uri")
         parent_id = target
-    client = MlflowClient(tracking_uri=tracking_uri)
+    backend = backend_for(tracking_uri)
     try:
-        parent = client.get_run(parent_id)
+        name, params = backend.parent_run(parent_id)
     except Exception as e:
-        raise ConfigError(f"no MLflow run {parent_id!r} in {tracking_uri}: check the id and --tracking-uri") from e
-    keys = sorted(k.removeprefix("space.") for k in parent.data.params if k.startswith("space."))
-    metric = parent.data.params.get("search.metric", "val/top1_20nn")
-    mode = parent.data.params.get("search.mode", "max")
-    children = client.search_runs([parent.info.experiment_id], f"tags.mlflow.parentRunId = '{parent_id}'", max_results=10000)
-    runs = {}
-    for c in children:
-        m = c.data.metrics
-        runs[c.data.tags.get("simreg.trial_id", c.info.run_id)] = {
-            "run_id": c.info.run_id,
-            "params": {k: _parse(c.data.params.get(k)) for k in keys},
-            "metrics": {k.removeprefix("val/"): v for k, v in m.items() if k in ("val/top1_1nn", "val/top1_20nn")},
-            "status": c.info.status,
-            "fate": c.data.tags.get("simreg.trial_fate", "running"),
-            "last_epoch": int(len(client.get_metric_history(c.info.run_id, "train/loss"))) - 1,
-        }
+        raise ConfigError(f"no run {parent_id!r} in {backend.uri}: check the id and --tracking-uri") from e
+    keys = sorted(k.removeprefix("space.") for k in params if k.startswith("space."))
+    metric = params.get("search.metric", "val/top1_20nn")
+    mode = params.get("search.mode", "max")
+    runs = {
+        c.trial_id: {"run_id": c.run_id, "params": {k: _parse(c.params.get(k)) for k in keys}, "metrics": c.metrics,
+                     "status": c.status, "fate": c.fate, "last_epoch": c.last_epoch}
+        for c in backend.child_runs(parent_id)
+    }
     rows = comparison_rows(runs, metric, mode)
-    head = f"sweep {parent.info.run_name} ({parent_id}), {len(rows)} trial(s), best first by {metric} ({mode})"
+    head = f"sweep {name} ({parent_id}), {len(rows)} trial(s), best first by {metric} ({mode})"
     return head + "\n" + markdown(table_lines(rows, keys))
 
 

@@ -24,9 +24,8 @@ from ray import tune
 
 from simreg.models.errors import ConfigError, SimRegError
 from simreg.orchestrator.config import SimRegConfig
-from simreg.orchestrator.tracking.mlflow_backend import Tracker, default_tracking_uri
-from simreg.orchestrator.tracking.redact import redact_uri
-from simreg.orchestrator.tune.callback import CHILD_RUNS_FILE, MlflowTrialsCallback
+from simreg.orchestrator.tracking.backends import backend_for, default_tracking_uri
+from simreg.orchestrator.tune.callback import CHILD_RUNS_FILE, TrialRunsCallback
 from simreg.orchestrator.tune.space import check_space, trial_config, tune_param_space
 from simreg.orchestrator.tune.trial import run_trial
 from simreg.search_spaces import SearchSpace
@@ -87,14 +86,14 @@ def sweep(
              space.search.algorithm, concurrent, per_trial)
 
     # 4. MLflow parent run (reused on resume)
-    parent = Tracker(
-        tracking_uri or cfg.tracking.tracking_uri or default_tracking_uri(output_dir), cfg.tracking.experiment,
-        output_dir, f"sweep-{cfg.name}", {"simreg.command": "sweep", "simreg.output_dir": str(output_dir)},
+    uri = tracking_uri or cfg.tracking.tracking_uri or default_tracking_uri(output_dir)
+    parent = backend_for(uri).open_run(
+        cfg.tracking.experiment, output_dir, f"sweep-{cfg.name}", {"simreg.command": "sweep", "simreg.output_dir": str(output_dir)},
     )
     parent.log_params({f"space.{k}": json.dumps(d.model_dump(exclude_none=True)) for k, d in space.params.items()}
                       | {f"search.{k}": v for k, v in space.search.model_dump().items()})
     runs_file = output_dir / CHILD_RUNS_FILE
-    children = MlflowTrialsCallback(parent.tracking_uri, parent.run_id, base_tree, keys, epochs, str(runs_file))
+    children = TrialRunsCallback(uri, parent.run_id, base_tree, keys, epochs, str(runs_file))
 
     # 5. Tune
     trainable = tune.with_resources(
@@ -147,7 +146,7 @@ def sweep(
     best = rows[0] if rows else None
     summary = {
         "parent_run_id": parent.run_id,
-        "mlflow_tracking_uri": redact_uri(parent.tracking_uri),
+        "mlflow_tracking_uri": parent.uri,
         "space": space_source,
         "metric": space.search.metric,
         "mode": space.search.mode,
@@ -160,7 +159,7 @@ def sweep(
     (output_dir / "sweep_summary.json").write_text(json.dumps(summary, indent=2))
     parent.log_artifact(output_dir / "sweep_summary.json")
     if best is not None:
-        parent.client.log_metric(parent.run_id, f"best/{space.search.metric}", best["metrics"].get("top1_20nn", float("nan")))
+        parent.log_metrics({f"best/{space.search.metric}": best["metrics"].get("top1_20nn", float("nan"))}, step=0)
     parent.end("FINISHED")
     if not rows:
         raise SimRegError(f"the sweep in {output_dir} finished no trial: see the Ray log above")

@@ -10,6 +10,8 @@ import timm
 import torch
 from safetensors.torch import load_file
 
+from simreg.orchestrator.ray_compat import LOCAL_SYSTEM_CONFIG
+
 pytestmark = [pytest.mark.ray, pytest.mark.timeout(900)]
 
 
@@ -18,7 +20,7 @@ def ray_cluster():
     import ray
 
     ray.init(num_cpus=2, dashboard_host="127.0.0.1", logging_level="WARNING",
-             _system_config={"idle_worker_killing_time_threshold_ms": 600_000})  # as `simreg distill` starts it
+             _system_config=dict(LOCAL_SYSTEM_CONFIG))  # as `simreg distill` starts it
     yield
     ray.shutdown()
 

@@ -48,7 +48,7 @@ def elastic_run(cluster, tmp_path_factory):
         f"train.epochs={EPOCHS}", "train.batch_size=64", "heads.depth=2", "eval.val_every=0",
         "scaling.num_workers=[1, 2]", "scaling.resources={student_gpu: 1}", "scaling.resize_interval_s=2",
         "scaling.max_failures=3", "teacher_pool.resources={teacher_gpu: 1}", "teacher_pool.cpus_per_actor=0.25",
-        "teacher_pool.view_tasks=1",
+        "teacher_pool.view_tasks=1", "cache.enabled=false", "augment.view_bank=null",
     ])
     result: dict = {}
     # After a node loss Ray Train first retries the old size with stale reservations, for this long

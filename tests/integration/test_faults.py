@@ -22,6 +22,7 @@ from pathlib import Path
 
 import pytest
 
+from simreg.orchestrator.ray_compat import LOCAL_SYSTEM_CONFIG
 from tests.helpers import wait_while_running
 from tests.integration.helpers import committed
 
@@ -32,6 +33,7 @@ EPOCHS = 3
 SMALL = [
     f"data.train_size={N}", "data.knn_bank_size=500", "data.knn_query_size=200", f"train.epochs={EPOCHS}",
     "train.batch_size=64", "heads.depth=2", "eval.val_every=0", "scaling.max_failures=2",
+    "cache.enabled=false", "augment.view_bank=null",  # every epoch through the teacher: faults hit live work
 ]
 
 
@@ -40,7 +42,7 @@ def ray_cluster():
     import ray
 
     ray.init(num_cpus=2, dashboard_host="127.0.0.1", logging_level="WARNING",
-             _system_config={"idle_worker_killing_time_threshold_ms": 600_000})  # as `simreg distill` starts it
+             _system_config=dict(LOCAL_SYSTEM_CONFIG))  # as `simreg distill` starts it
     yield ray.get_runtime_context().gcs_address
     ray.shutdown()
 

@@ -9,6 +9,8 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
+from simreg.orchestrator.ray_compat import LOCAL_SYSTEM_CONFIG
+
 pytestmark = [pytest.mark.ray, pytest.mark.timeout(300)]
 
 
@@ -20,7 +22,7 @@ def ray_cluster():
     # address="local": a cluster of its own even when another one (`ray start`) runs on this machine;
     # started as `simreg distill` starts one (Ray Train reads the dashboard's state API).
     ray.init(address="local", num_cpus=2, dashboard_host="127.0.0.1", logging_level="WARNING",
-             _system_config={"idle_worker_killing_time_threshold_ms": 600_000})
+             _system_config=dict(LOCAL_SYSTEM_CONFIG))
     yield
     ray.shutdown()
 
@@ -45,7 +47,7 @@ def test_distill_streams_a_pack_with_bad_files_left_out(ray_cluster, tmp_path: P
     cfg = load_config(None, [
         "name=packed", "data.source=packed", f"data.root={tmp_path / 'pack'}", "data.train_size=null",
         "data.holdout_fraction=0.1", "data.knn_bank_size=200", "data.knn_query_size=40", "train.epochs=2",
-        "train.batch_size=64", "heads.depth=1", "eval.val_every=0",
+        "train.batch_size=64", "heads.depth=1", "eval.val_every=0", "cache.enabled=false", "augment.view_bank=null",
     ])
     summary = distill(cfg, tmp_path / "run")
     assert summary["train_images"] == 360  # 400 packed - 40 held out

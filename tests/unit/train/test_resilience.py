@@ -131,9 +131,9 @@ def test_sigterm_unwinds_as_keyboard_interrupt():
 DRIVER = textwrap.dedent("""
     import os, signal, sys
     from pathlib import Path
-    from simreg.orchestrator.tracking.mlflow_backend import Tracker
+    from simreg.orchestrator.tracking.backends import backend_for
     out = Path(sys.argv[1])
-    t = Tracker(f"sqlite:///{out / 'mlflow.db'}", "exp", out, "run", {})
+    t = backend_for(f"sqlite:///{out / 'mlflow.db'}").open_run("exp", out, "run", {})
     child = t.client.create_run(t.client.get_run(t.run_id).info.experiment_id, tags={"mlflow.parentRunId": t.run_id})
     print(t.run_id, child.info.run_id, flush=True)
     if sys.argv[2] == "die":
@@ -169,14 +169,15 @@ def test_reaper_marks_a_killed_drivers_runs_and_a_rerun_resumes_the_same_run(tmp
 def test_rerun_marks_a_run_left_running_without_a_reaper(tmp_path):
     from mlflow.tracking import MlflowClient
 
-    from simreg.orchestrator.tracking.mlflow_backend import RUN_ID_FILE, Tracker
+    from simreg.orchestrator.tracking.backends import backend_for
+    from simreg.orchestrator.tracking.mlflow_backend import RUN_ID_FILE
 
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     client = MlflowClient(uri)
     exp = client.create_experiment("exp", artifact_location=(tmp_path / "art").as_uri())
     stale = client.create_run(exp).info.run_id  # RUNNING, its driver gone (e.g. the host died with it)
     (tmp_path / RUN_ID_FILE).write_text(stale)
-    t = Tracker(uri, "exp", tmp_path, "run", {})
+    t = backend_for(uri).open_run("exp", tmp_path, "run", {})
     try:
         assert t.run_id == stale and t.resumed
         tags = client.get_run(stale).data.tags
@@ -187,9 +188,9 @@ def test_rerun_marks_a_run_left_running_without_a_reaper(tmp_path):
 
 
 def test_a_normal_end_stops_the_reaper(tmp_path):
-    from simreg.orchestrator.tracking.mlflow_backend import Tracker
+    from simreg.orchestrator.tracking.backends import backend_for
 
-    t = Tracker(f"sqlite:///{tmp_path / 'mlflow.db'}", "exp", tmp_path, "run", {})
+    t = backend_for(f"sqlite:///{tmp_path / 'mlflow.db'}").open_run("exp", tmp_path, "run", {})
     reaper = t._reaper
     assert reaper is not None and reaper.poll() is None
     t.end("FINISHED")

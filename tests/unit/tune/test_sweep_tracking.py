@@ -9,7 +9,7 @@ from types import SimpleNamespace
 from mlflow.tracking import MlflowClient
 
 from simreg.orchestrator.config import SimRegConfig
-from simreg.orchestrator.tune.callback import MlflowTrialsCallback
+from simreg.orchestrator.tune.callback import TrialRunsCallback
 from simreg.orchestrator.tune.compare import comparison_rows, markdown, table_lines
 from simreg.orchestrator.tune.space import tune_param_space
 from simreg.search_spaces import SearchSpace
@@ -22,7 +22,7 @@ def _setup(tmp_path: Path):
     client = MlflowClient(uri)
     exp = client.create_experiment("t", artifact_location=(tmp_path / "art").as_uri())
     parent = client.create_run(exp, run_name="sweep").info.run_id
-    cb = MlflowTrialsCallback(uri, parent, BASE, ["heads.depth"], 3, str(tmp_path / "runs.json"))
+    cb = TrialRunsCallback(uri, parent, BASE, ["heads.depth"], 3, str(tmp_path / "runs.json"))
     return client, parent, cb
 
 

@@ -1,0 +1,50 @@
+"""Every private Ray API (and every Ray file format) the project relies on, in one place.
+
+Ray is pinned to the minor version these are tested with (pyproject.toml: ``ray>=2.60,<2.61``). On an
+upgrade, this module and the integration tests are what to check.
+"""
+from __future__ import annotations
+
+import logging
+import re
+from pathlib import Path
+from typing import Any
+
+TESTED_RAY = "2.60"
+
+# Ray kills a worker process idle for 1 s once more processes than CPUs exist (always, with Train and our
+# actors); the view stage's task workers then died between epochs and every epoch paid ~5 s to start and
+# import torch in new ones. A cluster simreg starts keeps idle workers for 10 minutes (``_system_config``,
+# private; on a `ray start` cluster set RAY_idle_worker_killing_time_threshold_ms=600000 instead).
+LOCAL_SYSTEM_CONFIG: dict[str, Any] = {"idle_worker_killing_time_threshold_ms": 600_000}
+
+
+def quiet_train_report_log() -> None:
+    """Ray Train V2 logs every report with its whole metrics dict at INFO, on every rank, under a logger named
+    by its file path (private: ``ray.train.v2._internal``; ``LoggingConfig`` does not reach it)."""
+    try:
+        from ray.train.v2._internal.execution import context
+
+        logging.getLogger(context.__file__).setLevel(logging.WARNING)
+    except ImportError:  # another Ray layout: keep its logging as it is
+        pass
+
+
+def scaling_config_class() -> Any:
+    """Train V2's ScalingConfig (what ``ray.train.ScalingConfig`` is under V2; elastic ``(min, max)`` workers)."""
+    from ray.train.v2.api.config import ScalingConfig
+
+    return ScalingConfig
+
+
+CHECKPOINT_SNAPSHOT = "checkpoint_manager_snapshot.json"  # Ray Train's own record of registered checkpoints
+
+
+def registered_checkpoints(storage: Path) -> list[str]:
+    """Names of the checkpoint folders Ray Train has registered under a run's ``storage_path/name``: its
+    checkpoint manager snapshot (a private file format) names them once they are persisted."""
+    try:
+        text = (storage / CHECKPOINT_SNAPSHOT).read_text()
+    except OSError:
+        return []
+    return re.findall(r"epoch_\d{4,}", text)
