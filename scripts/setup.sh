@@ -19,5 +19,6 @@ fi
 python -m pip install -q --upgrade pip
 # torch first, pinned to the release this project is tested with (CPU or CUDA wheel from pip's index).
 python -c "import torch, torchvision" 2>/dev/null || python -m pip install -q "torch==2.14.1" "torchvision==0.29.1"
-python -m pip install -q -e ".[test]"
+# setuptools warns about every editable install (a box of text): hidden, the install itself is checked below
+PYTHONWARNINGS=ignore python -m pip install -q -e ".[test]"
 echo "simreg set up: $(python -c 'import ray, torch, mlflow; print(f"ray {ray.__version__}, torch {torch.__version__}, mlflow {mlflow.__version__}")')"
