@@ -16,14 +16,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
-import os
 import sys
 import time
 from pathlib import Path
 from typing import Any
 
 from simreg.models.errors import ConfigError, SimRegError
+from simreg.orchestrator import console
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -33,6 +32,7 @@ def _parser() -> argparse.ArgumentParser:
     d.add_argument("--config", type=Path, default=None, help="YAML config (default: the built-in offline demo)")
     d.add_argument("--output-dir", type=Path, default=None, help="run folder (default: runs/<name>-<time>)")
     d.add_argument("--tracking-uri", default=None, help="MLflow tracking URI (default: sqlite in the run folder)")
+    d.add_argument("--verbose", action="store_true", help="also show Ray's own log lines (always in Ray's log files)")
     d.add_argument("overrides", nargs="*", metavar="key=value", help="dotted config overrides, e.g. heads.depth=2")
     sw = sub.add_parser("sweep", help="Ray Tune sweep over a search space; writes OUTPUT_DIR/sweep_summary.json")
     sw.add_argument("--config", type=Path, default=None, help="base YAML config (default: the offline demo)")
@@ -40,6 +40,7 @@ def _parser() -> argparse.ArgumentParser:
     sw.add_argument("--output-dir", type=Path, default=None, help="sweep folder (default: runs/sweep-<space>-<time>)")
     sw.add_argument("--resume", action="store_true", help="continue the interrupted sweep in --output-dir")
     sw.add_argument("--tracking-uri", default=None, help="MLflow tracking URI (default: sqlite in the sweep folder)")
+    sw.add_argument("--verbose", action="store_true", help="also show Ray's and Tune's own output (always in Ray's log files)")
     sw.add_argument("overrides", nargs="*", metavar="key=value", help="dotted overrides of the base config")
     cp = sub.add_parser("compare", help="print a sweep's comparison table, best first")
     cp.add_argument("target", help="a sweep's output folder, or a parent MLflow run id (with --tracking-uri)")
@@ -108,11 +109,6 @@ def _yaml_mapping(raw: str, flag: str) -> dict[str, Any]:
     return val
 
 
-def _setup_logging() -> None:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s simreg %(message)s", datefmt="%H:%M:%S", stream=sys.stderr)
-    os.environ.setdefault("RAY_DEDUP_LOGS", "1")
-
-
 def _interrupt_on_sigterm() -> None:
     """SIGTERM (``kill``, a scheduler's preemption) unwinds like Ctrl-C: runs end KILLED in MLflow and Ray
     shuts down cleanly. Only in the main thread (signal handlers cannot be set elsewhere)."""
@@ -146,11 +142,25 @@ def _data(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cache_line(summary: dict[str, Any], cache_dir: str | None) -> str:
+    """What the target cache saved in this run: teacher forwards computed against targets read from it."""
+    from simreg.orchestrator.cache.targets import default_cache_dir
+
+    rows = summary.get("teacher_rows", {})
+    computed, cached = sum(r["forward"] for r in rows.values()), sum(r["cached"] for r in rows.values())
+    total = computed + cached
+    share = f" ({100 * cached / total:.0f}% of {total:,} teacher targets)" if total else ""
+    where = Path(cache_dir).expanduser() if cache_dir else default_cache_dir()
+    return (f"\ntarget cache: {cached:,} targets read from the cache{share}, {computed:,} computed by the teacher; "
+            f"a rerun of this config computes none ({where})")
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    _setup_logging()
+    console.setup(verbose=getattr(args, "verbose", False))
     if args.command in ("distill", "sweep"):
         _interrupt_on_sigterm()
+        console.hide_native_stderr()  # Ray's C++ lines; Python's stderr stays on the terminal
     try:
         if args.command == "compare":
             from simreg.orchestrator.tune.compare import compare
@@ -226,6 +236,8 @@ def main(argv: list[str] | None = None) -> int:
         out = args.output_dir or Path("runs") / f"{cfg.name}-{time.strftime('%Y%m%d-%H%M%S')}"
         summary = distill(cfg, out, args.tracking_uri)
         print(knn_table(summary))
+        if cfg.cache.enabled:
+            print(_cache_line(summary, cfg.cache.dir))
         print(
             f"\nstudent 20-NN gain over random init: {summary['student_gain_20nn']:+.2f} points; "
             f"{summary['train_images_per_s']:.0f} train images/s; wall {summary['wall_s']:.0f} s\n"

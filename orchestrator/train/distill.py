@@ -21,7 +21,7 @@ from simreg.orchestrator.tracking.backends import backend_for, default_tracking_
 from simreg.orchestrator.train.checkpoint import committed_epochs, train_storage
 from simreg.orchestrator.train.placement import failure_config, plan_placement
 from simreg.orchestrator.train.prepare import prepare
-from simreg.orchestrator.train.progress import _Progress
+from simreg.orchestrator.train.progress import Progress
 from simreg.orchestrator.train.rundir import check_resume, hold_output_dir, safe_config_json
 from simreg.orchestrator.train.trainer import images_per_epoch, init_ray, make_trainer
 
@@ -76,7 +76,7 @@ def distill(cfg: SimRegConfig, output_dir: Path, tracking_uri: str | None = None
         if resuming:
             log.info("resuming the interrupted run in %s from its latest checkpoint", output_dir)
         t_fit = time.perf_counter()
-        with _Progress(state, tracker, images_per_epoch(prep), cfg.train.epochs, lambda: committed_epochs(storage)) as progress:
+        with Progress(state, tracker, images_per_epoch(prep), cfg.train.epochs, lambda: committed_epochs(storage)) as progress:
             result = trainer.fit()
         fit_s = time.perf_counter() - t_fit
         if result.error is not None:

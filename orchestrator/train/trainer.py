@@ -6,6 +6,7 @@ import json
 import logging
 from typing import Any
 
+from simreg.orchestrator import console
 from simreg.orchestrator.config import SimRegConfig
 from simreg.orchestrator.ray_compat import LOCAL_SYSTEM_CONFIG
 from simreg.orchestrator.train.builders import (
@@ -27,7 +28,9 @@ def init_ray(cfg: SimRegConfig) -> dict[str, float]:
         ray.init(
             address=cfg.ray.address, num_cpus=cfg.ray.num_cpus if cfg.ray.address is None else None,
             # The dashboard serves Ray's state API, which Ray Train polls; it binds to loopback only.
-            dashboard_host="127.0.0.1", log_to_driver=True, logging_level=logging.WARNING,
+            # Ray's processes' own lines (Dataset execution plans, deprecations, ...) reach this console only
+            # with --verbose; they always go to Ray's log files (/tmp/ray/session_latest/logs)
+            dashboard_host="127.0.0.1", log_to_driver=console.verbose(), logging_level=logging.WARNING,
             # idle workers kept for 10 minutes (see ray_compat.LOCAL_SYSTEM_CONFIG)
             _system_config=dict(LOCAL_SYSTEM_CONFIG) if cfg.ray.address is None else None,
         )

@@ -77,6 +77,9 @@ class TrialRunsCallback(tune.Callback):
             if isinstance(v, (int, float)) and not isinstance(v, bool) and k.startswith(("train/", "val/"))
         }, step)
         entry["last_epoch"] = step
+        val = f", val 20-NN {result['val/top1_20nn']:.2f}" if "val/top1_20nn" in result else ""
+        log.info("trial %s (%s) epoch %d/%d: loss %.4f%s", trial.trial_id, _params(entry), step + 1, self.epochs,
+                 float(result.get("train/loss", float("nan"))), val)
         entry.setdefault("curve", {})[str(step)] = float(result.get("val/top1_20nn", float("nan")))
         entry["metrics"] = {k.removeprefix("val/"): float(result[k]) for k in ("val/top1_1nn", "val/top1_20nn") if k in result}
         if result.get("checkpoint_path"):
@@ -107,4 +110,9 @@ class TrialRunsCallback(tune.Callback):
             run.log_metrics(final, step=max(0, entry.get("last_epoch", 0)))
         run.end(status)
         entry["status"], entry["fate"] = status, fate
+        log.info("trial %s (%s): %s (%s)", trial.trial_id, _params(entry), status, fate)
         self._save(runs)
+
+
+def _params(entry: dict[str, Any]) -> str:
+    return ", ".join(f"{k}={v}" for k, v in entry.get("params", {}).items())

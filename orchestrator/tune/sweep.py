@@ -23,6 +23,7 @@ from typing import Any
 from ray import tune
 
 from simreg.models.errors import ConfigError, SimRegError
+from simreg.orchestrator import console
 from simreg.orchestrator.config import SimRegConfig
 from simreg.orchestrator.tracking.backends import backend_for, default_tracking_uri
 from simreg.orchestrator.tune.callback import CHILD_RUNS_FILE, TrialRunsCallback
@@ -127,6 +128,7 @@ def sweep(
                 run_config=tune.RunConfig(
                     name="sweep", storage_path=str(tune_dir), callbacks=[children],
                     failure_config=tune.FailureConfig(max_failures=0),
+                    verbose=1 if console.verbose() else 0,  # Tune's status tables; the callback logs a line per trial epoch
                 ),
             )
         tuner.fit()  # on --resume, Tune restores the pickled callback above: same runs file, same parent
