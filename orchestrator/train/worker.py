@@ -18,7 +18,7 @@ import torch.distributed as dist
 from simreg.orchestrator.config import validate_config
 from simreg.orchestrator.evaluation.knn import knn_report
 from simreg.orchestrator.ray_compat import quiet_train_report_log
-from simreg.orchestrator.train.batches import _batches, _checked
+from simreg.orchestrator.train.batches import SeenIds, _batches, _checked
 from simreg.orchestrator.train.builders import (
     DDP_OPTIONS,
     build_objective,
@@ -111,7 +111,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         dist.barrier()
         if rank == 0:
             ray.get(state.set_epoch.remote(epoch))
-        seen: list[torch.Tensor] = []
+        seen = SeenIds(rows)  # this rank's rows of the epoch
         waits: list[float] = []
         t0 = time.perf_counter()
         batches = _batches(shard, per_worker_batch, pin=cuda)
@@ -129,7 +129,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         wall_t = torch.tensor([wall, waits[0] if waits else 0.0, sum(waits)], dtype=torch.float64, device=device)
         dist.all_reduce(wall_t, op=dist.ReduceOp.MAX)
         wall_t = wall_t.cpu()
-        ids = torch.cat(seen).cpu() if seen else torch.zeros(0, dtype=torch.int64)
+        ids = seen.tensor()
         unique_ids, duplicate_ids = _global_id_counts(ids, world, device)
         images = vec[0].item()
         metrics: dict[str, float] = {f"train/{k}": vec[3 + i].item() / max(images, 1) for i, k in enumerate(keys)}

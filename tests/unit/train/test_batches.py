@@ -1,6 +1,8 @@
 """The worker's batcher: the blocks a Ray Data split hands a worker, cut into fixed-size batches."""
 from __future__ import annotations
 
+import gc
+import weakref
 from collections.abc import Iterator
 from typing import Any
 
@@ -8,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from simreg.orchestrator.train.batches import _batches
+from simreg.orchestrator.train.batches import SeenIds, _batches, _checked
 
 
 class Split:
@@ -48,3 +50,23 @@ def test_a_failed_fetch_raises_in_the_training_thread():
     assert len(got) == 4
     with pytest.raises(RuntimeError, match="block fetch failed"):
         next(it)
+
+
+def test_recording_the_ids_keeps_no_batch_alive():
+    """_checked records every id but lets each batch go once the step is done: holding a small piece of
+    every batch (its sample_id tensor) until the epoch ended fragmented glibc's heap, and a worker's
+    memory grew by ~100 KB per image (4.5-5.2 GB after 60k images instead of ~1.4 GB)."""
+
+    class WithEpoch(Split):
+        def iter_batches(self, **kw: Any) -> Iterator[dict[str, np.ndarray]]:
+            for b in super().iter_batches(**kw):
+                yield {**b, "epoch": np.zeros(len(b["sample_id"]), np.int64)}
+
+    seen, waits, alive = SeenIds(100), [], []  # capacity too small on purpose: the buffer grows
+    for b in _checked(_batches(WithEpoch([128] * 6 + [20]), 64, pin=False), 0, seen, waits):
+        alive.append([weakref.ref(t) for t in b.values()])
+    del b
+    gc.collect()
+    assert not [r for refs in alive for r in refs if r() is not None]
+    assert seen.tensor().tolist() == list(range(6 * 128 + 20))
+    assert len(waits) == len(alive) + 1
