@@ -40,7 +40,7 @@ from simreg.orchestrator.train.prepare import prepare
 def config(a: argparse.Namespace) -> SimRegConfig:
     return load_config(a.config, [
         f"data.train_size={a.train_size}", f"train.epochs={a.epochs}", "data.knn_bank_size=200", "data.knn_query_size=100",
-        "eval.val_every=0", "name=pipeline_throughput", *a.overrides,
+        "eval.val_every=0", "name=pipeline_throughput", "cache.enabled=false", "augment.view_bank=null", *a.overrides,
     ])
 
 

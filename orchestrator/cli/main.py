@@ -1,6 +1,6 @@
 """The ``simreg`` command: a thin layer over ``distill(cfg)``.
 
-    simreg distill                                     # offline demo: Fashion-MNIST, SimCLR ResNet-50 -> resnet10t
+    simreg distill                                     # offline demo: Fashion-MNIST, SimCLR ResNet-10t -> resnet10t
     simreg distill --config configs/demo.yaml train.epochs=2 scaling.num_workers=1
     simreg distill --output-dir runs/mine --tracking-uri http://127.0.0.1:5000
     simreg sweep --space smoke --output-dir runs/smoke     # Ray Tune over the search space's keys

@@ -1,6 +1,6 @@
 """``distill(cfg)``: one SimReg distillation on Ray, in numbered phases.
 
-    simreg distill                                   # the offline demo (Fashion-MNIST, SimCLR ResNet-50 teacher)
+    simreg distill                                   # the offline demo (Fashion-MNIST, SimCLR ResNet-10t teacher, target cache)
     simreg distill --config my.yaml train.epochs=8   # a YAML config plus dotted overrides
     simreg distill --output-dir runs/x --tracking-uri http://127.0.0.1:5000
 

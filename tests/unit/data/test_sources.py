@@ -55,3 +55,33 @@ def test_resolve_source_asks_each_source(noise_source, tmp_path: Path):
     assert resolve_source("fashion-mnist") == ("fashion-mnist", None)
     assert resolve_source(str(tmp_path / "x.noise")) == ("noise-test", str(tmp_path / "x.noise"))
     assert resolve_source(str(tmp_path)) == ("image-folder", str(tmp_path))
+
+
+def test_the_documented_source_example_works(tmp_path: Path, monkeypatch):
+    """docs/architecture.md's "Add a data source" example, as a module of its own, through prepare()."""
+    import importlib
+    import re
+    import sys
+
+    doc = (Path(__file__).resolve().parents[3] / "docs" / "architecture.md").read_text()
+    code = next(b for b in re.findall(r"```python\n(.*?)```", doc, re.S) if "register_source" in b)
+    (tmp_path / "doc_source_example.py").write_text(code.replace('"my-source"', '"doc-example"'))
+    monkeypatch.syspath_prepend(str(tmp_path))
+    importlib.import_module("doc_source_example")
+    try:
+        data = tmp_path / "d"
+        data.mkdir()
+        rng = np.random.default_rng(0)
+        np.save(data / "images.npy", rng.integers(0, 256, (50, 20, 20, 3), dtype=np.uint8))
+        np.save(data / "labels.npy", np.arange(50) % 5)
+        (data / "classes.txt").write_text("a b c d e")
+        from simreg.orchestrator.train.prepare import prepare
+
+        cfg = load_config(None, ["data.source=doc-example", f"data.root={data}", "data.train_size=30", "data.knn_bank_size=20",
+                                 "data.knn_query_size=5", "eval.val_every=0", "data.view_size=16"])
+        prep = prepare(cfg, quiet=True)
+        assert len(prep.train) == 30 and prep.train.classes == list("abcde") and prep.train.source_fingerprint
+        assert resolve_source(str(data)) == ("doc-example", str(data))
+    finally:
+        SOURCES.pop("doc-example", None)
+        sys.modules.pop("doc_source_example", None)
