@@ -59,12 +59,14 @@ class TrialRunsCallback(tune.Callback):
             self.backend.open_child(self.parent_run_id, name, {}, run_id=entry["run_id"])
             entry["status"] = "RUNNING"
             self._save(runs)
+            log.info("trial %s (%s) resumed", trial.trial_id, _params(entry))
             return
         overrides = {k: trial.config[k] for k in self.keys}
         run = self.backend.open_child(self.parent_run_id, name, {"simreg.trial_id": trial.trial_id, "simreg.command": "sweep-trial"})
         run.log_params(flatten(trial_config(self.base, overrides)))
         runs[trial.trial_id] = {"trial_id": trial.trial_id, "run_id": run.run_id, "params": overrides, "status": "RUNNING"}
         self._save(runs)
+        log.info("trial %s (%s) started", trial.trial_id, _params(runs[trial.trial_id]))
 
     def on_trial_result(self, iteration: int, trials: list, trial: Any, result: dict, **info: Any) -> None:
         runs = self._load()

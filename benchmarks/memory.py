@@ -1,0 +1,146 @@
+"""Memory of ``simreg distill`` against the data size: every process of the run sampled while it trains.
+
+    python benchmarks/memory.py                        # 10k and 60k images, one epoch each (~8 min on 2 cores)
+    python benchmarks/memory.py --sizes 10000,60000 --json memory.json
+
+Runs the real command (``simreg distill data.train_size=N train.epochs=1 eval.val_every=0``, the demo
+otherwise, no target cache) once per size and samples, every ``--every`` seconds, the RSS and PSS
+(``/proc/PID/smaps_rollup``) of the driver and every process under it: Ray Train workers, teacher actors,
+view-stage task workers and Ray's own processes (raylet, GCS, dashboard, Train's and Data's actors). It
+prints each role's peak per process and the host's peak (PSS summed over all of them), and the ratio of the
+largest size's peaks to the smallest's (the baseline, measured in the same run). Linux only.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROLES = ("driver", "train worker", "teacher actor", "view tasks / idle workers", "ray's own")
+GIB = 2**30
+
+
+def _children() -> dict[int, list[int]]:
+    kids: dict[int, list[int]] = {}
+    for d in os.listdir("/proc"):
+        if d.isdigit():
+            try:
+                ppid = int(Path(f"/proc/{d}/stat").read_text().rsplit(")", 1)[1].split()[1])
+            except (OSError, IndexError, ValueError):
+                continue
+            kids.setdefault(ppid, []).append(int(d))
+    return kids
+
+
+def _tree(root: int) -> list[int]:
+    kids, out, todo = _children(), [], [root]
+    while todo:
+        p = todo.pop()
+        out.append(p)
+        todo += kids.get(p, [])
+    return out
+
+
+def _role(pid: int, driver: int) -> str:
+    if pid == driver:
+        return "driver"
+    try:
+        cmd = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+    except OSError:
+        return ""
+    if "RayTrainWorker" in cmd:
+        return "train worker"
+    if "PooledTeacher" in cmd:
+        return "teacher actor"
+    if cmd.startswith("ray::IDLE") or "MapBatches" in cmd or "_views_and_targets" in cmd or "ReadItems" in cmd:
+        return "view tasks / idle workers"
+    return "ray's own"
+
+
+def _mem(pid: int) -> tuple[int, int]:
+    """(RSS, PSS) in bytes."""
+    rss = pss = 0
+    try:
+        for line in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines():
+            if line.startswith("Rss:"):
+                rss = int(line.split()[1]) * 1024
+            elif line.startswith("Pss:"):
+                pss = int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return rss, pss
+
+
+def measure(size: int, every: float, extra: list[str]) -> dict:
+    out = Path(tempfile.mkdtemp(prefix=f"simreg-mem-{size}-"))
+    exe = str(Path(sys.executable).with_name("simreg"))
+    cmd = [exe, "distill", "--output-dir", str(out / "run"), f"data.train_size={size}", "train.epochs=1", "eval.val_every=0",
+           "cache.enabled=false", "augment.view_bank=null", "data.knn_bank_size=1000", "data.knn_query_size=500", *extra]
+    env = {**os.environ, "RAY_AUTH_MODE": os.environ.get("RAY_AUTH_MODE", "disabled")}
+    t0 = time.perf_counter()
+    p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env, text=True)
+    peak_rss = {r: 0 for r in ROLES}
+    peak_pss_sum = {r: 0 for r in ROLES}
+    host_peak = 0
+    samples = 0
+    while p.poll() is None:
+        rss_by: dict[str, int] = {r: 0 for r in ROLES}
+        pss_by: dict[str, int] = {r: 0 for r in ROLES}
+        for pid in _tree(p.pid):
+            role = _role(pid, p.pid)
+            if not role:
+                continue
+            rss, pss = _mem(pid)
+            rss_by[role] = max(rss_by[role], rss)
+            pss_by[role] += pss
+        for r in ROLES:
+            peak_rss[r] = max(peak_rss[r], rss_by[r])
+            peak_pss_sum[r] = max(peak_pss_sum[r], pss_by[r])
+        host_peak = max(host_peak, sum(pss_by.values()))
+        samples += 1
+        time.sleep(every)
+    log = p.stdout.read() if p.stdout else ""
+    if p.returncode != 0:
+        raise SystemExit(f"simreg distill failed at {size} images (exit {p.returncode}):\n{log[-3000:]}")
+    summary = json.loads((out / "run" / "summary.json").read_text())
+    return {"images": size, "wall_s": time.perf_counter() - t0, "train_images_per_s": summary["train_images_per_s"],
+            "samples": samples, "peak_rss_gib": {r: v / GIB for r, v in peak_rss.items()},
+            "peak_pss_sum_gib": {r: v / GIB for r, v in peak_pss_sum.items()}, "host_peak_gib": host_peak / GIB,
+            "unique_ids": summary["history"][-1]["train/unique_ids"]}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--sizes", default="10000,60000", help="images per run, comma-separated (the first is the baseline)")
+    ap.add_argument("--every", type=float, default=2.0, help="seconds between samples")
+    ap.add_argument("--json", type=Path, default=None)
+    ap.add_argument("overrides", nargs="*", help="extra key=value overrides for every run")
+    a = ap.parse_args()
+    sizes = [int(s) for s in a.sizes.split(",")]
+    runs = [measure(n, a.every, a.overrides) for n in sizes]
+    head = f"{'peak per process (RSS, GiB)':<30}" + "".join(f"{r['images']:>10,}" for r in runs) + f"{'ratio':>8}"
+    print(head)
+    for role in ROLES:
+        vals = [r["peak_rss_gib"][role] for r in runs]
+        ratio = vals[-1] / vals[0] if vals[0] else float("nan")
+        print(f"{role:<30}" + "".join(f"{v:>10.2f}" for v in vals) + f"{ratio:>8.2f}")
+    hv = [r["host_peak_gib"] for r in runs]
+    print(f"{'host (PSS of all processes)':<30}" + "".join(f"{v:>10.2f}" for v in hv) + f"{hv[-1] / hv[0]:>8.2f}")
+    print(f"{'train images/s':<30}" + "".join(f"{r['train_images_per_s']:>10.0f}" for r in runs))
+    key = {10000: "10k", 60000: "60k"}
+    res: dict = {"runs": runs}
+    for r in runs:
+        k = key.get(r["images"], str(r["images"]))
+        res[f"worker_peak_gib_{k}"] = r["peak_rss_gib"]["train worker"]
+        res[f"host_peak_gib_{k}"] = r["host_peak_gib"]
+    if a.json:
+        a.json.write_text(json.dumps(res, indent=2))
+
+
+if __name__ == "__main__":
+    main()
