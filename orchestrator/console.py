@@ -20,7 +20,7 @@ def setup(verbose: bool = False) -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s simreg %(message)s", datefmt="%H:%M:%S", stream=sys.stderr)
     os.environ.setdefault("RAY_DEDUP_LOGS", "1")
     if not verbose:
-        logging.getLogger("ray").setLevel(logging.WARNING)  # Ray Data's INFO lines in the driver
+        logging.getLogger("ray").setLevel(logging.ERROR)  # Ray Data's INFO lines, the token-auth notice of every start
         os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")  # "Creating initial MLflow database tables..."
         for category in (DeprecationWarning, FutureWarning, PendingDeprecationWarning):
             warnings.filterwarnings("ignore", category=category)
