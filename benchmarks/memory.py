@@ -83,7 +83,9 @@ def measure(size: int, every: float, extra: list[str]) -> dict:
            "cache.enabled=false", "augment.view_bank=null", "data.knn_bank_size=1000", "data.knn_query_size=500", *extra]
     env = {**os.environ, "RAY_AUTH_MODE": os.environ.get("RAY_AUTH_MODE", "disabled")}
     t0 = time.perf_counter()
-    p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env, text=True)
+    log_path = out / "distill.log"
+    log_file = open(log_path, "w")  # noqa: SIM115  (a file, not a pipe: a full pipe would stall the run)
+    p = subprocess.Popen(cmd, stdout=log_file, stderr=subprocess.STDOUT, env=env, text=True)
     peak_rss = {r: 0 for r in ROLES}
     peak_pss_sum = {r: 0 for r in ROLES}
     host_peak = 0
@@ -104,7 +106,8 @@ def measure(size: int, every: float, extra: list[str]) -> dict:
         host_peak = max(host_peak, sum(pss_by.values()))
         samples += 1
         time.sleep(every)
-    log = p.stdout.read() if p.stdout else ""
+    log_file.close()
+    log = log_path.read_text(errors="replace")
     if p.returncode != 0:
         raise SystemExit(f"simreg distill failed at {size} images (exit {p.returncode}):\n{log[-3000:]}")
     summary = json.loads((out / "run" / "summary.json").read_text())

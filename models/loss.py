@@ -1,6 +1,8 @@
 """Regression losses of a student head against a teacher feature; SimReg's is the default (Navaneet et al.,
 BMVC 2021, eq. 1). ``train.loss`` picks one by name from ``LOSSES``; a new one is a function
-``(pred (B, d), target (B, d)) -> scalar`` decorated with ``@register_loss("name")``.
+``(pred (B, d), target (B, d)) -> scalar`` decorated with ``@register_loss("name")`` in this module (the
+config is validated again inside the Ray workers: a loss registered only in the driver would be unknown
+there).
 """
 from __future__ import annotations
 
@@ -17,6 +19,8 @@ LOSSES: dict[str, LossFn] = {}
 
 def register_loss(name: str) -> Callable[[LossFn], LossFn]:
     def deco(fn: LossFn) -> LossFn:
+        if name in LOSSES and LOSSES[name] is not fn:
+            raise ValueError(f"loss {name!r} is registered twice ({LOSSES[name].__qualname__}, {fn.__qualname__})")
         LOSSES[name] = fn
         return fn
 

@@ -17,9 +17,13 @@ FMNIST = Path("/usr/share/datasets/fashion-mnist")
 @pytest.fixture(scope="session", autouse=True)
 def _own_target_cache(tmp_path_factory):
     """The target cache is on by default: tests get a cache folder of their own, never the user's."""
-    if "SIMREG_CACHE_DIR" not in os.environ:
-        os.environ["SIMREG_CACHE_DIR"] = str(tmp_path_factory.mktemp("target-cache"))
+    before = os.environ.get("SIMREG_CACHE_DIR")
+    os.environ["SIMREG_CACHE_DIR"] = str(tmp_path_factory.mktemp("target-cache"))
     yield
+    if before is None:
+        os.environ.pop("SIMREG_CACHE_DIR", None)
+    else:
+        os.environ["SIMREG_CACHE_DIR"] = before
 
 
 @pytest.fixture(scope="session")

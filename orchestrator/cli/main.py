@@ -1,4 +1,4 @@
-"""The ``simreg`` command: a thin layer over ``distill(cfg)``.
+"""The ``simreg`` command: a thin layer over the Python API (orchestrator/api.py) and the data, cache and eval tools.
 
     simreg distill                                     # offline demo: Fashion-MNIST, SimCLR ResNet-10t -> resnet10t
     simreg distill --config configs/demo.yaml train.epochs=2 scaling.num_workers=1
@@ -156,6 +156,20 @@ def _cache_line(summary: dict[str, Any], cache_dir: str | None) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
+    try:
+        rc = _main(argv)
+    except BaseException:
+        rc = 1
+        raise
+    finally:
+        native = console.native_output()
+        if native is not None and rc != 0:
+            print(f"simreg: native output of this run (Ray's C++ lines, a crash): {native}", file=sys.stderr)
+        console.forget_native_output(keep=rc != 0)
+    return rc
+
+
+def _main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     console.setup(verbose=getattr(args, "verbose", False))
     if args.command in ("distill", "sweep"):
@@ -230,8 +244,8 @@ def main(argv: list[str] | None = None) -> int:
 
             print(yaml.safe_dump(json.loads(cfg.model_dump_json()), sort_keys=False))
             return 0
+        from simreg.orchestrator.api import distill
         from simreg.orchestrator.evaluation.final import knn_table
-        from simreg.orchestrator.train.distill import distill
 
         out = args.output_dir or Path("runs") / f"{cfg.name}-{time.strftime('%Y%m%d-%H%M%S')}"
         summary = distill(cfg, out, args.tracking_uri)

@@ -19,11 +19,11 @@ class SeenIds:
     rank's share of the epoch (doubled should more arrive).
 
     Not a list of each batch's ``sample_id`` tensor: every such tensor (a 64-row array, its TensorImpl and
-    StorageImpl) stayed allocated until the epoch ended, one small block per step placed by glibc malloc
+    StorageImpl) would stay allocated until the epoch ends, one small block per step placed by glibc malloc
     among the step's large transient buffers (batch copies, activations, gradients). The freed large chunks
-    could then neither merge with their neighbours nor fit the next step's buffers, so a worker's heap grew
-    by ~100 KB per image trained on (4.5-5.2 GB per worker after 60k images, against ~1.4 GB now) and
-    never shrank."""
+    can then neither merge with their neighbours nor fit the next step's buffers, and a worker's heap grows
+    by ~100 KB per image trained on and never shrinks (measured: 4.4-5.1 GiB per worker after 60k images
+    against 1.1 GiB with this buffer; benchmarks/RESULTS.md, "Memory against the data size")."""
 
     def __init__(self, capacity: int) -> None:
         self._ids = np.empty(max(capacity, 1), dtype=np.int64)

@@ -82,7 +82,7 @@ def distill(cfg: SimRegConfig, output_dir: Path, tracking_uri: str | None = None
         if result.error is not None:
             raise result.error
         if result.checkpoint is None:
-            raise SimRegError(f"training in {output_dir} produced no checkpoint: see the Ray log above")
+            raise SimRegError(f"training in {output_dir} produced no checkpoint: rerun with --verbose, or read Ray's logs in /tmp/ray/session_latest/logs")
         from simreg.orchestrator.train.checkpoint import load_state
 
         with result.checkpoint.as_directory() as d:

@@ -30,7 +30,7 @@ def init_ray(cfg: SimRegConfig) -> dict[str, float]:
             # The dashboard serves Ray's state API, which Ray Train polls; it binds to loopback only.
             # Ray's processes' own lines (Dataset execution plans, deprecations, ...) reach this console only
             # with --verbose; they always go to Ray's log files (/tmp/ray/session_latest/logs)
-            dashboard_host="127.0.0.1", log_to_driver=console.verbose(), logging_level=logging.WARNING,
+            dashboard_host="127.0.0.1", log_to_driver=console.verbose(), logging_level=console.ray_logging_level(),
             # idle workers kept for 10 minutes (see ray_compat.LOCAL_SYSTEM_CONFIG)
             _system_config=dict(LOCAL_SYSTEM_CONFIG) if cfg.ray.address is None else None,
         )

@@ -109,7 +109,7 @@ class TrialRunsCallback(tune.Callback):
         run.set_tags({"simreg.trial_fate": fate})
         final = {f"final/val_{k}": v for k, v in entry.get("metrics", {}).items()}  # the trial's final validation k-NN
         if final:
-            run.log_metrics(final, step=max(0, entry.get("last_epoch", 0)))
+            run.log_metrics(final, step=0)
         run.end(status)
         entry["status"], entry["fate"] = status, fate
         log.info("trial %s (%s): %s (%s)", trial.trial_id, _params(entry), status, fate)

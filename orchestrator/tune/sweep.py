@@ -164,5 +164,5 @@ def sweep(
         parent.log_metrics({f"best/{space.search.metric}": best["metrics"].get("top1_20nn", float("nan"))}, step=0)
     parent.end("FINISHED")
     if not rows:
-        raise SimRegError(f"the sweep in {output_dir} finished no trial: see the Ray log above")
+        raise SimRegError(f"the sweep in {output_dir} finished no trial: rerun with --verbose, or read Ray's logs in /tmp/ray/session_latest/logs")
     return summary

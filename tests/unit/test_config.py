@@ -58,3 +58,9 @@ def test_flatten_round_trip_keys():
     # every flattened key is a valid override
     overrides = [f"{k}={v if v is not None else 'null'}" for k, v in flat.items()]
     assert load_config(None, overrides) == SimRegConfig()
+
+
+def test_unknown_loss_lists_the_registered_ones():
+    with pytest.raises(ConfigError, match=r"train\.loss: unknown loss; use one of \['simreg'\]"):
+        load_config(None, ["train.loss=mse"])
+    assert load_config(None, ["train.loss=simreg"]).train.loss == "simreg"

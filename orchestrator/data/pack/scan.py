@@ -1,4 +1,4 @@
-"""Your own images at scale: an ImageFolder tree -> Parquet shards of encoded images, after a pre-scan.
+"""The pre-scan of `simreg data scan|pack`: every file of an ImageFolder tree read and decoded once, sorted.
 
     simreg data scan ~/images                     # count corrupt, truncated, unreadable files, modes, empty classes
     simreg data pack ~/images ~/packs/images      # OUT/<split>/part-00000.parquet ... + OUT/manifest.json

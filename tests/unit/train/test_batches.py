@@ -54,8 +54,8 @@ def test_a_failed_fetch_raises_in_the_training_thread():
 
 def test_recording_the_ids_keeps_no_batch_alive():
     """_checked records every id but lets each batch go once the step is done: holding a small piece of
-    every batch (its sample_id tensor) until the epoch ended fragmented glibc's heap, and a worker's
-    memory grew by ~100 KB per image (4.5-5.2 GB after 60k images instead of ~1.4 GB)."""
+    every batch (its sample_id tensor) until the epoch ends fragments glibc's heap, and a worker's memory
+    then grows by ~100 KB per image of the epoch (see SeenIds)."""
 
     class WithEpoch(Split):
         def iter_batches(self, **kw: Any) -> Iterator[dict[str, np.ndarray]]:
