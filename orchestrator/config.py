@@ -24,6 +24,13 @@ FMNIST_MEAN = (0.2860, 0.2860, 0.2860)
 FMNIST_STD = (0.3530, 0.3530, 0.3530)
 
 
+def _registered(name: str, names: list[str], what: str, where: str = "") -> str:
+    """A name from one of the registries (data sources, losses), or the error that lists them."""
+    if name not in names:
+        raise ValueError(f"unknown {what}; use one of {names}{where}")
+    return name
+
+
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
@@ -45,9 +52,7 @@ class DataConfig(_Strict):
     @field_validator("source")
     @classmethod
     def _known_source(cls, v: str) -> str:
-        if v not in SOURCES:
-            raise ValueError(f"unknown data source; use one of {source_names()}")
-        return v
+        return _registered(v, source_names(), "data source")
 
     @model_validator(mode="after")
     def _root_needed(self) -> DataConfig:
@@ -146,13 +151,10 @@ class TrainConfig(_Strict):
         "none", description="compress the DDP gradient all-reduce (half the bytes; gradients rounded on the wire)"
     )
 
-
     @field_validator("loss")
     @classmethod
     def _known_loss(cls, v: str) -> str:
-        if v not in LOSSES:
-            raise ValueError(f"unknown loss; use one of {sorted(LOSSES)} (models/loss.py)")
-        return v
+        return _registered(v, sorted(LOSSES), "loss", " (models/loss.py)")
 
 
 class CacheConfig(_Strict):

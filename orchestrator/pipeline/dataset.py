@@ -81,7 +81,7 @@ def build_train_dataset(
     """Images -> this epoch's views and every teacher's targets, block order randomized per epoch. In-memory
     images travel as blocks of one teacher batch (``teacher_pool.batch_size`` rows: the first block of an
     epoch reaches the students after one teacher call); a streamed source as pieces of its storage."""
-    streamed = isinstance(images.images, StreamedImages)
+    streamed = images.streamed
     ds = (streamed_dataset(images, res.batch_size) if streamed else images_dataset(images, res.batch_size)).randomize_block_order()
     reader = type(images.images).read_piece if streamed else None
     return ds.map_batches(

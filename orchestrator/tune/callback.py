@@ -10,6 +10,7 @@ from typing import Any
 from ray import tune
 
 from simreg.orchestrator.config import flatten
+from simreg.orchestrator.storage import write_atomic
 from simreg.orchestrator.tracking.backends import backend_for
 from simreg.orchestrator.tracking.base import TrackerBackend
 from simreg.orchestrator.tune.space import trial_config
@@ -46,10 +47,7 @@ class TrialRunsCallback(tune.Callback):
         return json.loads(p.read_text()) if p.is_file() else {}
 
     def _save(self, runs: dict[str, dict[str, Any]]) -> None:
-        p = Path(self.runs_file)
-        tmp = p.with_suffix(".tmp")
-        tmp.write_text(json.dumps(runs, indent=2))
-        tmp.replace(p)
+        write_atomic(Path(self.runs_file), lambda p: p.write_text(json.dumps(runs, indent=2)))
 
     def on_trial_start(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
         runs = self._load()
