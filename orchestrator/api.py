@@ -4,6 +4,7 @@
 
     cfg = load_config("my.yaml", ["train.epochs=4"])      # defaults <- YAML <- dotted overrides, validated
     summary = distill(cfg, "runs/mine")                   # -> the dict written to runs/mine/summary.json
+    distill(cfg, "s3://bucket/runs/mine", "http://mlflow:5000")   # an object store and an MLflow server
     result = sweep(cfg, "head_design", "runs/heads")      # a shipped space name, a YAML file or a SearchSpace
     evaluate(summary["student_weights"], cfg.student.arch, input_size=cfg.student_input_size)
 
@@ -30,7 +31,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
 def distill(cfg: SimRegConfig, output_dir: str | Path, tracking_uri: str | None = None) -> dict[str, Any]:
     """One distillation on Ray (a local cluster, or ``ray.address``); resumes an interrupted ``output_dir``.
     Returns the summary (k-NN of teachers / student / random-init student, paths, timings, history)."""
-    return _distill(cfg, Path(output_dir), tracking_uri)
+    return _distill(cfg, output_dir, tracking_uri)
 
 
 def sweep(
@@ -42,7 +43,7 @@ def sweep(
         loaded, source = space, "SearchSpace object"
     else:
         loaded, source = load_space(str(space))
-    return _sweep(cfg, loaded, source, Path(output_dir), resume=resume, tracking_uri=tracking_uri)
+    return _sweep(cfg, loaded, source, output_dir, resume=resume, tracking_uri=tracking_uri)
 
 
 def evaluate(weights: str | Path, arch: str, **options: Any) -> dict[str, Any]:

@@ -30,14 +30,14 @@ def _parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True)
     d = sub.add_parser("distill", help="distill teacher(s) into a student; writes OUTPUT_DIR/summary.json")
     d.add_argument("--config", type=Path, default=None, help="YAML config (default: the built-in offline demo)")
-    d.add_argument("--output-dir", type=Path, default=None, help="run folder (default: runs/<name>-<time>)")
+    d.add_argument("--output-dir", default=None, help="run folder or object-store URI, e.g. s3://bucket/runs/x (default: runs/<name>-<time>)")
     d.add_argument("--tracking-uri", default=None, help="MLflow tracking URI (default: sqlite in the run folder)")
     d.add_argument("--verbose", action="store_true", help="also show Ray's own log lines (always in Ray's log files)")
     d.add_argument("overrides", nargs="*", metavar="key=value", help="dotted config overrides, e.g. heads.depth=2")
     sw = sub.add_parser("sweep", help="Ray Tune sweep over a search space; writes OUTPUT_DIR/sweep_summary.json")
     sw.add_argument("--config", type=Path, default=None, help="base YAML config (default: the offline demo)")
     sw.add_argument("--space", required=True, help="a shipped space name (smoke, head_design, augmentation) or a YAML file")
-    sw.add_argument("--output-dir", type=Path, default=None, help="sweep folder (default: runs/sweep-<space>-<time>)")
+    sw.add_argument("--output-dir", default=None, help="sweep folder or object-store URI (default: runs/sweep-<space>-<time>)")
     sw.add_argument("--resume", action="store_true", help="continue the interrupted sweep in --output-dir")
     sw.add_argument("--tracking-uri", default=None, help="MLflow tracking URI (default: sqlite in the sweep folder)")
     sw.add_argument("--verbose", action="store_true", help="also show Ray's and Tune's own output (always in Ray's log files)")
@@ -236,8 +236,8 @@ def _main(argv: list[str] | None = None) -> int:
             from simreg.orchestrator.tune.compare import markdown, table_lines
 
             print(markdown(table_lines(summary["trials"], list(space.params))))
-            print(f"\nsweep summary: {Path(summary['output_dir']) / 'sweep_summary.json'}\n"
-                  f"mlflow: mlflow ui --backend-store-uri {summary['mlflow_tracking_uri']} --host 127.0.0.1")
+            print(f"\nsweep summary: {summary['output_dir']}/sweep_summary.json\n"
+                  f"mlflow: {_mlflow_hint(summary['mlflow_tracking_uri'], summary['parent_run_id'])}")
             return 0
         if args.command == "config":
             import yaml
@@ -255,8 +255,8 @@ def _main(argv: list[str] | None = None) -> int:
         print(
             f"\nstudent 20-NN gain over random init: {summary['student_gain_20nn']:+.2f} points; "
             f"{summary['train_images_per_s']:.0f} train images/s; wall {summary['wall_s']:.0f} s\n"
-            f"summary: {Path(summary['output_dir']) / 'summary.json'}\nstudent: {summary['student_weights']}\n"
-            f"mlflow:  mlflow ui --backend-store-uri {summary['mlflow_tracking_uri']} --host 127.0.0.1"
+            f"summary: {summary['output_dir']}/summary.json\nstudent: {summary['student_weights']}\n"
+            f"mlflow:  {_mlflow_hint(summary['mlflow_tracking_uri'], summary['mlflow_run_id'])}"
         )
         return 0
     except SimRegError as e:
@@ -265,6 +265,13 @@ def _main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("simreg: interrupted", file=sys.stderr)
         return 130
+
+
+def _mlflow_hint(uri: str, run_id: str) -> str:
+    """How to look at a run: the server's address, or the command that serves a run folder's sqlite store."""
+    if uri.startswith(("http://", "https://")):
+        return f"{uri} (run {run_id})"
+    return f"mlflow ui --backend-store-uri {uri} --host 127.0.0.1"
 
 
 if __name__ == "__main__":

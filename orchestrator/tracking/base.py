@@ -56,8 +56,8 @@ class TrackerBackend(Protocol):
 
     uri: str  # redacted
 
-    def open_run(self, experiment: str, output_dir: Path, run_name: str, tags: Mapping[str, str]) -> RunTracker:
-        """The run of ``output_dir``: reopened when the folder names one (a resume), else created. A driver
+    def open_run(self, experiment: str, output_dir: Any, run_name: str, tags: Mapping[str, str]) -> RunTracker:
+        """The run of ``output_dir`` (a ``storage.Store`` or a local path): reopened when the folder names one (a resume), else created. A driver
         that dies without ending it gets it ended KILLED (the reaper)."""
 
     def open_child(self, parent_run_id: str, run_name: str, tags: Mapping[str, str], run_id: str | None = None) -> RunTracker:

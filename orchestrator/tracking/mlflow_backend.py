@@ -19,6 +19,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from simreg.orchestrator.storage import Store, open_store
 from simreg.orchestrator.tracking.base import ChildRun
 from simreg.orchestrator.tracking.redact import redact, redact_uri
 
@@ -27,6 +28,7 @@ RUN_ID_FILE = "mlflow_run_id"
 MAX_PARAM_LEN = 6000
 DRIVER_TAG = "simreg.driver"
 REAPER_URI_ENV = "SIMREG_REAPER_TRACKING_URI"
+EXPERIMENT_KIND_TAG, EXPERIMENT_KIND = "mlflow.experimentKind", "custom_model_development"
 
 
 def log_params(client: Any, run_id: str, params: Mapping[str, Any]) -> None:
@@ -123,16 +125,21 @@ class MlflowBackend:
         self.uri = redact_uri(tracking_uri)
         self.client = MlflowClient(tracking_uri=tracking_uri)
 
-    def _experiment_id(self, experiment: str, output_dir: Path) -> str:
+    def _experiment_id(self, experiment: str, output_dir: Store) -> str:
         exp = self.client.get_experiment_by_name(experiment)
         if exp is not None:
+            if exp.tags.get(EXPERIMENT_KIND_TAG) is None:
+                self.client.set_experiment_tag(exp.experiment_id, EXPERIMENT_KIND_TAG, EXPERIMENT_KIND)
             return str(exp.experiment_id)
-        artifact_root = (output_dir / "mlartifacts").resolve().as_uri() if self.tracking_uri.startswith("sqlite:") else None
-        return str(self.client.create_experiment(experiment, artifact_location=artifact_root))
+        local = output_dir.local_path
+        artifact_root = (local / "mlartifacts").as_uri() if self.tracking_uri.startswith("sqlite:") and local is not None else None
+        # a model-training experiment: MLflow's UI opens it on runs and charts, not on its GenAI view
+        return str(self.client.create_experiment(experiment, artifact_location=artifact_root, tags={EXPERIMENT_KIND_TAG: EXPERIMENT_KIND}))
 
-    def open_run(self, experiment: str, output_dir: Path, run_name: str, tags: Mapping[str, str]) -> MlflowRun:
+    def open_run(self, experiment: str, output_dir: Store | Path, run_name: str, tags: Mapping[str, str]) -> MlflowRun:
         from mlflow.entities import RunStatus
 
+        output_dir = open_store(output_dir)
         exp_id = self._experiment_id(experiment, output_dir)
         id_file = output_dir / RUN_ID_FILE
         run_id, resumed, attempt = None, False, 1

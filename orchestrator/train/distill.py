@@ -3,6 +3,7 @@
     simreg distill                                   # the offline demo (Fashion-MNIST, SimCLR ResNet-10t teacher, target cache)
     simreg distill --config my.yaml train.epochs=8   # a YAML config plus dotted overrides
     simreg distill --output-dir runs/x --tracking-uri http://127.0.0.1:5000
+    simreg distill --output-dir s3://bucket/runs/x --tracking-uri http://mlflow:5000   # nothing on local disk
 
 1 data -> 2 teachers -> 3 Ray + pipeline -> 4 trainer -> 5 fit -> 6 evaluate -> 7 export -> 8 summary.
 """
@@ -17,31 +18,40 @@ from typing import Any
 from simreg.models.errors import SimRegError
 from simreg.orchestrator.config import SimRegConfig, flatten
 from simreg.orchestrator.evaluation.final import final_knn, knn_table
-from simreg.orchestrator.tracking.backends import backend_for, default_tracking_uri
+from simreg.orchestrator.storage import Store, open_store, scratch
+from simreg.orchestrator.tracking.backends import backend_for, check_tracking_uri, default_tracking_uri
 from simreg.orchestrator.train.checkpoint import committed_epochs, train_storage
 from simreg.orchestrator.train.placement import failure_config, plan_placement
 from simreg.orchestrator.train.prepare import prepare
 from simreg.orchestrator.train.progress import Progress
-from simreg.orchestrator.train.rundir import check_resume, hold_output_dir, safe_config_json
+from simreg.orchestrator.train.rundir import check_resume, hold_output_dir, publish, safe_config_json
 from simreg.orchestrator.train.trainer import images_per_epoch, init_ray, make_trainer
 
 log = logging.getLogger("simreg")
 
 
-def distill(cfg: SimRegConfig, output_dir: Path, tracking_uri: str | None = None) -> dict[str, Any]:
-    """Run one distillation; writes ``output_dir/summary.json`` and returns the summary."""
+def distill(cfg: SimRegConfig, output_dir: str | Path | Store, tracking_uri: str | None = None) -> dict[str, Any]:
+    """Run one distillation; writes ``output_dir/summary.json`` and returns the summary. ``output_dir``: a
+    local folder or an object-store URI (``s3://bucket/prefix``): every file of the run goes there."""
+    t_start = time.perf_counter()
+    out = open_store(output_dir)
+    # 0. where the run writes, checked before anything starts: one line naming the URI and the fix
+    out.check_reachable("--output-dir")
+    uri = tracking_uri or cfg.tracking.tracking_uri or default_tracking_uri(out)
+    check_tracking_uri(uri)
+    with hold_output_dir(out), scratch(out) as local:
+        return _distill(cfg, out, local, uri, t_start)
+
+
+def _distill(cfg: SimRegConfig, out: Store, local: Path, tracking_uri: str, t_start: float) -> dict[str, Any]:
     import ray
     import ray.train
 
     from simreg.orchestrator.evaluation.export import export_student
     from simreg.orchestrator.pipeline.actors import start_run_state
 
-    t_start = time.perf_counter()
-    output_dir = output_dir.resolve()
-    output_dir.mkdir(parents=True, exist_ok=True)
-    lock = hold_output_dir(output_dir)  # noqa: F841  (held until this function returns)
-    resuming = check_resume(cfg, output_dir)
-    (output_dir / "config.json").write_text(safe_config_json(cfg))
+    resuming = check_resume(cfg, out)
+    (out / "config.json").write_text(safe_config_json(cfg))
 
     # 1-2. data (distillation subset, k-NN bank and queries, validation sets) and teachers, before Ray
     prep = prepare(cfg)
@@ -55,8 +65,8 @@ def distill(cfg: SimRegConfig, output_dir: Path, tracking_uri: str | None = None
         cluster.get("CPU", 0), cluster.get("GPU", 0), cfg.scaling.num_workers, "GPU" if placement.use_gpu else "CPU",
         f"{placement.teacher_gpus:g} GPU each" if placement.teacher_gpus else f"CPU ({cfg.teacher_pool.threads} threads each)",
     )
-    tracker = backend_for(tracking_uri or cfg.tracking.tracking_uri or default_tracking_uri(output_dir)).open_run(
-        cfg.tracking.experiment, output_dir, cfg.name, {"simreg.command": "distill", "simreg.output_dir": str(output_dir)},
+    tracker = backend_for(tracking_uri).open_run(
+        cfg.tracking.experiment, out, cfg.name, {"simreg.command": "distill", "simreg.output_dir": str(out)},
     )
     tracker.log_params(flatten(cfg))
     status = "FAILED"
@@ -64,9 +74,10 @@ def distill(cfg: SimRegConfig, output_dir: Path, tracking_uri: str | None = None
     actors: list[Any] = []
     try:
         # 4. teacher actors + pipeline + trainer
-        storage = train_storage(output_dir)
+        storage = train_storage(out)
+        storage_path, storage_fs = (out / "ray").ray_storage()
         trainer, actors = make_trainer(prep, placement, state, ray.train.RunConfig(
-            name=storage.name, storage_path=str(storage.parent),
+            name=storage.name, storage_path=storage_path, storage_filesystem=storage_fs,
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2),
             failure_config=failure_config(cfg),
             logging_config=ray.train.LoggingConfig(log_level="WARNING"),  # type: ignore[call-arg]
@@ -74,7 +85,7 @@ def distill(cfg: SimRegConfig, output_dir: Path, tracking_uri: str | None = None
 
         # 5. fit (from the latest checkpoint when the output dir holds an interrupted run)
         if resuming:
-            log.info("resuming the interrupted run in %s from its latest checkpoint", output_dir)
+            log.info("resuming the interrupted run in %s from its latest checkpoint", out)
         t_fit = time.perf_counter()
         with Progress(state, tracker, images_per_epoch(prep), cfg.train.epochs, lambda: committed_epochs(storage)) as progress:
             result = trainer.fit()
@@ -82,7 +93,7 @@ def distill(cfg: SimRegConfig, output_dir: Path, tracking_uri: str | None = None
         if result.error is not None:
             raise result.error
         if result.checkpoint is None:
-            raise SimRegError(f"training in {output_dir} produced no checkpoint: rerun with --verbose, or read Ray's logs in /tmp/ray/session_latest/logs")
+            raise SimRegError(f"training in {out} produced no checkpoint: rerun with --verbose, or read Ray's logs in /tmp/ray/session_latest/logs")
         from simreg.orchestrator.train.checkpoint import load_state
 
         with result.checkpoint.as_directory() as d:
@@ -100,7 +111,8 @@ def distill(cfg: SimRegConfig, output_dir: Path, tracking_uri: str | None = None
         ))
 
         # 7. export
-        weights = export_student(final["backbone"], cfg, output_dir / "student", {"student_knn": ev["student_knn"]})
+        weights = export_student(final["backbone"], cfg, local / "student", {"student_knn": ev["student_knn"]})
+        (out / "student").upload(local / "student")
 
         # 8. summary + MLflow; the checkpoint's history covers epochs of earlier attempts too
         history = list(final.get("history") or progress.history)
@@ -125,13 +137,13 @@ def distill(cfg: SimRegConfig, output_dir: Path, tracking_uri: str | None = None
             "mlflow_tracking_uri": tracker.uri,
             "mlflow_run_id": tracker.run_id,
             "student_arch": cfg.student.arch,
-            "student_weights": str(weights),
+            "student_weights": str(out / "student" / weights.name),
             "student_input": {"size": cfg.student_input_size, "mean": list(cfg.student.mean), "std": list(cfg.student.std)},
             "teacher_placements": [p for p in progress.placements if p.startswith("teacher ")],
             "placements": records,  # each teacher actor start and student worker (per attempt): node, pid, resources
             "teacher_rows": teacher_rows,  # per teacher: rows computed ("forward") and served by the cache ("cached")
             "history": history,
-            "output_dir": str(output_dir),
+            "output_dir": str(out),
         }
         final_metrics = {f"knn/teacher/{n}/{k}": v for n, r in ev["teacher_knn"].items() for k, v in r.items()}
         final_metrics.update({f"knn/student/{k}": v for k, v in ev["student_knn"].items()})
@@ -148,12 +160,12 @@ def distill(cfg: SimRegConfig, output_dir: Path, tracking_uri: str | None = None
             if int(m["epoch"]) not in logged:
                 tracker.log_metrics(m, step=int(m["epoch"]))
         table = knn_table(summary)
-        (output_dir / "knn.md").write_text(table + "\n")
-        (output_dir / "summary.json").write_text(json.dumps(summary, indent=2))
-        for f in ("summary.json", "knn.md", "config.json"):
-            tracker.log_artifact(output_dir / f)
+        tracker.log_artifact(publish(out, local, "knn.md", table + "\n"))
+        tracker.log_artifact(publish(out, local, "config.json", safe_config_json(cfg)))
         tracker.log_artifact(weights, "student")
         tracker.log_artifact(weights.with_suffix(".json"), "student")
+        # summary.json last: its presence means "finished" (a rerun refuses the folder)
+        tracker.log_artifact(publish(out, local, "summary.json", json.dumps(summary, indent=2)))
         status = "FINISHED"
         return summary
     except (KeyboardInterrupt, SystemExit):  # Ctrl-C, SIGTERM (the CLI turns it into KeyboardInterrupt)

@@ -1,14 +1,15 @@
-"""A run's output folder: one driver at a time (a lock), the rules for resuming it, its config.json.
+"""A run's output folder (local or in an object store): one driver at a time (a lock or a lease), the rules
+for resuming it, its config.json, the files it publishes.
 """
 from __future__ import annotations
 
 import json
 import logging
 from pathlib import Path
-from typing import Any
 
 from simreg.models.errors import ConfigError
 from simreg.orchestrator.config import SimRegConfig, validate_config
+from simreg.orchestrator.storage import FolderLock, Store, open_store
 from simreg.orchestrator.tracking.redact import redact_uri
 from simreg.orchestrator.train.checkpoint import train_storage
 
@@ -27,8 +28,9 @@ def safe_config_json(cfg: SimRegConfig) -> str:
 RESUMABLE_CHANGES = ("scaling", "ray", "teacher_pool", "tracking", "cache")
 
 
-def check_resume(cfg: SimRegConfig, output_dir: Path) -> bool:
+def check_resume(cfg: SimRegConfig, output_dir: Store | Path) -> bool:
     """True when ``output_dir`` holds a run to resume; refuses one whose config differs in what it computes."""
+    output_dir = open_store(output_dir)
     saved_file = output_dir / "config.json"
     if not train_storage(output_dir).is_dir():
         return False
@@ -57,15 +59,17 @@ def check_resume(cfg: SimRegConfig, output_dir: Path) -> bool:
     return True
 
 
-def hold_output_dir(output_dir: Path) -> Any:
-    """An exclusive lock on the run folder for this process's lifetime (the OS drops it when the process
-    dies), so two drivers never write one run."""
-    import fcntl
+def hold_output_dir(output_dir: Store | Path) -> FolderLock:
+    """Exclusive ownership of the run folder while the returned lock is held (``with`` it, or ``release``):
+    two drivers never write one run. Local: flock (dropped by the OS when the process dies); S3: a lease."""
+    return FolderLock(open_store(output_dir)).acquire()
 
-    f = open(output_dir / ".simreg.lock", "a+")  # noqa: SIM115
-    try:
-        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        f.close()
-        raise ConfigError(f"{output_dir} is in use by another simreg process: wait for it, or choose another --output-dir") from None
-    return f
+
+def publish(out: Store, local: Path, name: str, text: str) -> Path:
+    """Write ``out/name`` atomically and return a local copy of it (for MLflow artifacts): the same file when
+    the output folder is local, a file in the scratch folder ``local`` when it is in an object store."""
+    (out / name).write_text(text)
+    copy = local / name
+    if out.remote:
+        copy.write_text(text)
+    return copy

@@ -61,6 +61,8 @@ def make_trainer(prep: Prepared, placement: Placement, state: Any, run_config: A
         train_loop_config={
             "cfg": json.loads(cfg.model_dump_json()), "state": state, "teacher_dims": prep.teacher_dims,
             "n_train": len(prep.train), "val": prep.val,
+            # an object store: the checkpoint uploads while the next epoch trains (a local copy is quick)
+            "async_checkpoint": getattr(run_config, "storage_filesystem", None) is not None,
         },
         scaling_config=scaling_config(cfg, placement),
         run_config=run_config,

@@ -156,8 +156,16 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         history.append(metrics)
         if rank == 0:
             state.add_epoch_metrics.remote(metrics)
-            with tempfile.TemporaryDirectory() as tmp:
+            if config.get("async_checkpoint"):  # Ray uploads in the background, then deletes the folder
+                from ray.train import CheckpointUploadMode
+
+                tmp = tempfile.mkdtemp(prefix="simreg-ckpt-")
                 save_checkpoint(Path(tmp), objective, optimizer, scheduler, epoch, metrics, history)
-                ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp), checkpoint_dir_name=f"epoch_{epoch:04d}")
+                ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp), checkpoint_dir_name=f"epoch_{epoch:04d}",
+                                 checkpoint_upload_mode=CheckpointUploadMode.ASYNC)
+            else:
+                with tempfile.TemporaryDirectory() as tmp:
+                    save_checkpoint(Path(tmp), objective, optimizer, scheduler, epoch, metrics, history)
+                    ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp), checkpoint_dir_name=f"epoch_{epoch:04d}")
         else:
             ray.train.report(metrics, checkpoint=None)

@@ -4,13 +4,12 @@ from __future__ import annotations
 
 import json
 import logging
-from pathlib import Path
 from typing import Any
 
 from ray import tune
 
 from simreg.orchestrator.config import flatten
-from simreg.orchestrator.storage import write_atomic
+from simreg.orchestrator.storage import open_store
 from simreg.orchestrator.tracking.backends import backend_for
 from simreg.orchestrator.tracking.base import TrackerBackend
 from simreg.orchestrator.tune.space import trial_config
@@ -24,7 +23,7 @@ class TrialRunsCallback(tune.Callback):
     """A Tune callback in the driver: one nested child run per trial under the sweep's parent run.
 
     Picklable (Tune stores it with the experiment and restores it on ``--resume``): it holds plain values,
-    opens its tracker backend lazily, and keeps the trial -> run map in ``DIR/mlflow_child_runs.json`` so a
+    opens its tracker backend lazily, and keeps the trial -> run map in ``DIR/mlflow_child_runs.json`` (a local path or an object-store URI) so a
     resumed sweep reuses its runs instead of creating duplicates."""
 
     def __init__(self, tracking_uri: str, parent_run_id: str, base: dict[str, Any], keys: list[str], epochs: int, runs_file: str) -> None:
@@ -43,11 +42,11 @@ class TrialRunsCallback(tune.Callback):
 
 
     def _load(self) -> dict[str, dict[str, Any]]:
-        p = Path(self.runs_file)
-        return json.loads(p.read_text()) if p.is_file() else {}
+        f = open_store(self.runs_file)  # a local path or an object-store URI
+        return json.loads(f.read_text()) if f.is_file() else {}
 
     def _save(self, runs: dict[str, dict[str, Any]]) -> None:
-        write_atomic(Path(self.runs_file), lambda p: p.write_text(json.dumps(runs, indent=2)))
+        open_store(self.runs_file).write_text(json.dumps(runs, indent=2))  # atomic (one PUT in an object store)
 
     def on_trial_start(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
         runs = self._load()

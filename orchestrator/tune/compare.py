@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from simreg.models.errors import ConfigError
+from simreg.orchestrator.storage import is_remote, open_store
 from simreg.orchestrator.tracking.backends import backend_for, default_tracking_uri
 from simreg.orchestrator.tracking.mlflow_backend import RUN_ID_FILE
 
@@ -124,13 +125,13 @@ def write_comparison(rows: list[dict[str, Any]], keys: list[str], metric: str, o
 def compare(target: str, tracking_uri: str | None = None) -> str:
     """The comparison table of a sweep, best first, from its tracked runs: ``target`` is a sweep's output
     folder or a parent run id (with ``tracking_uri``)."""
-    p = Path(target)
-    if p.is_dir():
-        id_file = p / RUN_ID_FILE
+    folder = open_store(target) if is_remote(target) or Path(target).is_dir() else None  # a folder or an object-store URI
+    if folder is not None:
+        id_file = folder / RUN_ID_FILE
         if not id_file.is_file():
             raise ConfigError(f"{target} is not a sweep folder (no {RUN_ID_FILE} file): pass the --output-dir of `simreg sweep`")
         parent_id = id_file.read_text().strip()
-        tracking_uri = tracking_uri or default_tracking_uri(p)
+        tracking_uri = tracking_uri or default_tracking_uri(folder)
     else:
         if tracking_uri is None:
             raise ConfigError(f"{target!r} is not a folder; to compare a parent run id, also pass --tracking-uri")

@@ -5,6 +5,7 @@ parent run per sweep with a nested child run per trial.
     simreg sweep --config my.yaml --space head_design --output-dir runs/heads
     simreg sweep --space head_design --output-dir runs/heads --resume     # after an interruption
     simreg compare runs/heads                           # the comparison table, best first
+    simreg sweep --space smoke --output-dir s3://bucket/sweeps/a --tracking-uri http://mlflow:5000
 
 Train V2 pattern: a Tune *function* trainable builds and fits one TorchTrainer per trial with
 ``TuneReportCallback``; it asks Tune for a token CPU share only, the Train workers and teacher actors
@@ -25,7 +26,8 @@ from ray import tune
 from simreg.models.errors import ConfigError, SimRegError
 from simreg.orchestrator import console
 from simreg.orchestrator.config import SimRegConfig
-from simreg.orchestrator.tracking.backends import backend_for, default_tracking_uri
+from simreg.orchestrator.storage import Store, open_store, scratch
+from simreg.orchestrator.tracking.backends import backend_for, check_tracking_uri, default_tracking_uri
 from simreg.orchestrator.tune.callback import CHILD_RUNS_FILE, TrialRunsCallback
 from simreg.orchestrator.tune.space import check_space, trial_config, tune_param_space
 from simreg.orchestrator.tune.trial import run_trial
@@ -35,33 +37,44 @@ log = logging.getLogger("simreg")
 
 
 def sweep(
-    cfg: SimRegConfig, space: SearchSpace, space_source: str, output_dir: Path, *, resume: bool = False,
+    cfg: SimRegConfig, space: SearchSpace, space_source: str, output_dir: str | Path | Store, *, resume: bool = False,
     tracking_uri: str | None = None,
 ) -> dict[str, Any]:
-    """Run (or resume) a sweep; writes ``output_dir/sweep_summary.json`` and returns it."""
+    """Run (or resume) a sweep; writes ``output_dir/sweep_summary.json`` and returns it. ``output_dir``: a
+    local folder or an object-store URI (Tune's experiment state, every trial's checkpoints, the comparison)."""
+    from simreg.orchestrator.train.rundir import hold_output_dir
+
+    t0 = time.perf_counter()
+    out = open_store(output_dir)
+    out.check_reachable("--output-dir")
+    tune_dir = out / "tune"
+    if resume and not (tune_dir / "sweep").is_dir():
+        raise ConfigError(f"--resume: {out} holds no sweep to resume (no tune/sweep folder): drop --resume or fix --output-dir")
+    if not resume and (tune_dir / "sweep").is_dir():
+        raise ConfigError(f"{out} already holds a sweep: pass --resume to continue it, or choose another --output-dir")
+    uri = tracking_uri or cfg.tracking.tracking_uri or default_tracking_uri(out)
+    check_tracking_uri(uri)
+    with hold_output_dir(out), scratch(out) as local:
+        return _sweep(cfg, space, space_source, out, local, resume, uri, t0)
+
+
+def _sweep(
+    cfg: SimRegConfig, space: SearchSpace, space_source: str, out: Store, local: Path, resume: bool, uri: str, t0: float,
+) -> dict[str, Any]:
     from ray.tune.schedulers import ASHAScheduler
 
     from simreg.orchestrator.train.placement import plan_placement, trial_cpus, trial_gpus
     from simreg.orchestrator.train.prepare import prepare
-    from simreg.orchestrator.train.rundir import hold_output_dir
+    from simreg.orchestrator.train.rundir import publish
     from simreg.orchestrator.train.trainer import init_ray
 
-    t0 = time.perf_counter()
-    output_dir = output_dir.resolve()
-    tune_dir = output_dir / "tune"
-    if resume and not (tune_dir / "sweep").is_dir():
-        raise ConfigError(f"--resume: {output_dir} holds no sweep to resume (no tune/sweep folder): drop --resume or fix --output-dir")
-    if not resume and (tune_dir / "sweep").is_dir():
-        raise ConfigError(f"{output_dir} already holds a sweep: pass --resume to continue it, or choose another --output-dir")
-    output_dir.mkdir(parents=True, exist_ok=True)
-    lock = hold_output_dir(output_dir)  # noqa: F841  (held until this function returns)
-
+    tune_dir = out / "tune"
     # 1. the space, checked against the config; every trial must validate. A resumed sweep keeps the
     #    space and base config it started with (the trials already run used them).
     if resume:
-        space = SearchSpace.model_validate_json((output_dir / "space.json").read_text())
-        base_tree = json.loads((output_dir / "base_config.json").read_text())
-        log.info("resuming the sweep in %s with its original space and base config", output_dir)
+        space = SearchSpace.model_validate_json((out / "space.json").read_text())
+        base_tree = json.loads((out / "base_config.json").read_text())
+        log.info("resuming the sweep in %s with its original space and base config", out)
     else:
         base_tree = check_space(space, json.loads(cfg.model_dump_json()), space_source)
     keys = list(space.params)
@@ -69,8 +82,8 @@ def sweep(
     epochs = base_cfg.train.epochs
     if base_cfg.eval.val_every != 1 and space.search.metric.startswith("val/"):
         raise ConfigError("sweeps report the validation k-NN every epoch: set eval.val_every=1")
-    (output_dir / "space.json").write_text(space.model_dump_json(indent=2))
-    (output_dir / "base_config.json").write_text(json.dumps(base_tree, indent=2))
+    (out / "space.json").write_text(space.model_dump_json(indent=2))
+    (out / "base_config.json").write_text(json.dumps(base_tree, indent=2))
 
     # 2. data and teachers once in the driver: a bad path fails here, not in every trial
     prepare(base_cfg)
@@ -87,18 +100,17 @@ def sweep(
              space.search.algorithm, concurrent, per_trial)
 
     # 4. MLflow parent run (reused on resume)
-    uri = tracking_uri or cfg.tracking.tracking_uri or default_tracking_uri(output_dir)
     parent = backend_for(uri).open_run(
-        cfg.tracking.experiment, output_dir, f"sweep-{cfg.name}", {"simreg.command": "sweep", "simreg.output_dir": str(output_dir)},
+        cfg.tracking.experiment, out, f"sweep-{cfg.name}", {"simreg.command": "sweep", "simreg.output_dir": str(out)},
     )
     parent.log_params({f"space.{k}": json.dumps(d.model_dump(exclude_none=True)) for k, d in space.params.items()}
                       | {f"search.{k}": v for k, v in space.search.model_dump().items()})
-    runs_file = output_dir / CHILD_RUNS_FILE
-    children = TrialRunsCallback(uri, parent.run_id, base_tree, keys, epochs, str(runs_file))
+    runs_file = out / CHILD_RUNS_FILE
+    children = TrialRunsCallback(uri, parent.run_id, base_tree, keys, epochs, runs_file.uri)
 
     # 5. Tune
     trainable = tune.with_resources(
-        tune.with_parameters(run_trial, base=base_tree, keys=keys, storage=str(output_dir / "trials")), {"CPU": 0.01}
+        tune.with_parameters(run_trial, base=base_tree, keys=keys, storage=(out / "trials").uri), {"CPU": 0.01}
     )
     scheduler = None
     if space.search.scheduler == "asha":
@@ -114,9 +126,12 @@ def sweep(
     # final checkpoint and train no further, but would still pay a start-up).
     os.environ.setdefault("TUNE_GLOBAL_CHECKPOINT_S", "1")
     status = "FAILED"
+    tune_path, tune_fs = tune_dir.ray_storage()
     try:
         if resume:
-            tuner = tune.Tuner.restore(str(tune_dir / "sweep"), trainable, resume_unfinished=True, resume_errored=True)
+            tuner = tune.Tuner.restore(
+                (tune_dir / "sweep").ray_storage()[0], trainable, resume_unfinished=True, resume_errored=True, storage_filesystem=tune_fs,
+            )
         else:
             tuner = tune.Tuner(
                 trainable,
@@ -126,7 +141,7 @@ def sweep(
                     scheduler=scheduler, search_alg=search_alg, max_concurrent_trials=concurrent,
                 ),
                 run_config=tune.RunConfig(
-                    name="sweep", storage_path=str(tune_dir), callbacks=[children],
+                    name="sweep", storage_path=tune_path, storage_filesystem=tune_fs, callbacks=[children],
                     failure_config=tune.FailureConfig(max_failures=0),
                     verbose=1 if console.verbose() else 0,  # Tune's status tables; the callback logs a line per trial epoch
                 ),
@@ -144,7 +159,9 @@ def sweep(
     from simreg.orchestrator.tune.compare import comparison_rows, write_comparison
 
     rows = comparison_rows(json.loads(runs_file.read_text()) if runs_file.is_file() else {}, space.search.metric, space.search.mode)
-    artifacts = write_comparison(rows, keys, space.search.metric, output_dir, parent)
+    artifacts = write_comparison(rows, keys, space.search.metric, local, parent)
+    (out / "comparison").upload(local / "comparison")
+    artifacts = [str(out / "comparison" / Path(a).name) for a in artifacts]
     best = rows[0] if rows else None
     summary = {
         "parent_run_id": parent.run_id,
@@ -156,13 +173,12 @@ def sweep(
         "trials": rows,
         "artifacts": artifacts,
         "wall_s": time.perf_counter() - t0,
-        "output_dir": str(output_dir),
+        "output_dir": str(out),
     }
-    (output_dir / "sweep_summary.json").write_text(json.dumps(summary, indent=2))
-    parent.log_artifact(output_dir / "sweep_summary.json")
+    parent.log_artifact(publish(out, local, "sweep_summary.json", json.dumps(summary, indent=2)))
     if best is not None:
         parent.log_metrics({f"best/{space.search.metric}": best["metrics"].get("top1_20nn", float("nan"))}, step=0)
     parent.end("FINISHED")
     if not rows:
-        raise SimRegError(f"the sweep in {output_dir} finished no trial: rerun with --verbose, or read Ray's logs in /tmp/ray/session_latest/logs")
+        raise SimRegError(f"the sweep in {out} finished no trial: rerun with --verbose, or read Ray's logs in /tmp/ray/session_latest/logs")
     return summary

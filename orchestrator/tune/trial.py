@@ -18,6 +18,7 @@ def run_trial(config: dict[str, Any], *, base: dict[str, Any], keys: list[str], 
     from ray.tune.integration.ray_train import TuneReportCallback
 
     from simreg.orchestrator.pipeline.actors import start_run_state
+    from simreg.orchestrator.storage import open_store
     from simreg.orchestrator.train.placement import failure_config, plan_placement
     from simreg.orchestrator.train.prepare import prepare
     from simreg.orchestrator.train.trainer import make_trainer
@@ -29,8 +30,9 @@ def run_trial(config: dict[str, Any], *, base: dict[str, Any], keys: list[str], 
     trial_id = tune.get_context().get_trial_id()
     actors: list[Any] = []
     try:
+        storage_path, storage_fs = open_store(storage).ray_storage()  # a folder or an object-store URI
         trainer, actors = make_trainer(prep, placement, state, ray.train.RunConfig(
-            name=f"trial_{trial_id}", storage_path=storage,
+            name=f"trial_{trial_id}", storage_path=storage_path, storage_filesystem=storage_fs,
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=1), failure_config=failure_config(cfg),
             callbacks=[TuneReportCallback()],  # type: ignore[list-item]
             logging_config=ray.train.LoggingConfig(log_level="WARNING"),  # type: ignore[call-arg]

@@ -98,8 +98,8 @@ def test_output_dir_is_locked_for_one_driver(tmp_path):
     lock = hold_output_dir(tmp_path)
     with pytest.raises(ConfigError, match="in use by another simreg process"):
         hold_output_dir(tmp_path)
-    lock.close()
-    hold_output_dir(tmp_path).close()  # free again
+    lock.release()
+    hold_output_dir(tmp_path).release()  # free again
 
 
 def test_redaction():
