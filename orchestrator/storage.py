@@ -151,12 +151,15 @@ class Store:
     def read_text(self) -> str:
         return self.read_bytes().decode()
 
-    def listdir(self) -> list[str]:
-        """Names directly under this folder (empty when it does not exist)."""
+    def listdir(self, dirs_only: bool = False) -> list[str]:
+        """Names directly under this folder (empty when it does not exist or is a file); ``dirs_only``:
+        sub-folders (prefixes in an object store) only."""
         import pyarrow.fs as pafs
 
+        if not self.remote and not Path(self.path).is_dir():
+            return []
         sel = pafs.FileSelector(self.path, allow_not_found=True, recursive=False)
-        return sorted(i.base_name for i in self.fs.get_file_info(sel))
+        return sorted(i.base_name for i in self.fs.get_file_info(sel) if not dirs_only or i.type == pafs.FileType.Directory)
 
     # ------------------------------------------------------------------ writes
     def write_bytes(self, data: bytes) -> None:

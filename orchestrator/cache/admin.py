@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 from typing import Any
 
@@ -11,33 +10,42 @@ import pyarrow.parquet as pq
 
 from simreg.models.errors import DataError
 from simreg.orchestrator.cache.targets import META, default_cache_dir
+from simreg.orchestrator.storage import Store, open_store
+
+
+def _root(root: str | Path | None) -> Store:
+    return open_store(root if root else default_cache_dir())
 
 
 def cache_entries(root: str | Path | None = None) -> list[dict[str, Any]]:
-    """One row per key directory: digest, teacher, arch, views held, rows, bytes, created."""
-    base = Path(root).expanduser() if root else default_cache_dir()
+    """One row per key directory: digest, teacher, arch, views held, rows, bytes, created (local or object store)."""
+    import pyarrow.fs as pafs
+
+    base = _root(root)
     rows: list[dict[str, Any]] = []
-    if not base.is_dir():
-        return rows
-    for d in sorted(p for p in base.iterdir() if p.is_dir()):
-        meta_path = d / META
+    for name in base.listdir(dirs_only=True):
+        d = base / name
+        files = [i for i in d.fs.get_file_info(pafs.FileSelector(d.path, allow_not_found=True, recursive=True))
+                 if i.type == pafs.FileType.File]
+        if not files:
+            continue
         try:
-            meta = json.loads(meta_path.read_text())
+            meta = json.loads((d / META).read_text())
         except (OSError, ValueError):
             meta = {}
-        views = sorted(p for p in d.glob("v*") if p.is_dir())
+        views = {i.path[len(d.path) + 1:].split("/", 1)[0] for i in files if i.path[len(d.path) + 1:].startswith("v")}
         n_rows = 0
-        for vd in views:
-            for shard in vd.glob("part-*.parquet"):
+        for i in files:
+            if i.base_name.startswith("part-") and i.base_name.endswith(".parquet"):
                 try:
-                    n_rows += pq.ParquetFile(shard).metadata.num_rows
+                    with d.fs.open_input_file(i.path) as fh:
+                        n_rows += pq.ParquetFile(fh).metadata.num_rows
                 except Exception:
                     pass
-        size = sum(p.stat().st_size for p in d.rglob("*") if p.is_file())
         t = meta.get("key", {}).get("teacher", {})
         rows.append({
-            "key": d.name, "teacher": meta.get("teacher", "?"), "arch": t.get("arch", "?"), "dim": meta.get("dim"),
-            "precision": t.get("precision", "?"), "views": len(views), "rows": n_rows, "bytes": size,
+            "key": name, "teacher": meta.get("teacher", "?"), "arch": t.get("arch", "?"), "dim": meta.get("dim"),
+            "precision": t.get("precision", "?"), "views": len(views), "rows": n_rows, "bytes": sum(i.size or 0 for i in files),
             "created": meta.get("created", "?"), "data": meta.get("key", {}).get("data", "?"),
         })
     return rows
@@ -45,10 +53,8 @@ def cache_entries(root: str | Path | None = None) -> list[dict[str, Any]]:
 
 def clear_cache(root: str | Path | None = None, keys: list[str] | None = None) -> list[str]:
     """Remove the given key directories (a unique prefix is enough), or all of them; returns what went."""
-    base = Path(root).expanduser() if root else default_cache_dir()
-    if not base.is_dir():
-        return []
-    present = sorted(p.name for p in base.iterdir() if p.is_dir() and (p / META).is_file())
+    base = _root(root)
+    present = [name for name in base.listdir(dirs_only=True) if (base / name / META).is_file()]
     if keys is None:
         chosen = present
     else:
@@ -62,7 +68,7 @@ def clear_cache(root: str | Path | None = None, keys: list[str] | None = None) -
                 )
             chosen.append(match[0])
     for k in chosen:
-        shutil.rmtree(base / k)
+        (base / k).delete()
     return chosen
 
 

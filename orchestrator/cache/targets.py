@@ -10,14 +10,16 @@ Anything that changes any of them gives another directory: a cache can only miss
 target. Inside, ``v<index>/part-<hash of ids>.parquet`` holds (sample_id int64, target fp16[d]) for one
 view index; the view index is the epoch, or ``epoch mod augment.view_bank`` with a bank of K views.
 
-Shards are written to a temporary name and renamed (atomic on POSIX), so a concurrent reader (another
-trial, another actor) sees a whole shard or none. Two writers of the same shard write the same bytes.
-On a multi-node cluster ``cache.dir`` must be shared storage (NFS, a mounted bucket) for nodes to share it.
-Pure numpy/pyarrow: no Ray.
+``cache.dir`` is a local folder or an object-store URI (``s3://bucket/cache``, storage.py): on a
+multi-node cluster, a bucket (or NFS) lets every node share it. A shard is written atomically (a local
+file: temporary name, fsync, rename; an object: one PUT, visible only once whole), so a concurrent reader
+(another trial, another actor, another node) sees a whole shard or none. Two writers of the same shard
+write the same bytes. Pure numpy/pyarrow: no Ray.
 """
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import logging
 import os
@@ -33,7 +35,7 @@ import pyarrow.parquet as pq
 
 from simreg.models.errors import DataError
 from simreg.models.teachers import file_sha256
-from simreg.orchestrator.storage import write_atomic
+from simreg.orchestrator.storage import Store, open_store
 
 log = logging.getLogger("simreg")
 
@@ -44,10 +46,10 @@ CACHE_VERSION = 1
 META = "meta.json"
 
 
-def default_cache_dir() -> Path:
+def default_cache_dir() -> Path | str:
     env = os.environ.get("SIMREG_CACHE_DIR")
     if env:
-        return Path(env).expanduser()
+        return env if "://" in env else Path(env).expanduser()
     xdg = os.environ.get("XDG_CACHE_HOME")
     return (Path(xdg) if xdg else Path.home() / ".cache") / "simreg" / "targets"
 
@@ -85,20 +87,20 @@ def key_digest(key: Mapping[str, Any]) -> str:
 class TargetCache:
     """One teacher's targets under one key: ``lookup`` and ``store`` per (view index, sample ids)."""
 
-    def __init__(self, root: str | Path, key: Mapping[str, Any], teacher_name: str, dim: int) -> None:
+    def __init__(self, root: str | Path | Store, key: Mapping[str, Any], teacher_name: str, dim: int) -> None:
         self.key = dict(key)
         self.dim = dim
-        self.dir = Path(root).expanduser() / key_digest(self.key)
-        self.dir.mkdir(parents=True, exist_ok=True)
+        self.dir = open_store(root) / key_digest(self.key)
+        self.dir.mkdir()
         meta = self.dir / META
         if not meta.is_file():
             body = {"key": self.key, "teacher": teacher_name, "dim": dim, "created": time.strftime("%Y-%m-%dT%H:%M:%S")}
-            write_atomic(meta, lambda p: p.write_text(json.dumps(body, indent=2)))
+            meta.write_text(json.dumps(body, indent=2))
         self._where: dict[int, dict[int, tuple[int, int]]] = {}  # view index -> sample id -> (chunk, row)
         self._chunks: dict[int, list[np.ndarray]] = {}  # view index -> (n, dim) fp16 arrays
         self._read: dict[int, set[str]] = {}  # view index -> shard names already indexed
 
-    def _view_dir(self, v: int) -> Path:
+    def _view_dir(self, v: int) -> Store:
         return self.dir / f"v{v:05d}"
 
     def _add(self, v: int, ids: np.ndarray, targets: np.ndarray) -> None:
@@ -112,13 +114,14 @@ class TargetCache:
     def _refresh(self, v: int) -> None:
         """Index shards of view ``v`` written since the last look (by this or any other process)."""
         d = self._view_dir(v)
-        if not d.is_dir():
-            return
         seen = self._read.setdefault(v, set())
-        for p in sorted(p for p in d.glob("part-*.parquet") if p.name not in seen):
-            seen.add(p.name)
+        for name in d.listdir():  # one listing, local or remote; empty when the view has no shard yet
+            if not (name.startswith("part-") and name.endswith(".parquet")) or name in seen:
+                continue
+            seen.add(name)
+            p = d / name
             try:
-                t = pq.read_table(p)
+                t = pq.read_table(p.path, filesystem=p.fs)
                 ids = t["sample_id"].to_numpy()
                 tg = np.asarray(t["target"].combine_chunks().flatten()).reshape(len(ids), -1)
             except Exception as e:  # an unreadable shard is recomputed, never trusted
@@ -161,13 +164,15 @@ class TargetCache:
         sample_ids = np.ascontiguousarray(sample_ids, dtype=np.int64)
         targets = np.ascontiguousarray(targets, dtype=np.float16)
         d = self._view_dir(v)
-        d.mkdir(parents=True, exist_ok=True)
+        d.mkdir()
         name = f"part-{hashlib.sha1(sample_ids.tobytes()).hexdigest()[:16]}.parquet"
         table = pa.table({
             "sample_id": pa.array(sample_ids),
             "target": pa.FixedSizeListArray.from_arrays(pa.array(targets.ravel()), self.dim),
         })
-        write_atomic(d / name, lambda p: pq.write_table(table, p))
+        buf = io.BytesIO()
+        pq.write_table(table, buf)
+        (d / name).write_bytes(buf.getvalue())
         self._read.setdefault(v, set()).add(name)
         self._add(v, sample_ids, targets.copy())
 

@@ -145,12 +145,13 @@ def _data(args: argparse.Namespace) -> int:
 def _cache_line(summary: dict[str, Any], cache_dir: str | None) -> str:
     """What the target cache saved in this run: teacher forwards computed against targets read from it."""
     from simreg.orchestrator.cache.targets import default_cache_dir
+    from simreg.orchestrator.storage import open_store
 
     rows = summary.get("teacher_rows", {})
     computed, cached = sum(r["forward"] for r in rows.values()), sum(r["cached"] for r in rows.values())
     total = computed + cached
     share = f" ({100 * cached / total:.0f}% of {total:,} teacher targets)" if total else ""
-    where = Path(cache_dir).expanduser() if cache_dir else default_cache_dir()
+    where = open_store(cache_dir or default_cache_dir())
     return (f"\ntarget cache: {cached:,} targets read from the cache{share}, {computed:,} computed by the teacher; "
             f"a rerun of this config computes none ({where})")
 
@@ -201,8 +202,9 @@ def _main(argv: list[str] | None = None) -> int:
         if args.command == "cache" and args.action != "warm":
             from simreg.orchestrator.cache.admin import cache_entries, clear_cache, entries_table
             from simreg.orchestrator.cache.targets import default_cache_dir
+            from simreg.orchestrator.storage import open_store
 
-            root = Path(args.dir).expanduser() if args.dir else default_cache_dir()
+            root = open_store(args.dir or default_cache_dir())  # a local folder or an object-store URI
             if args.action == "info":
                 rows = cache_entries(root)
                 print(f"target cache {root}: {len(rows)} key(s), {sum(r['bytes'] for r in rows) / 2**20:.1f} MiB")

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import math
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -14,6 +13,7 @@ from simreg.orchestrator.config import SimRegConfig
 from simreg.orchestrator.data.imageset import ImageSet
 from simreg.orchestrator.data.views import Preset, ViewPlan, ViewSpec, preset_spec
 from simreg.orchestrator.pipeline.teacher import TeacherSpec
+from simreg.orchestrator.storage import open_store
 
 
 def teacher_specs(cfg: SimRegConfig) -> list[TeacherSpec]:
@@ -49,9 +49,9 @@ def cache_spec(cfg: SimRegConfig, train: ImageSet) -> CacheSpec | None:
         return None
     if not train.source_fingerprint:
         raise ConfigError("cache.enabled=true needs images loaded by simreg's data loaders (no source fingerprint)")
-    root = Path(cfg.cache.dir).expanduser() if cfg.cache.dir else default_cache_dir()
+    root = open_store(cfg.cache.dir or default_cache_dir()).uri  # a local folder (made absolute) or an object-store URI
     views = {"seed": cfg.seed, "teacher_view": spec_dict(view_plan(cfg).teacher)}
-    return CacheSpec(str(root), train.source_fingerprint, views)
+    return CacheSpec(root, train.source_fingerprint, views)
 
 
 def student_transform(cfg: SimRegConfig) -> InputTransform:

@@ -19,12 +19,12 @@ from simreg.models.errors import SimRegError
 from simreg.orchestrator.config import SimRegConfig, flatten
 from simreg.orchestrator.evaluation.final import final_knn, knn_table
 from simreg.orchestrator.storage import Store, open_store, scratch
-from simreg.orchestrator.tracking.backends import backend_for, check_tracking_uri, default_tracking_uri
+from simreg.orchestrator.tracking.backends import backend_for, default_tracking_uri
 from simreg.orchestrator.train.checkpoint import committed_epochs, train_storage
 from simreg.orchestrator.train.placement import failure_config, plan_placement
 from simreg.orchestrator.train.prepare import prepare
 from simreg.orchestrator.train.progress import Progress
-from simreg.orchestrator.train.rundir import check_resume, hold_output_dir, publish, safe_config_json
+from simreg.orchestrator.train.rundir import check_resume, hold_output_dir, preflight, publish, safe_config_json
 from simreg.orchestrator.train.trainer import images_per_epoch, init_ray, make_trainer
 
 log = logging.getLogger("simreg")
@@ -36,9 +36,8 @@ def distill(cfg: SimRegConfig, output_dir: str | Path | Store, tracking_uri: str
     t_start = time.perf_counter()
     out = open_store(output_dir)
     # 0. where the run writes, checked before anything starts: one line naming the URI and the fix
-    out.check_reachable("--output-dir")
     uri = tracking_uri or cfg.tracking.tracking_uri or default_tracking_uri(out)
-    check_tracking_uri(uri)
+    preflight(cfg, out, uri)
     with hold_output_dir(out), scratch(out) as local:
         return _distill(cfg, out, local, uri, t_start)
 

@@ -73,3 +73,16 @@ def publish(out: Store, local: Path, name: str, text: str) -> Path:
     if out.remote:
         copy.write_text(text)
     return copy
+
+
+def preflight(cfg: SimRegConfig, out: Store, tracking_uri: str) -> None:
+    """Everything a run writes to outside this process, checked before Ray starts: the output folder, a
+    target cache in an object store, the tracking server. Each failure is one line naming the URI and the fix."""
+    from simreg.orchestrator.cache.targets import default_cache_dir
+    from simreg.orchestrator.tracking.backends import check_tracking_uri
+
+    out.check_reachable("--output-dir")
+    if cfg.cache.enabled:
+        cache = open_store(cfg.cache.dir or default_cache_dir())
+        cache.check_reachable("cache.dir")
+    check_tracking_uri(tracking_uri)

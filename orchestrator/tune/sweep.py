@@ -27,7 +27,7 @@ from simreg.models.errors import ConfigError, SimRegError
 from simreg.orchestrator import console
 from simreg.orchestrator.config import SimRegConfig
 from simreg.orchestrator.storage import Store, open_store, scratch
-from simreg.orchestrator.tracking.backends import backend_for, check_tracking_uri, default_tracking_uri
+from simreg.orchestrator.tracking.backends import backend_for, default_tracking_uri
 from simreg.orchestrator.tune.callback import CHILD_RUNS_FILE, TrialRunsCallback
 from simreg.orchestrator.tune.space import check_space, trial_config, tune_param_space
 from simreg.orchestrator.tune.trial import run_trial
@@ -42,18 +42,17 @@ def sweep(
 ) -> dict[str, Any]:
     """Run (or resume) a sweep; writes ``output_dir/sweep_summary.json`` and returns it. ``output_dir``: a
     local folder or an object-store URI (Tune's experiment state, every trial's checkpoints, the comparison)."""
-    from simreg.orchestrator.train.rundir import hold_output_dir
+    from simreg.orchestrator.train.rundir import hold_output_dir, preflight
 
     t0 = time.perf_counter()
     out = open_store(output_dir)
-    out.check_reachable("--output-dir")
     tune_dir = out / "tune"
     if resume and not (tune_dir / "sweep").is_dir():
         raise ConfigError(f"--resume: {out} holds no sweep to resume (no tune/sweep folder): drop --resume or fix --output-dir")
     if not resume and (tune_dir / "sweep").is_dir():
         raise ConfigError(f"{out} already holds a sweep: pass --resume to continue it, or choose another --output-dir")
     uri = tracking_uri or cfg.tracking.tracking_uri or default_tracking_uri(out)
-    check_tracking_uri(uri)
+    preflight(cfg, out, uri)
     with hold_output_dir(out), scratch(out) as local:
         return _sweep(cfg, space, space_source, out, local, resume, uri, t0)
 

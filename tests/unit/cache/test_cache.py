@@ -93,7 +93,7 @@ def test_shards_are_atomic_and_damage_is_recomputed(teachers_dir: Path, fmnist_s
     w = teachers_dir / "fmnist_simclr_resnet10t.safetensors"
     inf = TeacherInference(_spec(w), threads=1, device="cpu", cache=_cache_spec(tmp_path, fmnist_small))
     inf(dict(_batch(fmnist_small, 0)))
-    vdir = inf.cache.dir / "v00000"
+    vdir = inf.cache.dir.local_path / "v00000"
     shards = list(vdir.glob("part-*.parquet"))
     assert len(shards) == 1 and not list(vdir.glob(".tmp-*"))
     (vdir / ".tmp-deadbeef-part-0000.parquet").write_bytes(b"PAR1 half a file")  # a writer killed mid-write
