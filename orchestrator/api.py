@@ -49,4 +49,4 @@ def sweep(
 def evaluate(weights: str | Path, arch: str, **options: Any) -> dict[str, Any]:
     """k-NN (and with ``linear=True`` the linear probe) of a backbone weights file, in this process (no Ray);
     ``options`` are those of ``simreg eval`` (data, input_size, mean, std, bank_size, query_size, ...)."""
-    return evaluate_weights(Path(weights), arch, **options)
+    return evaluate_weights(weights, arch, **options)

@@ -261,6 +261,22 @@ def scratch(store: Store) -> Iterator[Path]:
         shutil.rmtree(d, ignore_errors=True)
 
 
+@contextmanager
+def local_copy(uri: str | Path) -> Iterator[Path]:
+    """A local path to a file given by path or URI: the file itself, or a temporary download removed afterwards."""
+    if not is_remote(str(uri)):
+        yield Path(str(uri)).expanduser()
+        return
+    src = Store(str(uri))
+    if not src.is_file():
+        raise ConfigError(f"{src} does not exist (or is not a file): check the URI")
+    d = Path(tempfile.mkdtemp(prefix="simreg-fetch-"))
+    try:
+        yield src.download(d / src.name)
+    finally:
+        shutil.rmtree(d, ignore_errors=True)
+
+
 # ---------------------------------------------------------------------- one driver per folder
 
 LOCK_NAME = ".simreg.lock"

@@ -50,3 +50,30 @@ def fmnist_small(fmnist_root: Path):
 @pytest.fixture
 def rng() -> np.random.Generator:
     return np.random.default_rng(0)
+
+
+@pytest.fixture(scope="session")
+def s3(tmp_path_factory) -> str:
+    """A real S3 API on 127.0.0.1 (moto's standalone server) with the bucket ``simreg-test``; the standard AWS
+    variables point at it for the rest of the session (Ray processes started later inherit them)."""
+    from tests.services import S3_ENV, make_bucket, moto_server
+
+    with moto_server(tmp_path_factory.mktemp("moto")) as endpoint:
+        before = {k: os.environ.get(k) for k in [*S3_ENV, "AWS_ENDPOINT_URL"]}
+        os.environ.update({**S3_ENV, "AWS_ENDPOINT_URL": endpoint})
+        make_bucket(endpoint, "simreg-test")
+        yield endpoint
+        for k, v in before.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+@pytest.fixture(scope="session")
+def mlflow_server_url(s3, tmp_path_factory) -> str:
+    """A real ``mlflow server`` (sqlite store) proxying artifacts to ``s3://simreg-test/mlflow``."""
+    from tests.services import mlflow_server
+
+    with mlflow_server(tmp_path_factory.mktemp("mlflow-server"), s3, "s3://simreg-test/mlflow") as url:
+        yield url

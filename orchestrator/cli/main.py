@@ -46,7 +46,7 @@ def _parser() -> argparse.ArgumentParser:
     cp.add_argument("target", help="a sweep's output folder, or a parent MLflow run id (with --tracking-uri)")
     cp.add_argument("--tracking-uri", default=None)
     ev = sub.add_parser("eval", help="k-NN (and linear probe) of a backbone weights file; no Ray")
-    ev.add_argument("--weights", type=Path, required=True, help="safetensors or torch state dict of a timm backbone")
+    ev.add_argument("--weights", required=True, help="safetensors or torch state dict of a timm backbone (a path or an object-store URI)")
     ev.add_argument("--arch", required=True, help="timm architecture of the weights")
     ev.add_argument("--format", default="auto", choices=["auto", "plain", "moco", "mocov3", "swav", "dino"],
                     help="checkpoint layout (auto: detected)")
@@ -86,7 +86,7 @@ def _parser() -> argparse.ArgumentParser:
     ds.add_argument("--workers", type=int, default=None, help=workers_help)
     dp = das.add_parser("pack", help="pre-scan, then write OUT_DIR/<split>/part-*.parquet and OUT_DIR/manifest.json")
     dp.add_argument("folder", type=Path, metavar="IMAGE_FOLDER", help="ROOT/<class>/<image>, or ROOT/train + ROOT/val (or test)")
-    dp.add_argument("out", type=Path, metavar="OUT_DIR", help="a new or empty folder (outside IMAGE_FOLDER)")
+    dp.add_argument("out", metavar="OUT_DIR", help="a new or empty folder (outside IMAGE_FOLDER), or an object-store URI (s3://bucket/prefix)")
     dp.add_argument("--strict", action="store_true", help="fail, naming the bad files the pre-scan finds, instead of leaving them out")
     dp.add_argument("--shard-rows", type=int, default=1024, help="rows per Parquet shard (default 1024)")
     dp.add_argument("--overwrite", action="store_true", help="replace the pack in a non-empty OUT_DIR")

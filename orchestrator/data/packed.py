@@ -12,15 +12,15 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import pyarrow.parquet as pq
 
 from simreg.models.errors import DataError
 from simreg.orchestrator.data.image_folder import holdout_split
 from simreg.orchestrator.data.imageset import ImageSet
 from simreg.orchestrator.data.pack.format import MANIFEST, _row_digest
-from simreg.orchestrator.data.pack.read import _decode_into, read_manifest, read_packed_rows, shard_paths
+from simreg.orchestrator.data.pack.read import _decode_into, read_manifest, read_packed_rows, read_table, shard_paths
 from simreg.orchestrator.data.pack.scan import default_workers
 from simreg.orchestrator.data.sources import DataSource, register_source
+from simreg.orchestrator.storage import open_store
 
 if TYPE_CHECKING:
     from simreg.orchestrator.config import DataConfig
@@ -30,7 +30,7 @@ def load_packed_split(root: str | Path, split: str, store_size: int, *, workers:
                       manifest: Mapping[str, Any] | None = None) -> ImageSet:
     """One split of a pack decoded into memory: uint8 (N, S, S, 3), the pack's labels and sample ids. The
     rows are checked against the manifest's fingerprint, which (with ``store_size``) keys the target cache."""
-    root = Path(root).expanduser()
+    root = open_store(root)  # a local folder or an object-store URI
     m = manifest if manifest is not None else read_manifest(root)
     paths = shard_paths(root, m, split)
     info = m["splits"][split]
@@ -42,7 +42,7 @@ def load_packed_split(root: str | Path, split: str, store_size: int, *, workers:
     with ThreadPoolExecutor(workers or default_workers()) as pool:
         for p in paths:
             try:
-                t = pq.read_table(p, columns=["sample_id", "label", "image", "path"])
+                t = read_table(p, columns=["sample_id", "label", "image", "path"])
             except Exception as e:
                 raise DataError(f"cannot read shard {str(p)!r}: {e}. The pack is damaged: {damaged}") from e
             k = t.num_rows
@@ -70,7 +70,7 @@ def load_packed_splits(root: str | Path, store_size: int, seed: int, holdout: fl
     """(train, held-out) of a pack: its given held-out split (val/test), or a seeded ``holdout`` share of
     its single split, drawn as ``load_splits`` draws it for an image folder. ``lazy``: images are
     ``PackedRows`` (labels and ids read, nothing decoded until asked; subsets stay lazy)."""
-    root = Path(root).expanduser()
+    root = open_store(root)  # a local folder or an object-store URI
     m = read_manifest(root)
     load = index_packed_split if lazy else functools.partial(load_packed_split, workers=workers)
     train = load(root, m["train"], store_size, manifest=m)
@@ -140,7 +140,7 @@ def index_packed_split(root: str | Path, split: str, store_size: int, *, manifes
     """One split of a pack without decoding: its labels and ids (the small columns only) and lazy
     ``PackedRows`` images. Nothing is verified against the fingerprint here (that needs every image's
     bytes; ``load_packed_split`` does it); a decode error names the shard and the file."""
-    root = Path(root).expanduser()
+    root = open_store(root)  # a local folder or an object-store URI
     m = manifest if manifest is not None else read_manifest(root)
     paths = shard_paths(root, m, split)
     info = m["splits"][split]
@@ -149,7 +149,7 @@ def index_packed_split(root: str | Path, split: str, store_size: int, *, manifes
     pos = 0
     for k, p in enumerate(paths):
         try:
-            t = pq.read_table(p, columns=["sample_id", "label"])
+            t = read_table(p, columns=["sample_id", "label"])
         except Exception as e:
             raise DataError(f"cannot read shard {str(p)!r}: {e}. The pack is damaged: re-pack with "
                             f"`simreg data pack IMAGE_FOLDER {root} --overwrite`") from e
@@ -161,7 +161,7 @@ def index_packed_split(root: str | Path, split: str, store_size: int, *, manifes
         pos += k_rows
     if pos != n or not np.array_equal(ids, np.arange(n)):
         raise DataError(f"split {split!r} of pack {str(root)!r} does not hold ids 0..{n - 1}: re-pack the folder")
-    rows = PackedRows(str(root), split, store_size, tuple(str(p) for p in paths), shard_of, ids.copy())
+    rows = PackedRows(str(root), split, store_size, tuple(p.uri for p in paths), shard_of, ids.copy())
     return ImageSet(rows, labels, ids, list(m["classes"]), f"packed:{root}/{split}", _cache_fingerprint(info, store_size))
 
 

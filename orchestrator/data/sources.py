@@ -76,6 +76,8 @@ def resolve_source(spec: str) -> tuple[str, str | None]:
     a source recognises (a pack has a manifest); any other folder is read as an image folder."""
     if spec in SOURCES and SOURCES[spec].needs_root is None:
         return spec, None
+    if "://" in spec:  # an object-store URI: only packs are read from there (an image folder: pack it first)
+        return "packed", spec
     path = Path(spec).expanduser()
     for name in source_names():
         if SOURCES[name].detect(path):

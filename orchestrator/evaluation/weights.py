@@ -16,10 +16,11 @@ from simreg.models.teachers import InputTransform, load_teacher
 from simreg.orchestrator.config import FMNIST_MEAN, FMNIST_STD, DataConfig
 from simreg.orchestrator.data.sources import load_splits, resolve_source
 from simreg.orchestrator.evaluation.knn import extract_features, knn_top1, linear_probe
+from simreg.orchestrator.storage import local_copy
 
 
 def evaluate_weights(
-    weights: Path, arch: str, *, data: str = "fashion-mnist", input_size: int = 64, view_size: int = 64,
+    weights: str | Path, arch: str, *, data: str = "fashion-mnist", input_size: int = 64, view_size: int = 64,
     mean: tuple[float, ...] = FMNIST_MEAN, std: tuple[float, ...] = FMNIST_STD, bank_size: int | None = None,
     query_size: int | None = None, linear: bool = False, linear_epochs: int = 40, threads: int = 2, seed: int = 0,
     batch_size: int = 256, layout: str = "auto", linear_steps: tuple[int, ...] = (15, 30), knn_weighting: str = "majority",
@@ -33,7 +34,9 @@ def evaluate_weights(
         mean = mean * 3
     if len(std) == 1:
         std = std * 3
-    model = load_teacher("eval", arch, weights, InputTransform(input_size, tuple(mean), tuple(std)), key="--weights/--arch", layout=layout, model_kwargs=model_kwargs)
+    with local_copy(weights) as path:  # a local file, or a download of an object-store URI
+        model = load_teacher("eval", arch, path, InputTransform(input_size, tuple(mean), tuple(std)), key="--weights/--arch",
+                             layout=layout, model_kwargs=model_kwargs)
     source, root = resolve_source(data)
     train, test = load_splits(DataConfig(source=source, root=root, store_size=96, holdout_fraction=0.1, stream=False), seed)
     bank, query = train.subset(bank_size, seed + 1), test.subset(query_size, seed + 2)

@@ -15,10 +15,17 @@ import pyarrow.parquet as pq
 from simreg.models.errors import DataError
 from simreg.orchestrator.data.image_folder import decode_image
 from simreg.orchestrator.data.pack.format import MANIFEST, PACK_FORMAT, PACK_VERSION
+from simreg.orchestrator.storage import Store, open_store
 
 
-def read_manifest(root: str | Path) -> dict[str, Any]:
-    root = Path(root).expanduser()
+def read_table(shard: str | Store, **kw: Any) -> pa.Table:
+    """A Parquet shard of a pack, local or in an object store (a Store or its URI)."""
+    s = open_store(shard)
+    return pq.read_table(s.path, filesystem=s.fs, **kw)
+
+
+def read_manifest(root: str | Path | Store) -> dict[str, Any]:
+    root = open_store(root)
     path = root / MANIFEST
     repack = f"`simreg data pack IMAGE_FOLDER {root} --overwrite`"
     if not path.is_file():
@@ -38,8 +45,8 @@ def read_manifest(root: str | Path) -> dict[str, Any]:
     return m
 
 
-def shard_paths(root: str | Path, manifest: Mapping[str, Any], split: str) -> list[Path]:
-    root = Path(root).expanduser()
+def shard_paths(root: str | Path | Store, manifest: Mapping[str, Any], split: str) -> list[Store]:
+    root = open_store(root)
     if split not in manifest["splits"]:
         raise DataError(f"pack {str(root)!r} has no split {split!r}: it has {sorted(manifest['splits'])}")
     paths = [root / split / s for s in manifest["splits"][split]["shards"]]
@@ -60,7 +67,7 @@ def read_packed_rows(shard: str, ids: np.ndarray, store_size: int) -> dict[str, 
     """Rows ``ids`` of one shard, decoded: {sample_id, label, image uint8 (B, S, S, 3)} in shard order.
     Reads only the row groups that can hold them (the ids are sorted within a shard)."""
     try:
-        t = pq.read_table(shard, columns=["sample_id", "label", "image", "path"],
+        t = read_table(shard, columns=["sample_id", "label", "image", "path"],
                           filters=[("sample_id", ">=", int(ids.min())), ("sample_id", "<=", int(ids.max()))])
     except Exception as e:
         raise DataError(f"cannot read shard {shard!r}: {e}. The pack is damaged: re-pack with `simreg data pack --overwrite`") from e

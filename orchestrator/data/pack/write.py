@@ -12,6 +12,7 @@ import functools
 import hashlib
 import json
 import logging
+import tempfile
 import time
 from collections.abc import Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
@@ -32,7 +33,7 @@ from simreg.orchestrator.data.pack.scan import (
     default_workers,
     scan_image_folder,
 )
-from simreg.orchestrator.storage import write_atomic
+from simreg.orchestrator.storage import Store, is_remote, write_atomic
 
 log = logging.getLogger("simreg")
 
@@ -113,6 +114,9 @@ def pack_image_folder(
     ``OUT/<split>/part-NNNNN.parquet`` of at most ``shard_rows`` rows and ``OUT/manifest.json``; returns
     the manifest. Bad files are left out and reported (``strict``: a DataError naming them). Empty class
     folders keep their class (labels stay stable); a split without any decodable image is an error."""
+    if is_remote(str(out_dir)):
+        return _pack_to_store(src, Store(str(out_dir)), strict=strict, shard_rows=shard_rows, overwrite=overwrite,
+                              workers=workers, on_scan=on_scan)
     src, out = Path(src).expanduser().resolve(), Path(out_dir).expanduser().resolve()
     if shard_rows < 1:
         raise DataError(f"shard_rows={shard_rows} must be >= 1 (--shard-rows)")
@@ -142,6 +146,26 @@ def pack_image_folder(
         "shard_rows": shard_rows, "splits": splits, "scan": report.to_dict(),
     }
     write_atomic(out / MANIFEST, lambda p: p.write_text(json.dumps(manifest, indent=1)))
+    return manifest
+
+
+def _pack_to_store(src: str | Path, dest: Store, **options: Any) -> dict[str, Any]:
+    """A pack written to an object store: packed in a local temporary folder (the size of the pack), then
+    uploaded shards first and the manifest last, so a reader finds a whole pack or none."""
+    if dest.listdir() and not options["overwrite"]:
+        raise DataError(f"output {dest} is not empty: choose a new prefix, or pass --overwrite (overwrite=True) to replace the pack there")
+    with tempfile.TemporaryDirectory(prefix="simreg-pack-") as tmp:
+        local = Path(tmp) / "pack"
+        manifest = pack_image_folder(src, local, **{**options, "overwrite": False})
+        if options["overwrite"]:  # what a pack writes, manifest first: a reader never finds a half-replaced pack
+            (dest / MANIFEST).delete()
+            for split in dest.listdir(dirs_only=True):
+                for name in (dest / split).listdir():
+                    if name.startswith("part-") and name.endswith(".parquet"):
+                        (dest / split / name).delete()
+        for split in manifest["splits"]:
+            (dest / split).upload(local / split)
+        (dest / MANIFEST).upload(local / MANIFEST)
     return manifest
 
 
