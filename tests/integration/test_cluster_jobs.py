@@ -56,7 +56,9 @@ class Cluster:
         self.dashboard = f"http://127.0.0.1:{dash}"
         self._ray("start", "--head", "--num-cpus", "1", "--port", str(port), "--dashboard-host", "127.0.0.1",
                   "--dashboard-port", str(dash), "--temp-dir", str(self.root / "ray"), "--disable-usage-stats")
-        self._ray("start", "--address", f"127.0.0.1:{port}", "--num-cpus", "1", "--disable-usage-stats")
+        # its own temp dir: two nodes of one machine sharing one would each delete the other's job working dirs
+        self._ray("start", "--address", f"127.0.0.1:{port}", "--num-cpus", "1", "--temp-dir", str(self.root / "ray-node2"),
+                  "--disable-usage-stats")
         return self
 
     def down(self) -> None:
@@ -64,7 +66,7 @@ class Cluster:
 
     def submit(self, sid: str, *cmd: str, wait: bool = False) -> subprocess.CompletedProcess[str]:
         args = ["job", "submit", "--address", self.dashboard, "--working-dir", str(REPO), "--submission-id", sid]
-        return self._ray(*args, *([] if wait else ["--no-wait"]), "--", *cmd, timeout=900)
+        return self._ray(*args, *([] if wait else ["--no-wait"]), "--", *cmd, timeout=900, check=not wait)
 
     def logs(self, sid: str) -> str:
         return self._ray("job", "logs", "--address", self.dashboard, sid, check=False).stdout
@@ -131,16 +133,20 @@ def _local_leftovers(*roots: Path) -> list[str]:
 
 
 @pytest.fixture(scope="module")
-def cluster_root(tmp_path_factory, s3, mlflow_server_url, teachers_dir):
-    root = tmp_path_factory.mktemp("cluster")
+def cluster_root(s3, mlflow_server_url, teachers_dir):
+    import tempfile
+
+    root = Path(tempfile.mkdtemp(prefix="rc-"))  # short: Ray's socket paths under it must stay under 108 bytes
     yield root
     Cluster(root).down()
+    shutil.rmtree(root, ignore_errors=True)
 
 
 def _fresh_cluster(root: Path, old: Cluster | None) -> Cluster:
     """A new machine, as far as the run can tell: the old cluster stopped and every local folder it used deleted."""
     (old or Cluster(root)).down()  # `ray stop`: every Ray process of this machine
-    shutil.rmtree(root / "ray", ignore_errors=True)
+    for d in ("ray", "ray-node2"):
+        shutil.rmtree(root / d, ignore_errors=True)
     return Cluster(root).up()
 
 
