@@ -232,6 +232,9 @@ class EvalConfig(_Strict):
 class TrackingConfig(_Strict):
     tracking_uri: str | None = Field(None, description="null = sqlite:///<output_dir>/mlflow.db")
     experiment: str = "simreg"
+    register_best: str | None = Field(
+        None, description="sweeps: register the best trial's student in the Model Registry under this name (a new version each sweep)"
+    )
 
 
 class RayConfig(_Strict):

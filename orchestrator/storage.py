@@ -99,6 +99,13 @@ class Store:
         s.path = f"{parent.path}/{name}"
         return s
 
+    def at(self, path: str) -> Store:
+        """Another path in this store's filesystem (a path Ray reports, e.g. a checkpoint's, has no scheme)."""
+        s = Store._child(self, "_")
+        s.path = path.rstrip("/")
+        s._base = f"{urlsplit(self._base).scheme}://{s.path}" if self.remote else s.path
+        return s
+
     def __truediv__(self, name: str) -> Store:
         return Store._child(self, name.strip("/"))
 

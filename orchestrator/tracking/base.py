@@ -73,3 +73,7 @@ class TrackerBackend(Protocol):
 
     def mark_killed(self, run_id: str, token: str | None, reason: str) -> list[str]:
         """End a RUNNING run (and its RUNNING children) as KILLED, if still owned by ``token``."""
+
+    def register_model(self, name: str, run_id: str, folder: Path, tags: Mapping[str, str]) -> str:
+        """Log ``folder`` (an exported model) as artifacts of ``run_id`` and register it as a new version of
+        model ``name``; returns the version."""

@@ -200,3 +200,13 @@ class MlflowBackend:
 
     def mark_killed(self, run_id: str, token: str | None, reason: str) -> list[str]:
         return mark_killed(self.client, run_id, token, reason)
+
+    def register_model(self, name: str, run_id: str, folder: Path, tags: Mapping[str, str]) -> str:
+        self.client.log_artifacts(run_id, str(folder), folder.name)
+        try:
+            self.client.get_registered_model(name)
+        except Exception:  # noqa: BLE001  (MLflow raises RESOURCE_DOES_NOT_EXIST as a generic MlflowException)
+            self.client.create_registered_model(name, description="SimReg students distilled by simreg (one version per sweep)")
+        source = f"{self.client.get_run(run_id).info.artifact_uri}/{folder.name}"
+        version = self.client.create_model_version(name, source, run_id=run_id, tags=dict(tags))
+        return str(version.version)

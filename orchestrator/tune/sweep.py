@@ -162,6 +162,12 @@ def _sweep(
     (out / "comparison").upload(local / "comparison")
     artifacts = [str(out / "comparison" / Path(a).name) for a in artifacts]
     best = rows[0] if rows else None
+    registered = None
+    if best is not None and base_cfg.tracking.register_best:
+        from simreg.orchestrator.tune.register import register_best
+
+        version = register_best(backend_for(uri), base_cfg.tracking.register_best, best, base_tree, out, local)
+        registered = {"name": base_cfg.tracking.register_best, "version": version} if version else None
     summary = {
         "parent_run_id": parent.run_id,
         "mlflow_tracking_uri": parent.uri,
@@ -171,6 +177,7 @@ def _sweep(
         "best_trial": best,
         "trials": rows,
         "artifacts": artifacts,
+        "registered_model": registered,
         "wall_s": time.perf_counter() - t0,
         "output_dir": str(out),
     }

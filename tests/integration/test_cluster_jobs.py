@@ -212,7 +212,7 @@ def test_sweep_job_stopped_then_resumed_from_the_bucket(cluster_root, s3, mlflow
     prefix = f"sweeps/{uuid.uuid4().hex[:8]}"
     out = f"s3://{BUCKET}/{prefix}"
     cmd = [str(BIN / "simreg"), "sweep", "--space", str(space), "--output-dir", out, "--tracking-uri", mlflow_server_url,
-           "cache.enabled=false", *SMALL]
+           "cache.enabled=false", "tracking.register_best=simreg-student", *SMALL]
     c = _fresh_cluster(cluster_root, None)
     c.submit("sweep-1", *cmd)
     c.wait_for("sweep-1", "FINISHED (completed)")
@@ -244,4 +244,12 @@ def test_sweep_job_stopped_then_resumed_from_the_bucket(cluster_root, s3, mlflow
     assert _run(mlflow_server_url, parent)[0] == "FINISHED"
     assert "comparison" in _artifacts(mlflow_server_url, parent)
     assert any(k.startswith(f"{prefix}/tune/sweep/") for k in s3_objects(s3, BUCKET, prefix))
+    # the best trial's student in the Model Registry: its weights behind the server, its card in the tags
+    best = summary["best_trial"]
+    assert summary["registered_model"] == {"name": "simreg-student", "version": "1"}
+    mv = _mlflow(mlflow_server_url, "model-versions/get?name=simreg-student&version=1")["model_version"]
+    tags = {t["key"]: t["value"] for t in mv.get("tags", [])}
+    assert mv["run_id"] == best["mlflow_run_id"] and tags["arch"] == "resnet10t" and tags["input_size"] == "32"
+    assert tags["val_top1_20nn"] == f"{best['metrics']['top1_20nn']:.2f}" and tags["param.heads.depth"] == str(best["params"]["heads.depth"])
+    assert {"student/student.safetensors", "student/student.json"} <= set(_artifacts(mlflow_server_url, best["mlflow_run_id"], "student"))
     assert _local_leftovers(cluster_root, REPO) == []
