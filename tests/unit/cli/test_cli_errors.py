@@ -5,6 +5,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from simreg.orchestrator.cli.main import main
 
 
@@ -76,3 +78,14 @@ def test_console_script_exit_code_and_no_traceback():
 def test_batch_smaller_than_workers(capsys):
     err = _run(capsys, "train.batch_size=2", "scaling.num_workers=2")
     assert "fewer than 2 images per worker" in err
+
+
+def test_overrides_may_follow_options(tmp_path: Path, capsys):
+    """``key=value`` overrides before and after an option are all applied (argparse alone refuses the later ones)."""
+    (tmp_path / "c.yaml").write_text("optim:\n  lr: 0.1\n")
+    assert main(["config", "train.epochs=3", "--config", str(tmp_path / "c.yaml"), "heads.depth=2"]) == 0
+    out = capsys.readouterr().out
+    assert "epochs: 3" in out and "depth: 2" in out and "lr: 0.1" in out
+    with pytest.raises(SystemExit) as e:  # argparse's own exit: usage and one line, status 2
+        main(["config", "--config", str(tmp_path / "c.yaml"), "heads.depth=2", "--bogus"])
+    assert e.value.code == 2 and "unrecognized arguments: --bogus" in capsys.readouterr().err
