@@ -49,13 +49,15 @@ def _end(proc: subprocess.Popen) -> None:
 
 
 @contextlib.contextmanager
-def moto_server(log_dir: Path) -> Iterator[str]:
-    """An S3 API on 127.0.0.1 (moto's standalone server); yields its endpoint URL."""
+def moto_server(log_dir: Path, auth_after: int | None = None) -> Iterator[str]:
+    """An S3 API on 127.0.0.1 (moto's standalone server); yields its endpoint URL. ``auth_after=N``: requests
+    after the first N must be signed with an access key of a user the server knows (its IAM)."""
     port = free_port()
     log = log_dir / "moto.log"
+    env = {**os.environ, **({"INITIAL_NO_AUTH_ACTION_COUNT": str(auth_after)} if auth_after is not None else {})}
     with open(log, "wb") as fh:
         proc = subprocess.Popen([str(BIN / "moto_server"), "-H", "127.0.0.1", "-p", str(port)], stdout=fh, stderr=subprocess.STDOUT,
-                                start_new_session=True)
+                                start_new_session=True, env=env)
     try:
         endpoint = f"http://127.0.0.1:{port}"
         _wait_http(f"{endpoint}/moto-api/", proc, log)

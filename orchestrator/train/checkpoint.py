@@ -1,6 +1,7 @@
 """Checkpoint layout (a directory): ``state.pt`` (loaded with ``weights_only=True``) with backbone,
-heads, optimizer, scheduler, epoch, RNG state (torch, numpy, Python) and the metrics of every epoch so far; ``student.safetensors`` (the backbone alone, the export
-format) and ``heads.safetensors`` (heads kept apart: they are discarded after distillation)."""
+heads, optimizer, scheduler, epoch, RNG state (torch, numpy, Python) and the metrics of every epoch so far.
+One file, nothing stored twice: every epoch's checkpoint is uploaded when the run folder is in a bucket.
+The student is exported from it (``evaluation/export.py``) at the end of a run, or of a sweep's best trial."""
 from __future__ import annotations
 
 import random
@@ -9,18 +10,11 @@ from typing import Any
 
 import numpy as np
 import torch
-from safetensors.torch import save_file
 
 from simreg.models import SimRegObjective
 from simreg.orchestrator.ray_compat import registered_checkpoints
 
 STATE = "state.pt"
-STUDENT = "student.safetensors"
-HEADS = "heads.safetensors"
-
-
-def _contiguous(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    return {k: v.detach().contiguous().cpu() for k, v in sd.items()}
 
 
 def save_checkpoint(
@@ -48,8 +42,6 @@ def save_checkpoint(
         },
         directory / STATE,
     )
-    save_file(_contiguous(objective.backbone.state_dict()), str(directory / STUDENT))
-    save_file(_contiguous(objective.heads.state_dict()), str(directory / HEADS))
 
 
 def load_state(directory: Path) -> dict[str, Any]:

@@ -16,20 +16,18 @@ log = logging.getLogger("simreg")
 
 def register_best(backend: TrackerBackend, name: str, best: dict[str, Any], base: dict[str, Any], out: Store, local: Path) -> str | None:
     """Register ``best`` (a comparison row) under ``name``; returns the version, or None when the trial left no checkpoint."""
-    from safetensors.torch import load_file
-
     from simreg.orchestrator.evaluation.export import export_student
-    from simreg.orchestrator.train.checkpoint import STUDENT
+    from simreg.orchestrator.train.checkpoint import STATE, load_state
 
     if not best.get("checkpoint") or not best.get("mlflow_run_id"):
         log.warning("tracking.register_best=%s: the best trial %s left no checkpoint; nothing registered", name, best.get("trial_id"))
         return None
     # the checkpoint path Tune reports is a path in the sweep's own filesystem (local, or the bucket)
     ckpt = out.at(best["checkpoint"])
-    weights = (ckpt / STUDENT).download(local / "best" / STUDENT)
+    (ckpt / STATE).download(local / "best" / STATE)
     cfg = trial_config(base, best["params"])
     folder = local / "student"
-    export_student(load_file(str(weights)), cfg, folder, {"val_knn": best["metrics"], "trial_id": best["trial_id"]})
+    export_student(load_state(local / "best")["backbone"], cfg, folder, {"val_knn": best["metrics"], "trial_id": best["trial_id"]})
     tags = {
         "arch": cfg.student.arch, "input_size": str(cfg.student_input_size), "mean": str(list(cfg.student.mean)),
         "std": str(list(cfg.student.std)), "trial_id": best["trial_id"],

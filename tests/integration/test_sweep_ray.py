@@ -102,7 +102,7 @@ def test_resume_runs_only_missing_trials_without_duplicate_runs(resumed_sweep):
 
     best = summary["best_trial"]
     assert best["metrics"]["top1_20nn"] == max(t["metrics"]["top1_20nn"] for t in trials)
-    assert Path(best["checkpoint"], "student.safetensors").is_file()
+    assert Path(best["checkpoint"], "state.pt").is_file()
     arts = {a.path for a in client.list_artifacts(parent.info.run_id, "comparison")}
     assert {"comparison/comparison.csv", "comparison/comparison.md", "comparison/learning_curves.png"} <= arts
     assert "heads.depth" in stdout and "FINISHED (completed)" in stdout

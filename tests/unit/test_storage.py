@@ -68,6 +68,31 @@ def test_bad_endpoint_and_missing_bucket_are_one_line(s3, monkeypatch, capsys):
     assert err.count("\n") == 1 and "simreg: error: --output-dir s3://simreg-test/x: cannot reach" in err
 
 
+def test_wrong_credentials_are_one_line(tmp_path: Path, monkeypatch):
+    """A server that checks signatures (moto with IAM on): a wrong secret is one line, which never shows it."""
+    import boto3
+
+    from tests.services import moto_server
+
+    with moto_server(tmp_path, auth_after=3) as endpoint:
+        iam = boto3.client("iam", endpoint_url=endpoint, region_name="us-east-1", aws_access_key_id="setup", aws_secret_access_key="setup")
+        iam.create_user(UserName="runner")
+        key = iam.create_access_key(UserName="runner")["AccessKey"]
+        iam.put_user_policy(UserName="runner", PolicyName="all", PolicyDocument=json.dumps(
+            {"Version": "2012-10-17", "Statement": [{"Effect": "Allow", "Action": "*", "Resource": "*"}]}))
+        monkeypatch.setenv("AWS_ENDPOINT_URL", endpoint)
+        monkeypatch.setenv("AWS_ACCESS_KEY_ID", key["AccessKeyId"])
+        monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", key["SecretAccessKey"])
+        boto3.session.Session().client("s3", endpoint_url=endpoint, region_name="us-east-1").create_bucket(Bucket="locked")
+        Store("s3://locked/runs").check_reachable("--output-dir")  # the right key: reachable and writable
+        monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "not-the-secret")
+        with pytest.raises(ConfigError) as e:
+            Store("s3://locked/runs").check_reachable("--output-dir")
+        msg = str(e.value)
+        assert msg.startswith("--output-dir s3://locked/runs: cannot reach or write it") and "AWS_SECRET_ACCESS_KEY" in msg
+        assert "\n" not in msg and "not-the-secret" not in msg and key["SecretAccessKey"] not in msg
+
+
 def test_remote_output_needs_a_tracking_server_that_answers(s3, capsys):
     assert main(["distill", "--output-dir", "s3://simreg-test/y"]) == 2
     assert "an MLflow sqlite file cannot live" in capsys.readouterr().err
