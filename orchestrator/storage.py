@@ -11,7 +11,7 @@ One layer on ``pyarrow.fs`` (what Ray Train and Ray Data use too: ``Store.ray_st
 role, ...) in each process that opens a store, so nothing secret is pickled or logged.
 
 Atomic writes: a local file is written to a temporary name, fsynced and renamed; an object store has no
-rename, but an object appears whole when its upload completes (one PUT), so readers never see part of a
+rename, but an object appears only when its upload completes, whole, so readers never see part of a
 file there either. Exclusive ownership of a folder: ``hold`` (flock locally, a lease with conditional
 writes on S3).
 """

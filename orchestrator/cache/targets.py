@@ -12,7 +12,7 @@ view index; the view index is the epoch, or ``epoch mod augment.view_bank`` with
 
 ``cache.dir`` is a local folder or an object-store URI (``s3://bucket/cache``, storage.py): on a
 multi-node cluster, a bucket (or NFS) lets every node share it. A shard is written atomically (a local
-file: temporary name, fsync, rename; an object: one PUT, visible only once whole), so a concurrent reader
+file: temporary name, fsync, rename; an object: visible only once its upload completes), so a concurrent reader
 (another trial, another actor, another node) sees a whole shard or none. Two writers of the same shard
 write the same bytes. Pure numpy/pyarrow: no Ray.
 """
@@ -25,6 +25,7 @@ import logging
 import os
 import time
 from collections.abc import Mapping
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -41,6 +42,7 @@ log = logging.getLogger("simreg")
 
 
 CACHE_VERSION = 1
+RELIST_S = 30.0  # object stores: the least time between two listings of one view's shards
 
 
 META = "meta.json"
@@ -99,6 +101,11 @@ class TargetCache:
         self._where: dict[int, dict[int, tuple[int, int]]] = {}  # view index -> sample id -> (chunk, row)
         self._chunks: dict[int, list[np.ndarray]] = {}  # view index -> (n, dim) fp16 arrays
         self._read: dict[int, set[str]] = {}  # view index -> shard names already indexed
+        self._listed: dict[int, float] = {}  # view index -> when its shards were last listed (object stores)
+        # In an object store a shard uploads in the background (the teacher goes on with the next block; a
+        # LIST and a PUT cost ~35 ms a block against ~1.5 ms on local disk); ``flush`` waits for them.
+        self._uploads: ThreadPoolExecutor | None = ThreadPoolExecutor(1, "simreg-cache-upload") if self.dir.remote else None
+        self._pending: list[Future[None]] = []
 
     def _view_dir(self, v: int) -> Store:
         return self.dir / f"v{v:05d}"
@@ -112,7 +119,14 @@ class TargetCache:
             where.setdefault(sid, (c, r))  # duplicates across shards hold identical targets
 
     def _refresh(self, v: int) -> None:
-        """Index shards of view ``v`` written since the last look (by this or any other process)."""
+        """Index shards of view ``v`` written since the last look (by this or any other process). In an object
+        store at most every ``RELIST_S`` seconds per view: a shard another process wrote since is then
+        recomputed (the same bytes), never missed for good."""
+        if self.dir.remote:
+            now = time.monotonic()
+            if now - self._listed.get(v, -RELIST_S) < RELIST_S:
+                return
+            self._listed[v] = now
         d = self._view_dir(v)
         seen = self._read.setdefault(v, set())
         for name in d.listdir():  # one listing, local or remote; empty when the view has no shard yet
@@ -172,9 +186,26 @@ class TargetCache:
         })
         buf = io.BytesIO()
         pq.write_table(table, buf)
-        (d / name).write_bytes(buf.getvalue())
         self._read.setdefault(v, set()).add(name)
         self._add(v, sample_ids, targets.copy())
+        if self._uploads is None:
+            (d / name).write_bytes(buf.getvalue())
+            return
+        self._pending = [f for f in self._pending if not f.done()]
+        self._pending.append(self._uploads.submit(self._upload, d / name, buf.getvalue()))
+
+    @staticmethod
+    def _upload(dest: Store, data: bytes) -> None:
+        try:
+            dest.write_bytes(data)
+        except Exception as e:  # noqa: BLE001  (the cache is optional: a shard that did not upload is recomputed later)
+            log.warning("target cache: could not upload %s (%s)", dest, str(e).splitlines()[0][:200] if str(e) else type(e).__name__)
+
+    def flush(self) -> None:
+        """Wait until every shard stored so far is in the store (a no-op on local disk)."""
+        for f in self._pending:
+            f.result()
+        self._pending = []
 
 
 def spec_dict(obj: Any) -> dict[str, Any]:

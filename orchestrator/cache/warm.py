@@ -55,6 +55,7 @@ def warm_cache(cfg: Any, epochs: int | None = None, progress: bool = True) -> di
             log.info("cache warm: %d / %d images x %d view(s); %s", done, len(train), len(indices),
                      ", ".join(f"{i.spec.name}: {i.forward_rows} computed, {i.cached_rows} already cached" for i in infs))
     for inf, s in zip(infs, seconds, strict=True):
+        inf.flush_cache()  # every shard in the store before the report says so
         assert inf.cache is not None
         report["teachers"][inf.spec.name] = {
             "key": inf.cache.dir.name, "computed_rows": inf.forward_rows, "cached_rows": inf.cached_rows, "seconds": s,

@@ -9,6 +9,7 @@ which the students waited. A teacher actor that dies is restarted by Ray and the
 """
 from __future__ import annotations
 
+import logging
 import os
 from dataclasses import dataclass, field
 from typing import Any
@@ -17,6 +18,8 @@ import numpy as np
 import ray
 
 from simreg.orchestrator.pipeline.teacher import TeacherInference, TeacherSpec
+
+log = logging.getLogger("simreg")
 
 
 @ray.remote(num_cpus=0)
@@ -101,6 +104,17 @@ class PooledTeacher(TeacherInference):
 
 
 TeacherServer = ray.remote(PooledTeacher)
+
+
+def stop_actors(state: ray.actor.ActorHandle, teachers: list[ray.actor.ActorHandle], timeout_s: float = 60.0) -> None:
+    """End a run's actors: the teachers first finish uploading their cache shards (an object store), then all go."""
+    if teachers:
+        try:
+            ray.get([a.flush_cache.remote() for a in teachers], timeout=timeout_s)
+        except Exception as e:  # noqa: BLE001  (a dead actor or a slow store: what did not upload is recomputed later)
+            log.warning("target cache: teacher actors did not finish uploading (%s)", str(e).splitlines()[0][:200] if str(e) else type(e).__name__)
+    for a in [state, *teachers]:
+        ray.kill(a)
 
 
 @dataclass(frozen=True)

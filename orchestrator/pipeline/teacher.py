@@ -120,6 +120,11 @@ class TeacherInference:
             feat = self._backbone(x)
         return feat.float().to(torch.float16).cpu().numpy()
 
+    def flush_cache(self) -> None:
+        """Wait for the cache shards still uploading (an object store); a no-op without a cache or on local disk."""
+        if self.cache is not None:
+            self.cache.flush()
+
     def __call__(self, batch: Batch) -> Batch:
         out = dict(batch)
         if self.cache is None or "view_index" not in batch:

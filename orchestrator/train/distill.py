@@ -47,7 +47,7 @@ def _distill(cfg: SimRegConfig, out: Store, local: Path, tracking_uri: str, t_st
     import ray.train
 
     from simreg.orchestrator.evaluation.export import export_student
-    from simreg.orchestrator.pipeline.actors import start_run_state
+    from simreg.orchestrator.pipeline.actors import start_run_state, stop_actors
 
     resuming = check_resume(cfg, out)
     (out / "config.json").write_text(safe_config_json(cfg))
@@ -172,5 +172,4 @@ def _distill(cfg: SimRegConfig, out: Store, local: Path, tracking_uri: str, t_st
         raise
     finally:
         tracker.end(status)
-        for a in [state, *actors]:
-            ray.kill(a)
+        stop_actors(state, actors)

@@ -46,7 +46,7 @@ class TrialRunsCallback(tune.Callback):
         return json.loads(f.read_text()) if f.is_file() else {}
 
     def _save(self, runs: dict[str, dict[str, Any]]) -> None:
-        open_store(self.runs_file).write_text(json.dumps(runs, indent=2))  # atomic (one PUT in an object store)
+        open_store(self.runs_file).write_text(json.dumps(runs, indent=2))  # atomic (an object appears once uploaded)
 
     def on_trial_start(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
         runs = self._load()

@@ -46,13 +46,13 @@ def sweep(
 
     t0 = time.perf_counter()
     out = open_store(output_dir)
+    uri = tracking_uri or cfg.tracking.tracking_uri or default_tracking_uri(out)
+    preflight(cfg, out, uri)
     tune_dir = out / "tune"
     if resume and not (tune_dir / "sweep").is_dir():
         raise ConfigError(f"--resume: {out} holds no sweep to resume (no tune/sweep folder): drop --resume or fix --output-dir")
     if not resume and (tune_dir / "sweep").is_dir():
         raise ConfigError(f"{out} already holds a sweep: pass --resume to continue it, or choose another --output-dir")
-    uri = tracking_uri or cfg.tracking.tracking_uri or default_tracking_uri(out)
-    preflight(cfg, out, uri)
     with hold_output_dir(out), scratch(out) as local:
         return _sweep(cfg, space, space_source, out, local, resume, uri, t0)
 

@@ -17,7 +17,7 @@ def run_trial(config: dict[str, Any], *, base: dict[str, Any], keys: list[str], 
     import ray.train
     from ray.tune.integration.ray_train import TuneReportCallback
 
-    from simreg.orchestrator.pipeline.actors import start_run_state
+    from simreg.orchestrator.pipeline.actors import start_run_state, stop_actors
     from simreg.orchestrator.storage import open_store
     from simreg.orchestrator.train.placement import failure_config, plan_placement
     from simreg.orchestrator.train.prepare import prepare
@@ -41,5 +41,4 @@ def run_trial(config: dict[str, Any], *, base: dict[str, Any], keys: list[str], 
         if result.error is not None:
             raise result.error
     finally:
-        for a in [state, *actors]:
-            ray.kill(a)
+        stop_actors(state, actors)

@@ -5,8 +5,10 @@ in an MLflow tracking server whose artifacts go to that bucket.
 - a distill job is stopped mid-run (``ray job stop``): its MLflow run ends KILLED; the cluster is then
   stopped and its local folders deleted, a fresh cluster started, the same job resubmitted: it resumes from
   the bucket at the last committed epoch, in the same MLflow run, training on each sample once per epoch;
-- a 3-trial sweep job is stopped after its first trial, resubmitted with ``--resume`` on a fresh cluster, and
-  finishes the other trials in the same parent and child runs;
+- a 3-trial sweep job's driver is SIGKILLed after its first trial (its reaper ends the runs KILLED, its
+  folder lease stays in the bucket), the cluster stopped and its folders deleted; resubmitted with
+  ``--resume`` on a fresh cluster, it waits for the lease to lapse and finishes the other trials in the
+  same parent and child runs, then registers the best student in the Model Registry;
 - nothing a run needs afterwards lives outside the bucket and the server.
 """
 from __future__ import annotations
@@ -14,6 +16,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -217,7 +220,11 @@ def test_sweep_job_stopped_then_resumed_from_the_bucket(cluster_root, s3, mlflow
     c.submit("sweep-1", *cmd)
     c.wait_for("sweep-1", "FINISHED (completed)")
     time.sleep(3)  # Tune saves its experiment state every second
-    c.stop("sweep-1")
+    # the driver dies (SIGKILL: no clean-up, its folder lease stays until it lapses), then the whole cluster
+    driver = subprocess.run(["pgrep", "-f", f"simreg sweep --space {space}"], capture_output=True, text=True).stdout.split()
+    assert driver, "the sweep's driver process was not found"
+    for pid in driver:
+        os.kill(int(pid), signal.SIGKILL)
     import boto3
 
     s3c = boto3.client("s3", endpoint_url=s3)
@@ -227,6 +234,7 @@ def test_sweep_job_stopped_then_resumed_from_the_bucket(cluster_root, s3, mlflow
     parent = s3c.get_object(Bucket=BUCKET, Key=f"{prefix}/mlflow_run_id")["Body"].read().decode()
     _wait_status(mlflow_server_url, parent, "KILLED")
 
+    assert f"{prefix}/.simreg.lock" in s3_objects(s3, BUCKET, prefix)  # the dead driver's lease
     c = _fresh_cluster(cluster_root, c)
     c.submit("sweep-2", *cmd, "--resume", wait=True)
     log = c.logs("sweep-2")
@@ -234,7 +242,7 @@ def test_sweep_job_stopped_then_resumed_from_the_bucket(cluster_root, s3, mlflow
     summary = json.loads(s3c.get_object(Bucket=BUCKET, Key=f"{prefix}/sweep_summary.json")["Body"].read())
     assert summary["parent_run_id"] == parent and len(summary["trials"]) == 3
     assert all(a.startswith(f"{out}/comparison/") for a in summary["artifacts"])
-    assert "resuming the sweep in " + out in log
+    assert "resuming the sweep in " + out in log and "waiting up to 30 s for the lease of" in log
     for t in done_before:  # a finished trial is not run again
         assert f"trial {t} (" not in log
     children = _mlflow(mlflow_server_url, "runs/search", {

@@ -148,7 +148,8 @@ def test_target_cache_in_a_bucket(s3):
     root = _prefix()
     a = TargetCache(root, {"k": 1}, "t", 4)
     ids = np.arange(10, 20)
-    a.store(0, ids, np.arange(40, dtype=np.float16).reshape(10, 4))
+    a.store(0, ids, np.arange(40, dtype=np.float16).reshape(10, 4))  # indexed at once, uploaded in the background
+    a.flush()
     b = TargetCache(root, {"k": 1}, "t", 4)  # another process (another node) reading the bucket
     got, found = b.lookup(0, np.array([12, 13, 99]))
     assert found.tolist() == [True, True, False] and got[0].tolist() == [8, 9, 10, 11]
