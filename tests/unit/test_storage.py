@@ -3,6 +3,7 @@ folders, the lease that keeps one driver per folder, the target cache, packs and
 bucket, and the one-line errors of a bad endpoint, bucket or tracking server."""
 from __future__ import annotations
 
+import io
 import json
 import threading
 import time
@@ -10,6 +11,8 @@ import uuid
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 
 from simreg.models.errors import ConfigError
@@ -158,6 +161,28 @@ def test_target_cache_in_a_bucket(s3):
     rows = cache_entries(root)
     assert len(rows) == 1 and rows[0]["rows"] == 10 and rows[0]["teacher"] == "t"
     assert clear_cache(root) == [rows[0]["key"]] and cache_entries(root) == []
+
+
+def test_a_shard_being_uploaded_is_invisible_to_readers(s3):
+    """No rename in an object store: a cache reader must still never see part of a shard. An object appears
+    only when its upload completes; a reader listing meanwhile indexes nothing, then the whole shard."""
+    from simreg.orchestrator.cache.targets import TargetCache
+
+    root = _prefix()
+    reader = TargetCache(root, {"k": 2}, "t", 4)
+    shard = reader.dir / "v00000" / "part-0000000000000000.parquet"
+    buf = io.BytesIO()
+    pq.write_table(pa.table({"sample_id": pa.array(np.arange(3, dtype=np.int64)),
+                             "target": pa.FixedSizeListArray.from_arrays(pa.array(np.ones(12, np.float16)), 4)}), buf)
+    data = buf.getvalue()
+    f = shard.fs.open_output_stream(shard.path)
+    f.write(data[: len(data) // 2])  # a writer half-way through (or killed there)
+    f.flush()
+    assert reader.lookup(0, np.arange(3))[1].tolist() == [False, False, False] and not shard.exists()
+    f.write(data[len(data) // 2 :])
+    f.close()
+    reader._listed.clear()  # its next look lists again (the 30 s rate limit of object stores aside)
+    assert reader.lookup(0, np.arange(3))[1].all()
 
 
 def test_pack_to_a_bucket_then_read_and_evaluate_from_it(s3, tmp_path: Path, teachers_dir: Path, capsys):
