@@ -7,7 +7,7 @@ in an MLflow tracking server whose artifacts go to that bucket.
   the bucket at the last committed epoch, in the same MLflow run, training on each sample once per epoch;
 - a 3-trial sweep job's driver is SIGKILLed after its first trial (its reaper ends the runs KILLED, its
   folder lease stays in the bucket), the cluster stopped and its folders deleted; resubmitted with
-  ``--resume`` on a fresh cluster, it waits for the lease to lapse and finishes the other trials in the
+  ``--resume`` on a fresh cluster, it takes the lapsed lease over and finishes the other trials in the
   same parent and child runs, then registers the best student in the Model Registry;
 - nothing a run needs afterwards lives outside the bucket and the server.
 """
@@ -242,7 +242,7 @@ def test_sweep_job_stopped_then_resumed_from_the_bucket(cluster_root, s3, mlflow
     summary = json.loads(s3c.get_object(Bucket=BUCKET, Key=f"{prefix}/sweep_summary.json")["Body"].read())
     assert summary["parent_run_id"] == parent and len(summary["trials"]) == 3
     assert all(a.startswith(f"{out}/comparison/") for a in summary["artifacts"])
-    assert "resuming the sweep in " + out in log and "waiting up to 30 s for the lease of" in log
+    assert "resuming the sweep in " + out in log  # the dead driver's lease lapsed (or was waited for) and was taken over
     for t in done_before:  # a finished trial is not run again
         assert f"trial {t} (" not in log
     children = _mlflow(mlflow_server_url, "runs/search", {
