@@ -60,9 +60,29 @@ def is_remote(uri: str | Path) -> bool:
     return isinstance(uri, str) and urlsplit(uri).scheme.lower() in REMOTE_SCHEMES
 
 
+_FS: dict[tuple[str, ...], Any] = {}
+_CRED_ENV = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_ENDPOINT_URL", "AWS_PROFILE", "AWS_REGION")
+
+
+def _from_uri(raw: str) -> tuple[Any, str]:
+    """``pyarrow.fs.FileSystem.from_uri``, with one filesystem per bucket, parameters and credentials: a new
+    S3 filesystem resolves the bucket's region over the network, which a pack's every piece would repeat."""
+    import pyarrow.fs as pafs
+
+    parts = urlsplit(raw)
+    if parts.scheme.lower() not in ("s3", "gs", "gcs"):
+        return pafs.FileSystem.from_uri(raw)
+    key = (parts.scheme.lower(), parts.netloc, parts.query, *(os.environ.get(k, "") for k in _CRED_ENV))
+    if key not in _FS:
+        root = f"{parts.scheme}://{parts.netloc}" + (f"?{parts.query}" if parts.query else "")
+        _FS[key] = pafs.FileSystem.from_uri(root)[0]
+    return _FS[key], f"{parts.netloc}{parts.path}"
+
+
 class Store:
     """A folder addressed by URI (local path or object store). ``store / "a" / "b"`` is a sub-folder or file;
-    ``str(store)`` is the URI as given (no secret is ever part of it)."""
+    ``str(store)`` is the URI for messages (without its query parameters), ``store.uri`` the one to reopen it
+    from; no secret is ever part of either."""
 
     def __init__(self, uri: str | Path) -> None:
         import pyarrow.fs as pafs
@@ -77,12 +97,12 @@ class Store:
                     f"{parts.scheme}://{parts.netloc}{parts.path}: unsupported URI parameter(s) {bad}; allowed: "
                     f"{list(S3_QUERY_KEYS)} (credentials come from AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY, never a URI)"
                 )
-            if parts.username or parts.password:
+            if parts.password or (parts.username and parts.scheme.lower() in ("s3", "gs", "gcs")):  # abfs://container@account is no secret
                 raise ConfigError(f"{parts.scheme}://...{parts.path}: a storage URI must not hold credentials; export AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY")
             self._base = f"{parts.scheme}://{parts.netloc}{parts.path}".rstrip("/")
             self._query = parts.query
             try:
-                self.fs, path = pafs.FileSystem.from_uri(raw)
+                self.fs, path = _from_uri(raw)
             except (OSError, ValueError) as e:
                 raise ConfigError(f"{self._base}: cannot open this storage URI ({e}); check it, and AWS_ENDPOINT_URL / the ?endpoint_override= parameter") from None
             self.path = path.rstrip("/")
@@ -286,6 +306,10 @@ def local_copy(uri: str | Path) -> Iterator[Path]:
 
 # ---------------------------------------------------------------------- one driver per folder
 
+
+def _code(e: Any) -> str:
+    return str(e.response.get("Error", {}).get("Code", ""))
+
 LOCK_NAME = ".simreg.lock"
 LEASE_S = 30.0  # a remote lease lapses this long after its holder's last renewal
 RENEW_S = 10.0
@@ -304,6 +328,7 @@ class FolderLock:
         self._thread: threading.Thread | None = None
         self._etag: str | None = None
         self._client: Any = None
+        self._held = False
         self.holder = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
 
     def acquire(self) -> FolderLock:
@@ -317,12 +342,14 @@ class FolderLock:
             except BlockingIOError:
                 f.close()
                 raise ConfigError(f"{self.store} is in use by another simreg process: wait for it, or choose another --output-dir") from None
-            self._file = f
+            self._file, self._held = f, True
             return self
         if not str(self.store).startswith("s3://"):
             log.warning("%s: no conditional writes on this store; run one driver per output folder", self.store)
+            self._held = True
             return self
         self._acquire_lease()
+        self._held = True
         self._thread = threading.Thread(target=self._renew, name="simreg-lease", daemon=True)
         self._thread.start()
         return self
@@ -344,53 +371,84 @@ class FolderLock:
         return json.dumps({"holder": self.holder, "expires": time.time() + LEASE_S}).encode()
 
     def _acquire_lease(self) -> None:
-        from botocore.exceptions import ClientError
+        from botocore.exceptions import BotoCoreError, ClientError
 
         client, bucket, key = self._s3()
-        seen: tuple[str, float] | None = None  # (etag, when first seen) of a lease held by someone else
-        while True:
-            try:
-                self._etag = client.put_object(Bucket=bucket, Key=key, Body=self._body(), IfNoneMatch="*")["ETag"]
-                return
-            except ClientError as e:
-                if e.response.get("Error", {}).get("Code") not in ("PreconditionFailed", "ConditionalRequestConflict"):
-                    raise
-            try:
-                obj = client.get_object(Bucket=bucket, Key=key)
-            except ClientError:
-                continue  # released meanwhile: try again
-            etag, lease = obj["ETag"], json.loads(obj["Body"].read() or b"{}")
-            if seen is not None and seen[0] != etag:
-                raise ConfigError(
-                    f"{self.store} is in use by another simreg driver ({lease.get('holder', '?')}): wait for it, or choose another --output-dir"
-                )
-            if time.time() > float(lease.get("expires", 0)):
-                try:  # a lapsed lease (its driver died): take it over, unless someone else just did
-                    client.delete_object(Bucket=bucket, Key=key, IfMatch=etag)
-                except ClientError:
-                    pass
-                continue
-            if seen is None:
-                seen = (etag, time.time())
-                log.info("%s: waiting up to %.0f s for the lease of %s (a driver that died leaves it until it lapses)",
-                         self.store, LEASE_S, lease.get("holder", "?"))
-            time.sleep(min(2.0, max(0.1, float(lease["expires"]) - time.time())))
+        seen: tuple[str, float] | None = None  # (etag, when first seen on this host's monotonic clock)
+        try:
+            while True:
+                try:
+                    self._etag = client.put_object(Bucket=bucket, Key=key, Body=self._body(), IfNoneMatch="*")["ETag"]
+                    return
+                except ClientError as e:
+                    if _code(e) not in ("PreconditionFailed", "ConditionalRequestConflict"):
+                        raise
+                try:
+                    obj = client.get_object(Bucket=bucket, Key=key)
+                except ClientError as e:
+                    if _code(e) not in ("NoSuchKey", "404"):
+                        raise
+                    continue  # released meanwhile: try again
+                etag, lease = obj["ETag"], json.loads(obj["Body"].read() or b"{}")
+                if seen is not None and seen[0] != etag:  # renewed while we waited: its driver is alive
+                    raise ConfigError(
+                        f"{self.store} is in use by another simreg driver ({lease.get('holder', '?')}): wait for it, or choose another --output-dir"
+                    )
+                if seen is None:
+                    seen = (etag, time.monotonic())
+                # Lapsed: unchanged for LEASE_S by this host's own clock, or expired LEASE_S ago by the holder's
+                # (a margin for clocks that differ between hosts).
+                if time.monotonic() - seen[1] >= LEASE_S or time.time() > float(lease.get("expires", 0)) + LEASE_S:
+                    try:  # take it over, unless someone else just did
+                        client.delete_object(Bucket=bucket, Key=key, IfMatch=etag)
+                    except ClientError as e:
+                        if _code(e) not in ("PreconditionFailed", "NoSuchKey", "404"):
+                            raise
+                    seen = None
+                    continue
+                if time.monotonic() - seen[1] < 0.01:
+                    log.info("%s: waiting up to %.0f s for the lease of %s (a driver that died leaves it until it lapses)",
+                             self.store, LEASE_S, lease.get("holder", "?"))
+                time.sleep(1.0)
+        except (ClientError, BotoCoreError) as e:
+            first = str(e).strip().splitlines()[0][:300] if str(e).strip() else type(e).__name__
+            raise ConfigError(
+                f"--output-dir {self.store}: cannot take the folder's lease ({first}); the store must accept conditional writes "
+                "(If-None-Match / If-Match); check AWS_ENDPOINT_URL and the credentials"
+            ) from None
 
     def _renew(self) -> None:
+        """Renew every RENEW_S. A lease another driver took over, or one not renewed for LEASE_S (an outage), is
+        lost: this driver stops (KeyboardInterrupt in its main thread), so two drivers never write one run."""
+        import _thread
+
         client, bucket, key = self._s3()
+        last_ok = time.monotonic()
         while not self._stop.wait(RENEW_S):
             try:
                 self._etag = client.put_object(Bucket=bucket, Key=key, Body=self._body(), IfMatch=self._etag)["ETag"]
-            except Exception as e:  # noqa: BLE001  (an outage: retried at the next renewal, the lease may lapse)
-                log.warning("%s: could not renew the folder lease (%s)", self.store, str(e).splitlines()[0][:200])
+                last_ok = time.monotonic()
+                continue
+            except Exception as e:  # noqa: BLE001  (an outage is retried at the next renewal)
+                taken = getattr(e, "response", {}).get("Error", {}).get("Code") in ("PreconditionFailed", "NoSuchKey")
+                first = str(e).splitlines()[0][:200] if str(e) else type(e).__name__
+                if not taken and time.monotonic() - last_ok < LEASE_S:
+                    log.warning("%s: could not renew the folder lease (%s)", self.store, first)
+                    continue
+            log.error("%s: lost the folder lease (%s): stopping this driver; rerun the command to resume",
+                      self.store, "another driver took it over" if taken else "not renewed in time")
+            self._thread = None
+            _thread.interrupt_main()
+            return
 
     def release(self) -> None:
+        self._held = False
         if self._file is not None:
             self._file.close()
             self._file = None
         if self._thread is not None:
             self._stop.set()
-            self._thread.join(timeout=30)
+            self._thread.join(timeout=5)
             self._thread = None
             client, bucket, key = self._s3()
             try:
@@ -400,7 +458,7 @@ class FolderLock:
 
     @property
     def held(self) -> bool:
-        return self._file is not None or self._thread is not None
+        return self._held
 
     def __enter__(self) -> FolderLock:
         return self if self.held else self.acquire()

@@ -43,6 +43,7 @@ log = logging.getLogger("simreg")
 
 CACHE_VERSION = 1
 RELIST_S = 30.0  # object stores: the least time between two listings of one view's shards
+MAX_PENDING_UPLOADS = 32  # object stores: shards waiting to upload before the teacher waits for the oldest
 
 
 META = "meta.json"
@@ -192,6 +193,8 @@ class TargetCache:
             (d / name).write_bytes(buf.getvalue())
             return
         self._pending = [f for f in self._pending if not f.done()]
+        if len(self._pending) >= MAX_PENDING_UPLOADS:  # a store slower than the teacher: wait, do not pile up bytes
+            self._pending.pop(0).result()
         self._pending.append(self._uploads.submit(self._upload, d / name, buf.getvalue()))
 
     @staticmethod

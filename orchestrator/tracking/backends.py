@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import base64
+import os
 import urllib.error
 import urllib.request
 from pathlib import Path
@@ -38,13 +39,29 @@ def check_tracking_uri(uri: str, timeout_s: float = 10.0) -> None:
     if parts.scheme not in ("http", "https"):
         return
     host = parts.hostname or ""
-    base = f"{parts.scheme}://{host}{f':{parts.port}' if parts.port else ''}{parts.path.rstrip('/')}"
-    req = urllib.request.Request(f"{base}/health")
-    if parts.username is not None:  # basic auth from the URI (MLflow's client does the same)
-        pair = f"{parts.username}:{parts.password or ''}".encode()
-        req.add_header("Authorization", "Basic " + base64.b64encode(pair).decode())
     try:
-        with urllib.request.urlopen(req, timeout=timeout_s) as r:  # noqa: S310  (the user's own server)
+        port = parts.port
+    except ValueError:
+        raise ConfigError(f"tracking URI {redact_uri(uri)} has a bad port: write http://HOST:PORT (--tracking-uri / tracking.tracking_uri)") from None
+    base = f"{parts.scheme}://{host}{f':{port}' if port else ''}{parts.path.rstrip('/')}"
+    req = urllib.request.Request(f"{base}/health")
+    # the credentials MLflow's own client would send: user:password in the URI, or its environment variables
+    user = parts.username if parts.username is not None else os.environ.get("MLFLOW_TRACKING_USERNAME")
+    password = parts.password if parts.username is not None else os.environ.get("MLFLOW_TRACKING_PASSWORD")
+    if os.environ.get("MLFLOW_TRACKING_TOKEN"):
+        req.add_header("Authorization", f"Bearer {os.environ['MLFLOW_TRACKING_TOKEN']}")
+    elif user is not None:
+        req.add_header("Authorization", "Basic " + base64.b64encode(f"{user}:{password or ''}".encode()).decode())
+    context = None
+    if parts.scheme == "https":
+        import ssl
+
+        if os.environ.get("MLFLOW_TRACKING_INSECURE_TLS", "").lower() == "true":
+            context = ssl._create_unverified_context()  # noqa: S323  (the user's own setting, as MLflow honours it)
+        elif os.environ.get("MLFLOW_TRACKING_SERVER_CERT_PATH"):
+            context = ssl.create_default_context(cafile=os.environ["MLFLOW_TRACKING_SERVER_CERT_PATH"])
+    try:
+        with urllib.request.urlopen(req, timeout=timeout_s, context=context) as r:  # noqa: S310  (the user's own server)
             r.read()
     except urllib.error.HTTPError as e:
         if e.code in (401, 403):

@@ -136,13 +136,13 @@ def _distill(cfg: SimRegConfig, out: Store, local: Path, tracking_uri: str, t_st
             "mlflow_tracking_uri": tracker.uri,
             "mlflow_run_id": tracker.run_id,
             "student_arch": cfg.student.arch,
-            "student_weights": str(out / "student" / weights.name),
+            "student_weights": (out / "student" / weights.name).uri,
             "student_input": {"size": cfg.student_input_size, "mean": list(cfg.student.mean), "std": list(cfg.student.std)},
             "teacher_placements": [p for p in progress.placements if p.startswith("teacher ")],
             "placements": records,  # each teacher actor start and student worker (per attempt): node, pid, resources
             "teacher_rows": teacher_rows,  # per teacher: rows computed ("forward") and served by the cache ("cached")
             "history": history,
-            "output_dir": str(out),
+            "output_dir": out.uri,
         }
         final_metrics = {f"knn/teacher/{n}/{k}": v for n, r in ev["teacher_knn"].items() for k, v in r.items()}
         final_metrics.update({f"knn/student/{k}": v for k, v in ev["student_knn"].items()})
@@ -172,4 +172,4 @@ def _distill(cfg: SimRegConfig, out: Store, local: Path, tracking_uri: str, t_st
         raise
     finally:
         tracker.end(status)
-        stop_actors(state, actors)
+        stop_actors(state, actors, timeout_s=60.0 if status == "FINISHED" else 5.0)  # interrupted: `ray job stop` waits briefly

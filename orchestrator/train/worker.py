@@ -5,6 +5,7 @@ Rank and world size are read once, here; the epoch loop itself (``loop.train_epo
 from __future__ import annotations
 
 import os
+import shutil
 import tempfile
 import time
 from pathlib import Path
@@ -160,9 +161,13 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                 from ray.train import CheckpointUploadMode
 
                 tmp = tempfile.mkdtemp(prefix="simreg-ckpt-")
-                save_checkpoint(Path(tmp), objective, optimizer, scheduler, epoch, metrics, history)
-                ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp), checkpoint_dir_name=f"epoch_{epoch:04d}",
-                                 checkpoint_upload_mode=CheckpointUploadMode.ASYNC)
+                try:
+                    save_checkpoint(Path(tmp), objective, optimizer, scheduler, epoch, metrics, history)
+                    ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp), checkpoint_dir_name=f"epoch_{epoch:04d}",
+                                     checkpoint_upload_mode=CheckpointUploadMode.ASYNC)
+                except BaseException:
+                    shutil.rmtree(tmp, ignore_errors=True)
+                    raise
             else:
                 with tempfile.TemporaryDirectory() as tmp:
                     save_checkpoint(Path(tmp), objective, optimizer, scheduler, epoch, metrics, history)

@@ -166,8 +166,12 @@ def _sweep(
     if best is not None and base_cfg.tracking.register_best:
         from simreg.orchestrator.tune.register import register_best
 
-        version = register_best(backend_for(uri), base_cfg.tracking.register_best, best, base_tree, out, local)
-        registered = {"name": base_cfg.tracking.register_best, "version": version} if version else None
+        try:  # the sweep's results stand without it: a registry error is one warning
+            version = register_best(backend_for(uri), base_cfg.tracking.register_best, best, base_tree, out)
+            registered = {"name": base_cfg.tracking.register_best, "version": version} if version else None
+        except Exception as e:  # noqa: BLE001
+            log.warning("tracking.register_best=%s: could not register the best trial (%s)", base_cfg.tracking.register_best,
+                        str(e).splitlines()[0][:300] if str(e) else type(e).__name__)
     summary = {
         "parent_run_id": parent.run_id,
         "mlflow_tracking_uri": parent.uri,
@@ -179,7 +183,7 @@ def _sweep(
         "artifacts": artifacts,
         "registered_model": registered,
         "wall_s": time.perf_counter() - t0,
-        "output_dir": str(out),
+        "output_dir": out.uri,
     }
     parent.log_artifact(publish(out, local, "sweep_summary.json", json.dumps(summary, indent=2)))
     if best is not None:

@@ -124,6 +124,24 @@ def test_lease_keeps_one_driver_per_folder(s3, monkeypatch):
     second.release()
 
 
+def test_a_driver_that_loses_its_lease_stops(s3, monkeypatch, caplog):
+    """Another driver took the folder over (say, this one was paused past the lease): the next renewal fails
+    its If-Match and this driver stops (KeyboardInterrupt: the run ends KILLED), so two never write one run."""
+    import boto3
+
+    monkeypatch.setattr(storage, "RENEW_S", 0.3)
+    folder = Store(_prefix())
+    lock = FolderLock(folder).acquire()
+    bucket, _, prefix = folder.path.partition("/")
+    boto3.session.Session().client("s3", endpoint_url=s3).put_object(
+        Bucket=bucket, Key=f"{prefix}/{storage.LOCK_NAME}", Body=b'{"holder": "other", "expires": 0}')
+    with pytest.raises(KeyboardInterrupt):
+        time.sleep(10)
+    assert "lost the folder lease (another driver took it over)" in caplog.text
+    lock.release()
+    assert json.loads((folder / storage.LOCK_NAME).read_text())["holder"] == "other"  # not ours to delete
+
+
 def test_two_drivers_racing_for_a_folder_get_one_lease(s3, monkeypatch):
     monkeypatch.setattr(storage, "RENEW_S", 0.5)
     folder = Store(_prefix())
@@ -214,3 +232,20 @@ def test_pack_to_a_bucket_then_read_and_evaluate_from_it(s3, tmp_path: Path, tea
                  "--bank-size", "16", "--query-size", "8"]) == 0
     out = capsys.readouterr().out
     assert "top1_20nn" in out
+
+
+def test_commands_on_an_unreachable_store_are_one_line(s3, monkeypatch, capsys):
+    monkeypatch.setenv("AWS_ENDPOINT_URL", "http://127.0.0.1:9")
+    for args in (["cache", "info", "--dir", "s3://simreg-test/cache"], ["compare", "s3://simreg-test/sweep"]):
+        assert main(args) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("simreg: error: ") and err.count("\n") == 1 and "Traceback" not in err
+
+
+def test_abfs_container_is_not_a_credential():
+    with pytest.raises(ConfigError, match="must not hold credentials"):
+        Store("abfs://container:secret@account.dfs.core.windows.net/x")
+    try:
+        Store("abfs://container@account.dfs.core.windows.net/x")
+    except ConfigError as e:  # pyarrow may lack Azure support here: then only "cannot open", never "credentials"
+        assert "credentials" not in str(e)
