@@ -307,6 +307,13 @@ def local_copy(uri: str | Path) -> Iterator[Path]:
 # ---------------------------------------------------------------------- one driver per folder
 
 
+def stop_driver() -> None:
+    """Stop this driver as Ctrl-C would (KeyboardInterrupt in its main thread): its run ends KILLED."""
+    import _thread
+
+    _thread.interrupt_main()
+
+
 def _code(e: Any) -> str:
     return str(e.response.get("Error", {}).get("Code", ""))
 
@@ -420,8 +427,6 @@ class FolderLock:
     def _renew(self) -> None:
         """Renew every RENEW_S. A lease another driver took over, or one not renewed for LEASE_S (an outage), is
         lost: this driver stops (KeyboardInterrupt in its main thread), so two drivers never write one run."""
-        import _thread
-
         client, bucket, key = self._s3()
         last_ok = time.monotonic()
         while not self._stop.wait(RENEW_S):
@@ -438,7 +443,7 @@ class FolderLock:
             log.error("%s: lost the folder lease (%s): stopping this driver; rerun the command to resume",
                       self.store, "another driver took it over" if taken else "not renewed in time")
             self._thread = None
-            _thread.interrupt_main()
+            stop_driver()
             return
 
     def release(self) -> None:
