@@ -20,3 +20,10 @@ class ModelError(SimRegError):
 
 class TeacherLoadError(SimRegError):
     """A teacher checkpoint cannot be read or does not match its architecture."""
+
+
+def first_line(e: BaseException, limit: int = 300) -> str:
+    """An exception's first line for a one-line message (a service's error can run to many lines), or its
+    type's name when it has no text."""
+    text = str(e).strip()
+    return text.splitlines()[0][:limit] if text else type(e).__name__

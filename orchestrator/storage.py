@@ -32,7 +32,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qsl, urlsplit
 
-from simreg.models.errors import ConfigError
+from simreg.models.errors import ConfigError, first_line
 
 log = logging.getLogger("simreg")
 
@@ -262,9 +262,8 @@ class Store:
         except ConfigError:
             raise
         except Exception as e:  # pyarrow raises OSError with the service's message; keep its first line
-            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
             raise ConfigError(
-                f"{what} {self}: cannot reach or write it ({first[:300]}); check AWS_ENDPOINT_URL (or ?endpoint_override=), "
+                f"{what} {self}: cannot reach or write it ({first_line(e)}); check AWS_ENDPOINT_URL (or ?endpoint_override=), "
                 "AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY, and that the bucket exists"
             ) from None
 
@@ -418,9 +417,8 @@ class FolderLock:
                              self.store, LEASE_S, lease.get("holder", "?"))
                 time.sleep(1.0)
         except (ClientError, BotoCoreError) as e:
-            first = str(e).strip().splitlines()[0][:300] if str(e).strip() else type(e).__name__
             raise ConfigError(
-                f"--output-dir {self.store}: cannot take the folder's lease ({first}); the store must accept conditional writes "
+                f"--output-dir {self.store}: cannot take the folder's lease ({first_line(e)}); the store must accept conditional writes "
                 "(If-None-Match / If-Match); check AWS_ENDPOINT_URL and the credentials"
             ) from None
 
@@ -436,9 +434,8 @@ class FolderLock:
                 continue
             except Exception as e:  # noqa: BLE001  (an outage is retried at the next renewal)
                 taken = getattr(e, "response", {}).get("Error", {}).get("Code") in ("PreconditionFailed", "NoSuchKey")
-                first = str(e).splitlines()[0][:200] if str(e) else type(e).__name__
                 if not taken and time.monotonic() - last_ok < LEASE_S:
-                    log.warning("%s: could not renew the folder lease (%s)", self.store, first)
+                    log.warning("%s: could not renew the folder lease (%s)", self.store, first_line(e, 200))
                     continue
             log.error("%s: lost the folder lease (%s): stopping this driver; rerun the command to resume",
                       self.store, "another driver took it over" if taken else "not renewed in time")

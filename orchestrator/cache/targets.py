@@ -34,7 +34,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from simreg.models.errors import DataError
+from simreg.models.errors import DataError, first_line
 from simreg.models.teachers import file_sha256
 from simreg.orchestrator.storage import Store, open_store
 
@@ -103,8 +103,8 @@ class TargetCache:
         self._chunks: dict[int, list[np.ndarray]] = {}  # view index -> (n, dim) fp16 arrays
         self._read: dict[int, set[str]] = {}  # view index -> shard names already indexed
         self._listed: dict[int, float] = {}  # view index -> when its shards were last listed (object stores)
-        # In an object store a shard uploads in the background (the teacher goes on with the next block; a
-        # LIST and a PUT cost ~35 ms a block against ~1.5 ms on local disk); ``flush`` waits for them.
+        # In an object store a shard uploads in the background: the teacher goes on with the next block
+        # instead of waiting for a request round trip per block; ``flush`` waits for them.
         self._uploads: ThreadPoolExecutor | None = ThreadPoolExecutor(1, "simreg-cache-upload") if self.dir.remote else None
         self._pending: list[Future[None]] = []
 
@@ -202,7 +202,7 @@ class TargetCache:
         try:
             dest.write_bytes(data)
         except Exception as e:  # noqa: BLE001  (the cache is optional: a shard that did not upload is recomputed later)
-            log.warning("target cache: could not upload %s (%s)", dest, str(e).splitlines()[0][:200] if str(e) else type(e).__name__)
+            log.warning("target cache: could not upload %s (%s)", dest, first_line(e, 200))
 
     def flush(self) -> None:
         """Wait until every shard stored so far is in the store (a no-op on local disk)."""

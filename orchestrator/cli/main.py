@@ -21,7 +21,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from simreg.models.errors import ConfigError, SimRegError
+from simreg.models.errors import ConfigError, SimRegError, first_line
 from simreg.orchestrator import console
 
 
@@ -273,8 +273,7 @@ def _main(argv: list[str] | None = None) -> int:
     except OSError as e:  # a file or a store that cannot be read or written: its first line, not a traceback
         from simreg.orchestrator.tracking.redact import redact_uri
 
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        print(f"simreg: error: {redact_uri(first)[:500]} (check the path or URI, AWS_ENDPOINT_URL and the credentials; "
+        print(f"simreg: error: {redact_uri(first_line(e, 500))} (check the path or URI, AWS_ENDPOINT_URL and the credentials; "
               "--verbose for Ray's own lines)", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

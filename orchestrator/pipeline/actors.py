@@ -17,6 +17,7 @@ from typing import Any
 import numpy as np
 import ray
 
+from simreg.models.errors import first_line
 from simreg.orchestrator.pipeline.teacher import TeacherInference, TeacherSpec
 
 log = logging.getLogger("simreg")
@@ -112,7 +113,7 @@ def stop_actors(state: ray.actor.ActorHandle, teachers: list[ray.actor.ActorHand
         try:
             ray.get([a.flush_cache.remote() for a in teachers], timeout=timeout_s)
         except Exception as e:  # noqa: BLE001  (a dead actor or a slow store: what did not upload is recomputed later)
-            log.warning("target cache: teacher actors did not finish uploading (%s)", str(e).splitlines()[0][:200] if str(e) else type(e).__name__)
+            log.warning("target cache: teacher actors did not finish uploading (%s)", first_line(e, 200))
     for a in [state, *teachers]:
         ray.kill(a)
 

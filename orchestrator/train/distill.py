@@ -50,7 +50,7 @@ def _distill(cfg: SimRegConfig, out: Store, local: Path, tracking_uri: str, t_st
     from simreg.orchestrator.pipeline.actors import start_run_state, stop_actors
 
     resuming = check_resume(cfg, out)
-    (out / "config.json").write_text(safe_config_json(cfg))
+    config_file = publish(out, local, "config.json", safe_config_json(cfg))  # a local copy for MLflow at the end
 
     # 1-2. data (distillation subset, k-NN bank and queries, validation sets) and teachers, before Ray
     prep = prepare(cfg)
@@ -65,7 +65,7 @@ def _distill(cfg: SimRegConfig, out: Store, local: Path, tracking_uri: str, t_st
         f"{placement.teacher_gpus:g} GPU each" if placement.teacher_gpus else f"CPU ({cfg.teacher_pool.threads} threads each)",
     )
     tracker = backend_for(tracking_uri).open_run(
-        cfg.tracking.experiment, out, cfg.name, {"simreg.command": "distill", "simreg.output_dir": str(out)},
+        cfg.tracking.experiment, out, cfg.name, {"simreg.command": "distill", "simreg.output_dir": out.uri},
     )
     tracker.log_params(flatten(cfg))
     status = "FAILED"
@@ -160,7 +160,7 @@ def _distill(cfg: SimRegConfig, out: Store, local: Path, tracking_uri: str, t_st
                 tracker.log_metrics(m, step=int(m["epoch"]))
         table = knn_table(summary)
         tracker.log_artifact(publish(out, local, "knn.md", table + "\n"))
-        tracker.log_artifact(publish(out, local, "config.json", safe_config_json(cfg)))
+        tracker.log_artifact(config_file)
         tracker.log_artifact(weights, "student")
         tracker.log_artifact(weights.with_suffix(".json"), "student")
         # summary.json last: its presence means "finished" (a rerun refuses the folder)

@@ -15,6 +15,7 @@ import ray.train
 import ray.train.torch
 import torch
 import torch.distributed as dist
+from ray.train import CheckpointUploadMode
 
 from simreg.orchestrator.config import validate_config
 from simreg.orchestrator.evaluation.knn import knn_report
@@ -157,20 +158,18 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         history.append(metrics)
         if rank == 0:
             state.add_epoch_metrics.remote(metrics)
-            if config.get("async_checkpoint"):  # Ray uploads in the background, then deletes the folder
-                from ray.train import CheckpointUploadMode
-
-                tmp = tempfile.mkdtemp(prefix="simreg-ckpt-")
-                try:
-                    save_checkpoint(Path(tmp), objective, optimizer, scheduler, epoch, metrics, history)
-                    ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp), checkpoint_dir_name=f"epoch_{epoch:04d}",
-                                     checkpoint_upload_mode=CheckpointUploadMode.ASYNC)
-                except BaseException:
-                    shutil.rmtree(tmp, ignore_errors=True)
-                    raise
-            else:
-                with tempfile.TemporaryDirectory() as tmp:
-                    save_checkpoint(Path(tmp), objective, optimizer, scheduler, epoch, metrics, history)
-                    ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp), checkpoint_dir_name=f"epoch_{epoch:04d}")
+            # An object store: Ray uploads in the background (the next epoch trains meanwhile) and deletes the
+            # folder once uploaded. Otherwise the copy is synchronous and the folder is ours to delete.
+            mode = CheckpointUploadMode.ASYNC if config.get("async_checkpoint") else CheckpointUploadMode.SYNC
+            tmp = tempfile.mkdtemp(prefix="simreg-ckpt-")
+            try:
+                save_checkpoint(Path(tmp), objective, optimizer, scheduler, epoch, metrics, history)
+                ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp), checkpoint_dir_name=f"epoch_{epoch:04d}",
+                                 checkpoint_upload_mode=mode)
+            except BaseException:
+                shutil.rmtree(tmp, ignore_errors=True)
+                raise
+            if mode is CheckpointUploadMode.SYNC:
+                shutil.rmtree(tmp, ignore_errors=True)
         else:
             ray.train.report(metrics, checkpoint=None)

@@ -23,7 +23,7 @@ from typing import Any
 
 from ray import tune
 
-from simreg.models.errors import ConfigError, SimRegError
+from simreg.models.errors import ConfigError, SimRegError, first_line
 from simreg.orchestrator import console
 from simreg.orchestrator.config import SimRegConfig
 from simreg.orchestrator.storage import Store, open_store, scratch
@@ -100,7 +100,7 @@ def _sweep(
 
     # 4. MLflow parent run (reused on resume)
     parent = backend_for(uri).open_run(
-        cfg.tracking.experiment, out, f"sweep-{cfg.name}", {"simreg.command": "sweep", "simreg.output_dir": str(out)},
+        cfg.tracking.experiment, out, f"sweep-{cfg.name}", {"simreg.command": "sweep", "simreg.output_dir": out.uri},
     )
     parent.log_params({f"space.{k}": json.dumps(d.model_dump(exclude_none=True)) for k, d in space.params.items()}
                       | {f"search.{k}": v for k, v in space.search.model_dump().items()})
@@ -171,7 +171,7 @@ def _sweep(
             registered = {"name": base_cfg.tracking.register_best, "version": version} if version else None
         except Exception as e:  # noqa: BLE001
             log.warning("tracking.register_best=%s: could not register the best trial (%s)", base_cfg.tracking.register_best,
-                        str(e).splitlines()[0][:300] if str(e) else type(e).__name__)
+                        first_line(e))
     summary = {
         "parent_run_id": parent.run_id,
         "mlflow_tracking_uri": parent.uri,

@@ -221,6 +221,10 @@ def test_pack_to_a_bucket_then_read_and_evaluate_from_it(s3, tmp_path: Path, tea
     assert f"data.root={dest}" in capsys.readouterr().out
     assert main(["data", "pack", str(src), dest]) == 2  # not empty, no --overwrite
     assert "is not empty" in capsys.readouterr().err
+    (open_store(dest) / "all" / "notes.txt").write_text("mine")  # not written by simreg: kept
+    assert main(["data", "pack", str(src), dest, "--shard-rows", "12", "--overwrite"]) == 0  # 2 shards instead of 3
+    capsys.readouterr()
+    assert sorted((open_store(dest) / "all").listdir()) == ["notes.txt", "part-00000.parquet", "part-00001.parquet"]
     eager = load_packed_split(dest, "all", 16)
     lazy = index_packed_split(dest, "all", 16)
     assert len(eager) == len(lazy) == 24 and eager.source_fingerprint == lazy.source_fingerprint

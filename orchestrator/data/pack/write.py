@@ -33,7 +33,7 @@ from simreg.orchestrator.data.pack.scan import (
     default_workers,
     scan_image_folder,
 )
-from simreg.orchestrator.storage import Store, is_remote, write_atomic
+from simreg.orchestrator.storage import Store, is_remote, open_store, write_atomic
 
 log = logging.getLogger("simreg")
 
@@ -49,15 +49,19 @@ def _check_out_dir(src: Path, out: Path, overwrite: bool) -> None:
                         "(overwrite=True) to replace the pack there")
 
 
-def _remove_old_pack(out: Path) -> None:
-    """Only what a pack writes: the manifest first (a reader then finds no pack, never a half-replaced
-    one), then the shards and temporaries of each split folder. Other files are left alone."""
-    (out / MANIFEST).unlink(missing_ok=True)
-    for d in (p for p in out.iterdir() if p.is_dir()):
-        for p in [*d.glob("part-*.parquet"), *d.glob(".tmp-*")]:
-            p.unlink()
-        if not any(d.iterdir()):
-            d.rmdir()
+def _remove_old_pack(out: Path | Store) -> None:
+    """Only what a pack writes, in a local folder or a bucket: the manifest first (a reader then finds no
+    pack, never a half-replaced one), then the shards and temporaries of each split folder, and a split
+    folder left empty. Other files are left alone."""
+    out = open_store(out)
+    (out / MANIFEST).delete()
+    for split in out.listdir(dirs_only=True):
+        d = out / split
+        for name in d.listdir():
+            if (name.startswith("part-") and name.endswith(".parquet")) or name.startswith(".tmp-"):
+                (d / name).delete()
+        if d.local_path is not None and not d.listdir():
+            d.local_path.rmdir()
 
 
 def _read_scanned(split_root: Path, im: ScannedImage) -> bytes:
@@ -157,12 +161,8 @@ def _pack_to_store(src: str | Path, dest: Store, **options: Any) -> dict[str, An
     with tempfile.TemporaryDirectory(prefix="simreg-pack-") as tmp:
         local = Path(tmp) / "pack"
         manifest = pack_image_folder(src, local, **{**options, "overwrite": False})
-        if options["overwrite"]:  # what a pack writes, manifest first: a reader never finds a half-replaced pack
-            (dest / MANIFEST).delete()
-            for split in dest.listdir(dirs_only=True):
-                for name in (dest / split).listdir():
-                    if name.startswith("part-") and name.endswith(".parquet"):
-                        (dest / split / name).delete()
+        if options["overwrite"]:
+            _remove_old_pack(dest)
         for split in manifest["splits"]:
             (dest / split).upload(local / split)
         (dest / MANIFEST).upload(local / MANIFEST)
