@@ -61,7 +61,8 @@ class TrackerBackend(Protocol):
         that dies without ending it gets it ended KILLED (the reaper)."""
 
     def open_child(self, parent_run_id: str, run_name: str, tags: Mapping[str, str], run_id: str | None = None) -> RunTracker:
-        """A child run of ``parent_run_id`` (a sweep trial); ``run_id`` reopens that child."""
+        """A child run of ``parent_run_id`` (a sweep trial); ``run_id`` reopens that child, and so does a ``simreg.trial_id`` tag
+        that a child already carries (its driver died before recording the run: one run per trial still)."""
 
     def attach(self, run_id: str) -> RunTracker:
         """An existing run as it is (no status change): to log to it or end it."""

@@ -171,10 +171,15 @@ class MlflowBackend:
     def open_child(self, parent_run_id: str, run_name: str, tags: Mapping[str, str], run_id: str | None = None) -> MlflowRun:
         from mlflow.entities import RunStatus
 
+        exp_id = self.client.get_run(parent_run_id).info.experiment_id
+        if run_id is None and "simreg.trial_id" in tags:  # a driver that died between creating a trial's run and recording it
+            found = self.client.search_runs(
+                [exp_id], f"tags.mlflow.parentRunId = '{parent_run_id}' and tags.`simreg.trial_id` = '{tags['simreg.trial_id']}'",
+                max_results=1)
+            run_id = found[0].info.run_id if found else None
         if run_id is not None:  # a resumed trial: same run, running again
             self.client.update_run(run_id, status=RunStatus.to_string(RunStatus.RUNNING))
             return MlflowRun(self.client, run_id, self.uri, resumed=True)
-        exp_id = self.client.get_run(parent_run_id).info.experiment_id
         run = self.client.create_run(exp_id, run_name=run_name, tags={"mlflow.parentRunId": parent_run_id, **tags})
         return MlflowRun(self.client, run.info.run_id, self.uri)
 

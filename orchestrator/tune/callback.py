@@ -63,7 +63,7 @@ class TrialRunsCallback(tune.Callback):
         run.log_params(flatten(trial_config(self.base, overrides)))
         runs[trial.trial_id] = {"trial_id": trial.trial_id, "run_id": run.run_id, "params": overrides, "status": "RUNNING"}
         self._save(runs)
-        log.info("trial %s (%s) started", trial.trial_id, _params(runs[trial.trial_id]))
+        log.info("trial %s (%s) %s", trial.trial_id, _params(runs[trial.trial_id]), "resumed" if run.resumed else "started")
 
     def on_trial_result(self, iteration: int, trials: list, trial: Any, result: dict, **info: Any) -> None:
         runs = self._load()

@@ -11,12 +11,13 @@ import time
 
 import pytest
 
+from simreg.orchestrator.train.checkpoint import committed_epochs, train_storage
 from tests.integration.helpers import committed
 
 pytestmark = [pytest.mark.ray, pytest.mark.faults, pytest.mark.timeout(900)]
 
 N = 512
-EPOCHS = 12  # the run must outlast Ray's autoscaling coordinator, which sees a new node within 20 s (its tick)
+EPOCHS = 20  # after the node joins, the run (~2 s an epoch here) must outlast Ray's autoscaling coordinator: it sees a new node within 20 s (its tick), then the group restarts
 
 
 @pytest.fixture(scope="module")
@@ -74,10 +75,17 @@ def elastic_run(cluster, tmp_path_factory):
         time.sleep(0.2)
     c.add_node(num_cpus=1, resources={"student_gpu": 1})  # a node joins: the run grows back
     events.append("added")
+    added, seen, timeline = time.time(), {0, 1}, []  # (s after the node joined, epoch committed): shown if the run does not grow
+    while t.is_alive() and time.time() < deadline + 100:
+        for e in sorted(committed_epochs(train_storage(out)) - seen):
+            seen.add(e)
+            timeline.append((round(time.time() - added, 1), e))
+        time.sleep(0.2)
     t.join(timeout=500)
     if "error" in result:
         raise result["error"]
     summary = result["summary"]
+    summary["timeline_after_join"] = timeline
     return c, summary, events
 
 
@@ -87,7 +95,7 @@ def test_elastic_shrinks_and_grows(elastic_run):
     hist = summary["history"]
     assert [int(h["epoch"]) for h in hist] == list(range(EPOCHS))
     sizes = [int(h["train/world_size"]) for h in hist]
-    assert sizes[0] == 2 and 1 in sizes and 2 in sizes[sizes.index(1):], sizes  # shrank, then grew back
+    assert sizes[0] == 2 and 1 in sizes and 2 in sizes[sizes.index(1):], (sizes, summary["timeline_after_join"])  # shrank, grew back
     for h in hist:  # every id once per epoch at either size (the split drops N mod world: none here)
         assert h["train/unique_ids"] == N and h["train/duplicate_ids"] == 0, h
 
