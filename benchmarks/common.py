@@ -12,8 +12,8 @@ import torch
 
 from simreg.orchestrator.config import SimRegConfig, load_config
 from simreg.orchestrator.data.imageset import ImageSet
-from simreg.orchestrator.data.views import ViewPlan
-from simreg.orchestrator.pipeline.teacher import TeacherInference, add_views
+from simreg.orchestrator.data.views import ViewPlan, add_views
+from simreg.orchestrator.pipeline.teacher import TeacherInference
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared" / "teachers"

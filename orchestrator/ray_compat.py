@@ -48,3 +48,19 @@ def registered_checkpoints(storage: Path) -> list[str]:
     except OSError:
         return []
     return re.findall(r"epoch_\d{4,}", text)
+
+
+def train_controller_runtime_env() -> dict[str, Any] | None:
+    """The runtime environment Ray Train V2 gives its controller, and so the Ray Data tasks it runs (children inherit
+    it): Ray reuses an idle worker process only for the same environment. None in another Ray layout."""
+    try:
+        from ray._common.constants import RAY_WARN_BLOCKING_GET_INSIDE_ASYNC_ENV_VAR
+        from ray.train.v2._internal.constants import (
+            DEFAULT_RAY_WARN_BLOCKING_GET_INSIDE_ASYNC_VALUE,
+            get_env_vars_to_propagate,
+        )
+    except ImportError:
+        return None
+    env = dict(get_env_vars_to_propagate())
+    env.setdefault(RAY_WARN_BLOCKING_GET_INSIDE_ASYNC_ENV_VAR, DEFAULT_RAY_WARN_BLOCKING_GET_INSIDE_ASYNC_VALUE)
+    return {"env_vars": env}

@@ -14,8 +14,8 @@ log = logging.getLogger("simreg")
 def warm_cache(cfg: Any, epochs: int | None = None, progress: bool = True) -> dict[str, Any]:
     """Fill the cache for ``cfg`` in this process (no Ray): every teacher, every view index a run of
     ``epochs`` (default ``train.epochs``) will use. Rows already cached are skipped."""
-    from simreg.orchestrator.data.views import view_index
-    from simreg.orchestrator.pipeline.teacher import TeacherInference, add_views
+    from simreg.orchestrator.data.views import add_views, view_index
+    from simreg.orchestrator.pipeline.teacher import TeacherInference
     from simreg.orchestrator.train.builders import cache_spec, teacher_options, view_plan
     from simreg.orchestrator.train.prepare import prepare
 

@@ -206,3 +206,18 @@ def eval_views(images: np.ndarray, size: int) -> np.ndarray:
     if x.shape[-2:] != (size, size):
         x = _resize(x, size)
     return x.numpy()
+
+
+def add_views(batch: dict[str, np.ndarray], *, epoch: int, seed: int, plan: ViewPlan) -> dict[str, np.ndarray]:
+    """View stage: uint8 ``image`` -> float32 ``view`` (B, C, s, s) for the teachers (and the student, unless
+    the plan gives it its own ``student_view``); drops ``image``, adds ``epoch`` and ``view_index`` (the
+    epoch, or its place in a bank of ``plan.bank`` views per sample)."""
+    out = {k: v for k, v in batch.items() if k != "image"}
+    v = view_index(epoch, plan.bank)
+    out["view"] = make_views(batch["image"], batch["sample_id"], v, seed, plan.teacher, stream=0)
+    if plan.student is not None:
+        out["student_view"] = make_views(batch["image"], batch["sample_id"], v, seed, plan.student, stream=1)
+    n = len(batch["sample_id"])
+    out["epoch"] = np.full(n, epoch, dtype=np.int64)
+    out["view_index"] = np.full(n, v, dtype=np.int64)
+    return out

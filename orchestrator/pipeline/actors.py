@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import os
+import time
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -36,6 +37,7 @@ class RunState:
         self.placements: list[str] = []
         self.records: list[dict[str, Any]] = []  # where each teacher actor / student worker (each attempt) ran
         self.teacher_rows: dict[str, dict[str, int]] = {}  # teacher -> {"forward": n, "cached": n}
+        self.marks: dict[str, float] = {}  # start-up events (unix time of their first occurrence): teacher_ready, first_step, ...
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch, self.images_done = epoch, 0
@@ -66,6 +68,16 @@ class RunState:
     def get_records(self) -> list[dict[str, Any]]:
         return self.records
 
+    def start_view_warmup(self, warmup: Any) -> None:
+        """Start ``pipeline.warmup.ViewWarmup`` tasks from here: this actor has the job's runtime environment."""
+        warmup.start()
+
+    def mark(self, name: str, t: float) -> None:
+        self.marks.setdefault(name, t)
+
+    def get_marks(self) -> dict[str, float]:
+        return self.marks
+
     def poll(self, known: int, known_placements: int) -> tuple[int, int, list[dict[str, float]], list[str]]:
         """(epoch, images done in it, metrics of epochs after the first ``known``, new placements)."""
         return self.epoch, self.images_done, self.history[known:], self.placements[known_placements:]
@@ -92,6 +104,7 @@ class PooledTeacher(TeacherInference):
             "role": "teacher", "name": spec.name, "node_id": ctx.get_node_id(), "actor_id": ctx.get_actor_id(), "pid": os.getpid(),
             "resources": {k: v for k, v in ctx.get_assigned_resources().items()},
         })
+        state.mark.remote("teacher_ready", time.time())
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         f0, c0 = self.forward_rows, self.cached_rows

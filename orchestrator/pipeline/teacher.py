@@ -18,7 +18,6 @@ import torch
 
 from simreg.models.teachers import InputTransform, Teacher, load_teacher
 from simreg.orchestrator.cache.targets import CacheSpec, TargetCache, weights_sha256
-from simreg.orchestrator.data.views import ViewPlan, make_views, view_index
 
 log = logging.getLogger("simreg")
 Batch = dict[str, np.ndarray]
@@ -46,21 +45,6 @@ class TeacherSpec:
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
-
-
-def add_views(batch: Batch, *, epoch: int, seed: int, plan: ViewPlan) -> Batch:
-    """View stage: uint8 ``image`` -> float32 ``view`` (B, C, s, s) for the teachers (and the student, unless
-    the plan gives it its own ``student_view``); drops ``image``, adds ``epoch`` and ``view_index`` (the
-    epoch, or its place in a bank of ``plan.bank`` views per sample)."""
-    out = {k: v for k, v in batch.items() if k != "image"}
-    v = view_index(epoch, plan.bank)
-    out["view"] = make_views(batch["image"], batch["sample_id"], v, seed, plan.teacher, stream=0)
-    if plan.student is not None:
-        out["student_view"] = make_views(batch["image"], batch["sample_id"], v, seed, plan.student, stream=1)
-    n = len(batch["sample_id"])
-    out["epoch"] = np.full(n, epoch, dtype=np.int64)
-    out["view_index"] = np.full(n, v, dtype=np.int64)
-    return out
 
 
 class TeacherInference:

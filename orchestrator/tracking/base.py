@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 RUN_STATUSES = ("RUNNING", "FINISHED", "FAILED", "KILLED")
+REAPER_URI_ENV = "SIMREG_REAPER_TRACKING_URI"  # the reaper's tracking URI, in its environment (tracking/reaper.py)
 
 
 class RunTracker(Protocol):

@@ -20,14 +20,13 @@ from pathlib import Path
 from typing import Any
 
 from simreg.orchestrator.storage import Store, open_store
-from simreg.orchestrator.tracking.base import ChildRun
+from simreg.orchestrator.tracking.base import REAPER_URI_ENV, ChildRun
 from simreg.orchestrator.tracking.redact import redact, redact_uri
 
 log = logging.getLogger("simreg")
 RUN_ID_FILE = "mlflow_run_id"
 MAX_PARAM_LEN = 6000
 DRIVER_TAG = "simreg.driver"
-REAPER_URI_ENV = "SIMREG_REAPER_TRACKING_URI"
 EXPERIMENT_KIND_TAG, EXPERIMENT_KIND = "mlflow.experimentKind", "custom_model_development"
 
 

@@ -13,15 +13,19 @@ import os
 import sys
 import time
 
-from simreg.orchestrator.tracking.backends import backend_for
-from simreg.orchestrator.tracking.mlflow_backend import REAPER_URI_ENV
+from simreg.orchestrator.tracking.base import REAPER_URI_ENV  # light: no MLflow, no torch while the reaper waits
 
 
 def main(argv: list[str]) -> int:
     run_id, token, parent = argv[0], argv[1], int(argv[2])
     uri = os.environ[REAPER_URI_ENV]
+    os.nice(10)  # a watcher: it yields the cores to the run it watches
     while os.getppid() == parent:
         time.sleep(0.5)
+    from simreg.orchestrator.tracking.backends import (
+        backend_for,  # MLflow (and torch through simreg.models) only when needed
+    )
+
     for _ in range(5):  # the store may be busy (sqlite lock) right when the driver dies
         try:
             backend_for(uri).mark_killed(run_id, token, "driver process died")

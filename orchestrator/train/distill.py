@@ -9,9 +9,11 @@
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +22,7 @@ from simreg.orchestrator.config import SimRegConfig, flatten
 from simreg.orchestrator.evaluation.final import final_knn, knn_table
 from simreg.orchestrator.storage import Store, open_store, scratch
 from simreg.orchestrator.tracking.backends import backend_for, default_tracking_uri
+from simreg.orchestrator.tracking.base import RunTracker
 from simreg.orchestrator.train.checkpoint import committed_epochs, train_storage
 from simreg.orchestrator.train.placement import failure_config, plan_placement
 from simreg.orchestrator.train.prepare import prepare
@@ -33,16 +36,16 @@ log = logging.getLogger("simreg")
 def distill(cfg: SimRegConfig, output_dir: str | Path | Store, tracking_uri: str | None = None) -> dict[str, Any]:
     """Run one distillation; writes ``output_dir/summary.json`` and returns the summary. ``output_dir``: a
     local folder or an object-store URI (``s3://bucket/prefix``): every file of the run goes there."""
-    t_start = time.perf_counter()
+    t_start, started_at = time.perf_counter(), time.time()
     out = open_store(output_dir)
     # 0. where the run writes, checked before anything starts: one line naming the URI and the fix
     uri = tracking_uri or cfg.tracking.tracking_uri or default_tracking_uri(out)
     preflight(cfg, out, uri)
     with hold_output_dir(out), scratch(out) as local:
-        return _distill(cfg, out, local, uri, t_start)
+        return _distill(cfg, out, local, uri, t_start, started_at)
 
 
-def _distill(cfg: SimRegConfig, out: Store, local: Path, tracking_uri: str, t_start: float) -> dict[str, Any]:
+def _distill(cfg: SimRegConfig, out: Store, local: Path, tracking_uri: str, t_start: float, started_at: float) -> dict[str, Any]:
     import ray
     import ray.train
 
@@ -54,20 +57,27 @@ def _distill(cfg: SimRegConfig, out: Store, local: Path, tracking_uri: str, t_st
 
     # 1-2. data (distillation subset, k-NN bank and queries, validation sets) and teachers, before Ray
     prep = prepare(cfg)
+    marks = {"data_ready": time.time()}  # start-up events, unix time (the run's actors add theirs to RunState)
     specs, teacher_dims, evals = prep.specs, prep.teacher_dims, prep.final_eval
 
-    # 3. Ray, placement, tracking
-    cluster = init_ray(cfg)
-    placement = plan_placement(cfg, cluster)
+    # 3. Ray, placement, tracking: the MLflow run opens (and the trainer's modules import) while Ray starts
+    with ThreadPoolExecutor(2, thread_name_prefix="simreg-start") as pool:
+        opening = pool.submit(_open_run, cfg, out, tracking_uri)
+        pool.submit(_import_trainer)
+        try:
+            cluster = init_ray(cfg)
+            placement = plan_placement(cfg, cluster)
+        except BaseException as e:
+            with contextlib.suppress(Exception):
+                opening.result().end("KILLED" if isinstance(e, (KeyboardInterrupt, SystemExit)) else "FAILED")
+            raise
+        tracker = opening.result()
+    marks["ray_ready"] = time.time()
     log.info(
         "ray: %g CPUs, %g GPUs; %d student worker(s) on %s; teacher actors on %s",
         cluster.get("CPU", 0), cluster.get("GPU", 0), cfg.scaling.num_workers, "GPU" if placement.use_gpu else "CPU",
         f"{placement.teacher_gpus:g} GPU each" if placement.teacher_gpus else f"CPU ({cfg.teacher_pool.threads} threads each)",
     )
-    tracker = backend_for(tracking_uri).open_run(
-        cfg.tracking.experiment, out, cfg.name, {"simreg.command": "distill", "simreg.output_dir": out.uri},
-    )
-    tracker.log_params(flatten(cfg))
     status = "FAILED"
     state = start_run_state()
     actors: list[Any] = []
@@ -86,6 +96,7 @@ def _distill(cfg: SimRegConfig, out: Store, local: Path, tracking_uri: str, t_st
         if resuming:
             log.info("resuming the interrupted run in %s from its latest checkpoint", out)
         t_fit = time.perf_counter()
+        marks["fit"] = time.time()
         with Progress(state, tracker, images_per_epoch(prep), cfg.train.epochs, lambda: committed_epochs(storage)) as progress:
             result = trainer.fit()
         fit_s = time.perf_counter() - t_fit
@@ -98,6 +109,8 @@ def _distill(cfg: SimRegConfig, out: Store, local: Path, tracking_uri: str, t_st
         with result.checkpoint.as_directory() as d:
             final = load_state(Path(d))
 
+        startup = startup_phases(started_at, {**marks, **ray.get(state.get_marks.remote())})
+        log.info("start-up: %s", ", ".join(f"{k.replace('_', ' ')} {v:.1f} s" for k, v in startup.items()))
         teacher_rows = ray.get(state.get_teacher_rows.remote())
         records = ray.get(state.get_records.remote())
         for name, r in teacher_rows.items():
@@ -133,6 +146,8 @@ def _distill(cfg: SimRegConfig, out: Store, local: Path, tracking_uri: str, t_st
             "fit_s": fit_s,
             "eval_s": ev["eval_s"],
             "wall_s": time.perf_counter() - t_start,
+            "started_at": started_at,  # unix time distill() was called
+            "startup_s": startup,  # seconds from started_at to each start-up event, in order; first_step: rank 0's first optimizer step
             "mlflow_tracking_uri": tracker.uri,
             "mlflow_run_id": tracker.run_id,
             "student_arch": cfg.student.arch,
@@ -152,6 +167,7 @@ def _distill(cfg: SimRegConfig, out: Store, local: Path, tracking_uri: str, t_st
             for where, r in summary["student_head_knn"].items() for k, v in r.items()
         })
         final_metrics.update({"knn/student_gain_20nn": summary["student_gain_20nn"], "wall_s": summary["wall_s"]})
+        final_metrics.update({f"startup/{k}_s": v for k, v in startup.items()})
         final_metrics.update({f"teacher/{n}/{k}_rows": float(v) for n, r in teacher_rows.items() for k, v in r.items()})
         tracker.log_metrics(final_metrics, step=cfg.train.epochs)
         logged = tracker.logged_steps("train/loss")  # epochs of an earlier attempt whose driver died before logging them
@@ -173,3 +189,24 @@ def _distill(cfg: SimRegConfig, out: Store, local: Path, tracking_uri: str, t_st
     finally:
         tracker.end(status)
         stop_actors(state, actors, timeout_s=60.0 if status == "FINISHED" else 5.0)  # interrupted: `ray job stop` waits briefly
+
+
+def startup_phases(started_at: float, marks: dict[str, float]) -> dict[str, float]:
+    """Seconds from ``started_at`` to each start-up event, in the order they happened. A resumed run's actors mark
+    their own start (the first attempt's first step is not carried over)."""
+    return {k: round(t - started_at, 2) for k, t in sorted(marks.items(), key=lambda kv: kv[1])}
+
+
+def _open_run(cfg: SimRegConfig, out: Store, tracking_uri: str) -> RunTracker:
+    tracker = backend_for(tracking_uri).open_run(
+        cfg.tracking.experiment, out, cfg.name, {"simreg.command": "distill", "simreg.output_dir": out.uri},
+    )
+    tracker.log_params(flatten(cfg))
+    return tracker
+
+
+def _import_trainer() -> None:
+    """Ray Train and the pipeline's modules, imported while Ray starts (CPU seconds the start would otherwise wait on)."""
+    import ray.train.torch  # noqa: F401
+
+    import simreg.orchestrator.pipeline.dataset  # noqa: F401

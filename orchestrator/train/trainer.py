@@ -8,7 +8,7 @@ from typing import Any
 
 from simreg.orchestrator import console
 from simreg.orchestrator.config import SimRegConfig
-from simreg.orchestrator.ray_compat import LOCAL_SYSTEM_CONFIG
+from simreg.orchestrator.ray_compat import LOCAL_SYSTEM_CONFIG, train_controller_runtime_env
 from simreg.orchestrator.train.builders import (
     cache_spec,
     shard_plan,
@@ -46,6 +46,7 @@ def make_trainer(prep: Prepared, placement: Placement, state: Any, run_config: A
 
     from simreg.orchestrator.pipeline.actors import PoolResources, start_teachers
     from simreg.orchestrator.pipeline.dataset import build_train_dataset
+    from simreg.orchestrator.pipeline.warmup import ViewWarmup
     from simreg.orchestrator.train.worker import train_loop_per_worker
 
     cfg = prep.cfg
@@ -63,6 +64,7 @@ def make_trainer(prep: Prepared, placement: Placement, state: Any, run_config: A
             "n_train": len(prep.train), "val": prep.val,
             # an object store: the checkpoint uploads while the next epoch trains (a local copy is quick)
             "async_checkpoint": getattr(run_config, "storage_filesystem", None) is not None,
+            "view_warmup": ViewWarmup(res.view_tasks, res.cpus_per_view_task, train_controller_runtime_env()),
         },
         scaling_config=scaling_config(cfg, placement),
         run_config=run_config,

@@ -71,6 +71,13 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     names = list(teacher_dims)
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    # First: Ray Data's split coordinator (an actor: a process and its imports, seconds on a small machine) then
+    # starts while the model and DDP are built, instead of delaying the first batch. Once; iterated once per epoch.
+    shard = ray.train.get_dataset_shard("train")
+    if rank == 0:
+        state.mark.remote("workers_ready", time.time())
+        if config.get("view_warmup") is not None:  # see pipeline/warmup.py
+            state.start_view_warmup.remote(config["view_warmup"])
     torch.set_num_threads(cfg.scaling.threads_per_worker)  # Ray sets OMP_NUM_THREADS=1
     device = ray.train.torch.get_device()
 
@@ -99,11 +106,12 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     if cfg.train.compile:
         model = torch.compile(model)  # checkpoints keep reading ``objective``: its state-dict keys are unchanged
     view_key = view_plan(cfg).student_key  # "view" (shared with the teachers) or "student_view"
-    shard = ray.train.get_dataset_shard("train")  # once; iterated once per epoch (_batches)
     steps_done = [0]
 
     def on_step(n: int, _: dict[str, float]) -> None:
         steps_done[0] += 1
+        if steps_done[0] == 1 and rank == 0:
+            state.mark.remote("first_step", time.time())
         if rank == 0 and steps_done[0] % PROGRESS_EVERY == 0:  # fire-and-forget ping for the driver's bar
             state.add_images.remote(n * world * PROGRESS_EVERY)
 

@@ -81,6 +81,11 @@ def test_summary_contract(distilled):
     # the teacher actors ran each of the 300 images once; epoch 1 came from the Parquet cache
     assert on_disk["teacher_rows"] == {"r10t": {"forward": 300, "cached": 300}, "vit": {"forward": 300, "cached": 300}}
     assert all(0 < h["val/top1_20nn"] <= 100 for h in (h0, h1))  # validation k-NN every epoch
+    # start-up marks, in the order they happened: the first optimizer step last, after the workers ran
+    startup = on_disk["startup_s"]
+    assert {"data_ready", "ray_ready", "fit", "teacher_ready", "workers_ready", "first_step"} == set(startup), startup
+    assert list(startup)[:3] == ["data_ready", "ray_ready", "fit"] and list(startup)[-1] == "first_step"
+    assert list(startup.values()) == sorted(startup.values()) and 0 < startup["first_step"] < on_disk["wall_s"]
 
 
 def test_mlflow_run_has_params_epoch_metrics_and_artifacts(distilled):

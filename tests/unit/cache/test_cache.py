@@ -14,8 +14,8 @@ from simreg.models import DataError
 from simreg.orchestrator.cache.admin import cache_entries
 from simreg.orchestrator.cache.targets import CacheSpec, TargetCache, key_digest, spec_dict
 from simreg.orchestrator.cli.main import main
-from simreg.orchestrator.data.views import ViewPlan, ViewSpec, preset_spec
-from simreg.orchestrator.pipeline.teacher import TeacherInference, TeacherSpec, add_views
+from simreg.orchestrator.data.views import ViewPlan, ViewSpec, add_views, preset_spec
+from simreg.orchestrator.pipeline.teacher import TeacherInference, TeacherSpec
 
 FM = ((0.2860,) * 3, (0.3530,) * 3)
 

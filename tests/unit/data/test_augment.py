@@ -8,9 +8,8 @@ import torch
 from simreg.models import ConfigError, ModelError, SimRegObjective, build_backbone, build_head, head_prefix
 from simreg.models.teachers import InputTransform
 from simreg.orchestrator.config import load_config
-from simreg.orchestrator.data.views import ViewSpec, draw_view, eval_views, make_views, preset_spec
+from simreg.orchestrator.data.views import ViewSpec, add_views, draw_view, eval_views, make_views, preset_spec
 from simreg.orchestrator.evaluation.knn import knn_top1
-from simreg.orchestrator.pipeline.teacher import add_views
 from simreg.orchestrator.train.builders import view_plan
 
 TABLE7 = [("same", "weak", "weak"), ("same", "strong", "strong"), ("different", "weak", "weak"),

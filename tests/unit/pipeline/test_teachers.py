@@ -8,8 +8,8 @@ import torch
 from safetensors.torch import save_file
 
 from simreg.models import InputTransform, ModelError, TeacherLoadError, build_backbone, load_teacher
-from simreg.orchestrator.data.views import ViewPlan, ViewSpec
-from simreg.orchestrator.pipeline.teacher import TeacherInference, TeacherSpec, add_views
+from simreg.orchestrator.data.views import ViewPlan, ViewSpec, add_views
+from simreg.orchestrator.pipeline.teacher import TeacherInference, TeacherSpec
 
 TF = InputTransform(64, (0.286,) * 3, (0.353,) * 3)
 
