@@ -77,12 +77,13 @@ def _mem(pid: int) -> tuple[int, int]:
     return rss, pss
 
 
-def measure(size: int, every: float, extra: list[str]) -> dict:
-    out = Path(tempfile.mkdtemp(prefix=f"simreg-mem-{size}-"))
+def run_sampled(overrides: list[str], every: float, env: dict[str, str] | None = None) -> dict:
+    """``simreg distill *overrides`` in a temporary folder, every process of it sampled every ``every`` s:
+    wall time, the run's summary, per-role peak RSS and summed PSS, the host's peak PSS."""
+    out = Path(tempfile.mkdtemp(prefix="simreg-mem-"))
     exe = str(Path(sys.executable).with_name("simreg"))
-    cmd = [exe, "distill", "--output-dir", str(out / "run"), f"data.train_size={size}", "train.epochs=1", "eval.val_every=0",
-           "cache.enabled=false", "augment.view_bank=null", "data.knn_bank_size=1000", "data.knn_query_size=500", *extra]
-    env = {**os.environ, "RAY_AUTH_MODE": os.environ.get("RAY_AUTH_MODE", "disabled")}
+    cmd = [exe, "distill", "--output-dir", str(out / "run"), *overrides]
+    env = {**os.environ, "RAY_AUTH_MODE": os.environ.get("RAY_AUTH_MODE", "disabled"), **(env or {})}
     t0 = time.perf_counter()
     log_path = out / "distill.log"
     log_file = open(log_path, "w")  # noqa: SIM115  (a file, not a pipe: a full pipe would stall the run)
@@ -110,13 +111,20 @@ def measure(size: int, every: float, extra: list[str]) -> dict:
     log_file.close()
     log = log_path.read_text(errors="replace")
     if p.returncode != 0:
-        raise SystemExit(f"simreg distill failed at {size} images (exit {p.returncode}):\n{log[-3000:]}")
+        shutil.rmtree(out, ignore_errors=True)
+        raise SystemExit(f"simreg distill {' '.join(overrides)} failed (exit {p.returncode}):\n{log[-3000:]}")
     summary = json.loads((out / "run" / "summary.json").read_text())
     shutil.rmtree(out, ignore_errors=True)  # the run folder (checkpoints, MLflow store): ~120 MB
-    return {"images": size, "wall_s": time.perf_counter() - t0, "train_images_per_s": summary["train_images_per_s"],
-            "samples": samples, "peak_rss_gib": {r: v / GIB for r, v in peak_rss.items()},
-            "peak_pss_sum_gib": {r: v / GIB for r, v in peak_pss_sum.items()}, "host_peak_gib": host_peak / GIB,
-            "unique_ids": summary["history"][-1]["train/unique_ids"]}
+    return {"wall_s": time.perf_counter() - t0, "summary": summary, "samples": samples,
+            "peak_rss_gib": {r: v / GIB for r, v in peak_rss.items()},
+            "peak_pss_sum_gib": {r: v / GIB for r, v in peak_pss_sum.items()}, "host_peak_gib": host_peak / GIB}
+
+
+def measure(size: int, every: float, extra: list[str]) -> dict:
+    r = run_sampled([f"data.train_size={size}", "train.epochs=1", "eval.val_every=0", "cache.enabled=false", "augment.view_bank=null",
+                     "data.knn_bank_size=1000", "data.knn_query_size=500", *extra], every)
+    summary = r.pop("summary")
+    return {"images": size, **r, "train_images_per_s": summary["train_images_per_s"], "unique_ids": summary["history"][-1]["train/unique_ids"]}
 
 
 def main() -> None:

@@ -28,6 +28,7 @@ from simreg.orchestrator.pipeline.teacher import TeacherInference
 from simreg.orchestrator.train.builders import (
     build_objective,
     build_optimizer,
+    cache_spec,
     student_layout,
     teacher_options,
     teacher_specs,
@@ -45,11 +46,13 @@ def config(a: argparse.Namespace) -> SimRegConfig:
 
 
 def inprocess(cfg: SimRegConfig, threads: int) -> list[float]:
-    """Images/s per epoch of the fused loop: views -> teacher -> student step, batch by batch."""
+    """Images/s per epoch of the fused loop: views -> teacher (or the target cache, ``cache.enabled``) -> student
+    step, batch by batch."""
     torch.set_num_threads(threads)
     prep = prepare(cfg, quiet=True)
     train = prep.train
-    teacher = TeacherInference(teacher_specs(cfg)[0], threads, device="cpu", **teacher_options(cfg))  # as the product's actors run it
+    cache = cache_spec(cfg, train)  # None unless cache.enabled
+    teacher = TeacherInference(teacher_specs(cfg)[0], threads, device="cpu", **teacher_options(cfg, cache))  # as the product's actors run it
     name = teacher.spec.name
     torch.manual_seed(cfg.seed)
     obj = student_layout(build_objective(cfg, {name: teacher.teacher.feature_dim}), cfg)

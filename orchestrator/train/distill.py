@@ -50,7 +50,8 @@ def _distill(cfg: SimRegConfig, out: Store, local: Path, tracking_uri: str, t_st
     import ray.train
 
     from simreg.orchestrator.evaluation.export import export_student
-    from simreg.orchestrator.pipeline.actors import start_run_state, stop_actors
+    from simreg.orchestrator.pipeline.actors import stop_actors
+    from simreg.orchestrator.pipeline.state import start_run_state
 
     resuming = check_resume(cfg, out)
     config_file = publish(out, local, "config.json", safe_config_json(cfg))  # a local copy for MLflow at the end

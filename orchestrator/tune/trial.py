@@ -17,7 +17,8 @@ def run_trial(config: dict[str, Any], *, base: dict[str, Any], keys: list[str], 
     import ray.train
     from ray.tune.integration.ray_train import TuneReportCallback
 
-    from simreg.orchestrator.pipeline.actors import start_run_state, stop_actors
+    from simreg.orchestrator.pipeline.actors import stop_actors
+    from simreg.orchestrator.pipeline.state import start_run_state
     from simreg.orchestrator.storage import open_store
     from simreg.orchestrator.train.placement import failure_config, plan_placement
     from simreg.orchestrator.train.prepare import prepare
