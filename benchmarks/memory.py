@@ -77,9 +77,24 @@ def _mem(pid: int) -> tuple[int, int]:
     return rss, pss
 
 
-def run_sampled(overrides: list[str], every: float, env: dict[str, str] | None = None) -> dict:
+def _ray_processes() -> list[int]:
+    """Every Ray process on this machine (a cluster started by ``ray start``: not the driver's children)."""
+    out = []
+    for d in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            cmd = Path(f"/proc/{d}/cmdline").read_bytes()
+        except OSError:
+            continue
+        if cmd.startswith(b"ray::") or b"/ray/" in cmd.split(b"\0")[0] or b"ray/_private" in cmd or b"ray/core/src" in cmd:
+            out.append(int(d))
+    return out
+
+
+def run_sampled(overrides: list[str], every: float, env: dict[str, str] | None = None, whole_cluster: bool = False) -> dict:
     """``simreg distill *overrides`` in a temporary folder, every process of it sampled every ``every`` s:
-    wall time, the run's summary, per-role peak RSS and summed PSS, the host's peak PSS."""
+    wall time, the run's summary, per-role peak RSS and summed PSS, the host's peak PSS. ``whole_cluster``:
+    the run joins a cluster started apart (``ray start``), whose processes are not the driver's children:
+    every Ray process on the machine is sampled too."""
     out = Path(tempfile.mkdtemp(prefix="simreg-mem-"))
     exe = str(Path(sys.executable).with_name("simreg"))
     cmd = [exe, "distill", "--output-dir", str(out / "run"), *overrides]
@@ -95,7 +110,7 @@ def run_sampled(overrides: list[str], every: float, env: dict[str, str] | None =
     while p.poll() is None:
         rss_by: dict[str, int] = {r: 0 for r in ROLES}
         pss_by: dict[str, int] = {r: 0 for r in ROLES}
-        for pid in _tree(p.pid):
+        for pid in set(_tree(p.pid)) | (set(_ray_processes()) if whole_cluster else set()):
             role = _role(pid, p.pid)
             if not role:
                 continue

@@ -52,7 +52,7 @@ def teachers_override(n: int) -> str:
 
 def point(series: str, x: int, overrides: list[str], every: float, env: dict[str, str] | None = None) -> dict:
     print(f"{series}={x}: simreg distill {' '.join(o if len(o) < 80 else o[:77] + '...' for o in overrides)}", flush=True)
-    r = run_sampled(overrides, every, env)
+    r = run_sampled(overrides, every, env, whole_cluster=env is not None)
     s = r["summary"]
     h = s["history"]
     first_wait = h[0]["train/first_batch_wait_s"]
@@ -157,9 +157,10 @@ def main() -> None:
     ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     ap.add_argument("--json", type=Path, default=None)
     ap.add_argument("--plot", type=Path, default=None, help="a PNG of wall-time parts, images/s and memory per series")
+    ap.add_argument("overrides", nargs="*", help="more dotted config overrides for every point")
     a = ap.parse_args()
     require_teachers(["r10t"])
-    device = ["scaling.use_gpu=true"] if a.device == "cuda" else []
+    device = (["scaling.use_gpu=true"] if a.device == "cuda" else []) + a.overrides
     todo = a.series.split(",")
     rows: list[dict] = []
     base10k: dict | None = None
