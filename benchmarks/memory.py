@@ -99,7 +99,7 @@ def run_sampled(overrides: list[str], every: float, env: dict[str, str] | None =
     exe = str(Path(sys.executable).with_name("simreg"))
     cmd = [exe, "distill", "--output-dir", str(out / "run"), *overrides]
     env = {**os.environ, "RAY_AUTH_MODE": os.environ.get("RAY_AUTH_MODE", "disabled"), **(env or {})}
-    t0 = time.perf_counter()
+    t0, launched_at = time.perf_counter(), time.time()
     log_path = out / "distill.log"
     log_file = open(log_path, "w")  # noqa: SIM115  (a file, not a pipe: a full pipe would stall the run)
     p = subprocess.Popen(cmd, stdout=log_file, stderr=subprocess.STDOUT, env=env, text=True)
@@ -130,7 +130,7 @@ def run_sampled(overrides: list[str], every: float, env: dict[str, str] | None =
         raise SystemExit(f"simreg distill {' '.join(overrides)} failed (exit {p.returncode}):\n{log[-3000:]}")
     summary = json.loads((out / "run" / "summary.json").read_text())
     shutil.rmtree(out, ignore_errors=True)  # the run folder (checkpoints, MLflow store): ~120 MB
-    return {"wall_s": time.perf_counter() - t0, "summary": summary, "samples": samples,
+    return {"wall_s": time.perf_counter() - t0, "launched_at": launched_at, "summary": summary, "samples": samples,
             "peak_rss_gib": {r: v / GIB for r, v in peak_rss.items()},
             "peak_pss_sum_gib": {r: v / GIB for r, v in peak_pss_sum.items()}, "host_peak_gib": host_peak / GIB}
 

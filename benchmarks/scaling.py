@@ -19,9 +19,9 @@ process of it sampled for memory (``benchmarks/memory.py``). Series:
   in one process (``benchmarks/pipeline_throughput.py``'s fused loop on the same cache, 2 torch threads).
 
 Each point's parts: ``student`` = the epochs' time minus their waits for data, ``waiting`` = the students'
-waits for the view/teacher stage after each epoch's first batch, ``start-up`` = the run's first optimizer step
-(``summary.json`` ``startup_s``) plus epoch 1's wait for its first batch, ``other`` = the rest of the wall
-time (evaluation, export, checkpoints, shut-down). ``images/s`` is epoch 1's rate after its first batch.
+waits for the view/teacher stage after each epoch's first batch, ``start-up`` = from the command's start to
+rank 0's first optimizer step (``summary.json`` ``started_at`` + ``startup_s``; epoch 1's wait for its first
+batch included), ``other`` = the rest of the wall time (evaluation, export, checkpoints, shut-down). ``images/s`` is epoch 1's rate after its first batch.
 The baseline, measured in the same run, is each series' first point: the table gives every point's ratio
 of wall time and of images/s to it.
 """
@@ -58,7 +58,8 @@ def point(series: str, x: int, overrides: list[str], every: float, env: dict[str
     first_wait = h[0]["train/first_batch_wait_s"]
     epochs_s = sum(m["train/epoch_s"] for m in h)
     waits = sum(m.get("train/data_wait_s", 0.0) for m in h)
-    startup = s["startup_s"].get("first_step", 0.0) + first_wait
+    # the command's own start, then to rank 0's first step (which already includes epoch 1's wait for its first batch)
+    startup = (s["started_at"] - r["launched_at"]) + s["startup_s"]["first_step"]
     parts = {"student": epochs_s - waits, "waiting": waits - first_wait, "start-up": startup}
     parts["other"] = r["wall_s"] - sum(parts.values())
     images = h[0]["train/images"]

@@ -64,8 +64,8 @@ def images_dataset(images: ImageSet, rows_per_block: int) -> Dataset:
                 "image": ArrowTensorArray.from_numpy(np.ascontiguousarray(images.images[sl])),
             })
         )
-    # from_blocks: each block's metadata read here; from_arrow runs a Ray task per block for it and waits on
-    # them (79 tasks in a cold worker process cost ~10 s of the demo's start on 2 cores)
+    # from_blocks: each block's metadata read here; from_arrow runs a Ray task per block for it, in a cold
+    # worker process, and waits on them (benchmarks/RESULTS.md, "Start-up")
     return ray.data.from_blocks(tables)
 
 

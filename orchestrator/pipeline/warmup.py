@@ -1,8 +1,8 @@
 """Worker processes for the view stage, warmed ahead of the first block.
 
 Ray reuses an idle worker process for a task of the same runtime environment, and Ray Data's tasks inherit
-Ray Train's controller's. A view task in a cold process first imports torch, torchvision and timm (~3 s on
-2 cores), so the first epoch's first blocks waited on it. ``ViewWarmup`` starts that many tasks that only
+Ray Train's controller's. A view task in a cold process first imports torch, torchvision and Ray Data
+(seconds on a small machine), so the first epoch's first blocks waited on it. ``ViewWarmup`` starts that many tasks that only
 import the view stage, in that environment.
 
 When matters on a small machine: started with the run, they took cores from the worker group's own start and

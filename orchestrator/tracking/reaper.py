@@ -22,9 +22,8 @@ def main(argv: list[str]) -> int:
     os.nice(10)  # a watcher: it yields the cores to the run it watches
     while os.getppid() == parent:
         time.sleep(0.5)
-    from simreg.orchestrator.tracking.backends import (
-        backend_for,  # MLflow (and torch through simreg.models) only when needed
-    )
+    # MLflow is imported only now, once it is needed
+    from simreg.orchestrator.tracking.backends import backend_for
 
     for _ in range(5):  # the store may be busy (sqlite lock) right when the driver dies
         try:

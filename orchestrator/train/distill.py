@@ -9,7 +9,6 @@
 """
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 import time
@@ -22,7 +21,7 @@ from simreg.orchestrator.config import SimRegConfig, flatten
 from simreg.orchestrator.evaluation.final import final_knn, knn_table
 from simreg.orchestrator.storage import Store, open_store, scratch
 from simreg.orchestrator.tracking.backends import backend_for, default_tracking_uri
-from simreg.orchestrator.tracking.base import RunTracker
+from simreg.orchestrator.tracking.base import TrackerBackend
 from simreg.orchestrator.train.checkpoint import committed_epochs, train_storage
 from simreg.orchestrator.train.placement import failure_config, plan_placement
 from simreg.orchestrator.train.prepare import prepare
@@ -61,18 +60,16 @@ def _distill(cfg: SimRegConfig, out: Store, local: Path, tracking_uri: str, t_st
     marks = {"data_ready": time.time()}  # start-up events, unix time (the run's actors add theirs to RunState)
     specs, teacher_dims, evals = prep.specs, prep.teacher_dims, prep.final_eval
 
-    # 3. Ray, placement, tracking: the MLflow run opens (and the trainer's modules import) while Ray starts
-    with ThreadPoolExecutor(2, thread_name_prefix="simreg-start") as pool:
-        opening = pool.submit(_open_run, cfg, out, tracking_uri)
-        pool.submit(_import_trainer)
-        try:
-            cluster = init_ray(cfg)
-            placement = plan_placement(cfg, cluster)
-        except BaseException as e:
-            with contextlib.suppress(Exception):
-                opening.result().end("KILLED" if isinstance(e, (KeyboardInterrupt, SystemExit)) else "FAILED")
-            raise
-        tracker = opening.result()
+    # 3. Ray, placement, tracking. While Ray starts, one thread opens the tracking store (MLflow's imports, a
+    # sqlite schema) and imports Ray Train and the pipeline. The run itself opens only once placement passed:
+    # a run refused here leaves no MLflow run behind.
+    with ThreadPoolExecutor(1, thread_name_prefix="simreg-start") as pool:
+        warming = pool.submit(_warm_start, tracking_uri)
+        cluster = init_ray(cfg)
+        placement = plan_placement(cfg, cluster)
+        backend = warming.result()
+    tracker = backend.open_run(cfg.tracking.experiment, out, cfg.name, {"simreg.command": "distill", "simreg.output_dir": out.uri})
+    tracker.log_params(flatten(cfg))
     marks["ray_ready"] = time.time()
     log.info(
         "ray: %g CPUs, %g GPUs; %d student worker(s) on %s; teacher actors on %s",
@@ -80,9 +77,10 @@ def _distill(cfg: SimRegConfig, out: Store, local: Path, tracking_uri: str, t_st
         f"{placement.teacher_gpus:g} GPU each" if placement.teacher_gpus else f"CPU ({cfg.teacher_pool.threads} threads each)",
     )
     status = "FAILED"
-    state = start_run_state()
+    state: Any = None
     actors: list[Any] = []
     try:
+        state = start_run_state()
         # 4. teacher actors + pipeline + trainer
         storage = train_storage(out)
         storage_path, storage_fs = (out / "ray").ray_storage()
@@ -189,7 +187,8 @@ def _distill(cfg: SimRegConfig, out: Store, local: Path, tracking_uri: str, t_st
         raise
     finally:
         tracker.end(status)
-        stop_actors(state, actors, timeout_s=60.0 if status == "FINISHED" else 5.0)  # interrupted: `ray job stop` waits briefly
+        if state is not None:
+            stop_actors(state, actors, timeout_s=60.0 if status == "FINISHED" else 5.0)  # interrupted: `ray job stop` waits briefly
 
 
 def startup_phases(started_at: float, marks: dict[str, float]) -> dict[str, float]:
@@ -198,16 +197,14 @@ def startup_phases(started_at: float, marks: dict[str, float]) -> dict[str, floa
     return {k: round(t - started_at, 2) for k, t in sorted(marks.items(), key=lambda kv: kv[1])}
 
 
-def _open_run(cfg: SimRegConfig, out: Store, tracking_uri: str) -> RunTracker:
-    tracker = backend_for(tracking_uri).open_run(
-        cfg.tracking.experiment, out, cfg.name, {"simreg.command": "distill", "simreg.output_dir": out.uri},
-    )
-    tracker.log_params(flatten(cfg))
-    return tracker
+def _warm_start(tracking_uri: str) -> TrackerBackend:
+    """The tracking store opened, then Ray Train's and the pipeline's modules imported, one after the other in
+    one thread while Ray starts (CPU seconds the start would otherwise wait on)."""
+    backend = backend_for(tracking_uri)
+    try:
+        import ray.train.torch  # noqa: F401
 
-
-def _import_trainer() -> None:
-    """Ray Train and the pipeline's modules, imported while Ray starts (CPU seconds the start would otherwise wait on)."""
-    import ray.train.torch  # noqa: F401
-
-    import simreg.orchestrator.pipeline.dataset  # noqa: F401
+        import simreg.orchestrator.pipeline.dataset  # noqa: F401
+    except ImportError:  # imported again, in the main thread, where an error has its own message
+        pass
+    return backend
