@@ -2,13 +2,13 @@
 
 Ray reuses an idle worker process for a task of the same runtime environment, and Ray Data's tasks inherit
 Ray Train's controller's. A view task in a cold process first imports torch, torchvision and Ray Data
-(seconds on a small machine), so the first epoch's first blocks waited on it. ``ViewWarmup`` starts that many tasks that only
-import the view stage, in that environment.
+(seconds on a small machine), so the first epoch's first blocks waited on it. ``ViewWarmup`` starts that
+many tasks that only import the view stage, in that environment.
 
-When matters on a small machine: started with the run, they took cores from the worker group's own start and
-the first step came later. Rank 0 asks the run's ``RunState`` actor to start them once the workers run (a task
-submitted by a Train worker would carry the worker's environment, not the controller's). This module stays
-light: the ``RunState`` process imports it, and must not import torch for it.
+Timing matters on a small machine: started with the run, these tasks took cores from the worker group's own
+start and the first step came later. Rank 0 asks the run's ``RunState`` actor to start them once the workers
+run (a task submitted by a Train worker would carry the worker's environment, not the controller's). This
+module stays light: the ``RunState`` process imports it, and must not import torch for it.
 """
 from __future__ import annotations
 
