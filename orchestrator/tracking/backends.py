@@ -12,7 +12,7 @@ from simreg.models.errors import ConfigError
 from simreg.orchestrator.storage import Store, open_store
 from simreg.orchestrator.tracking.base import TrackerBackend
 from simreg.orchestrator.tracking.mlflow_backend import MlflowBackend
-from simreg.orchestrator.tracking.redact import redact_uri
+from simreg.orchestrator.tracking.redact import redact_text
 
 
 def backend_for(uri: str) -> TrackerBackend:
@@ -42,7 +42,7 @@ def check_tracking_uri(uri: str, timeout_s: float = 10.0) -> None:
     try:
         port = parts.port
     except ValueError:
-        raise ConfigError(f"tracking URI {redact_uri(uri)} has a bad port: write http://HOST:PORT (--tracking-uri / tracking.tracking_uri)") from None
+        raise ConfigError(f"tracking URI {redact_text(uri)} has a bad port: write http://HOST:PORT (--tracking-uri / tracking.tracking_uri)") from None
     base = f"{parts.scheme}://{host}{f':{port}' if port else ''}{parts.path.rstrip('/')}"
     req = urllib.request.Request(f"{base}/health")
     # the credentials MLflow's own client would send: user:password in the URI, or its environment variables
@@ -66,14 +66,14 @@ def check_tracking_uri(uri: str, timeout_s: float = 10.0) -> None:
     except urllib.error.HTTPError as e:
         if e.code in (401, 403):
             raise ConfigError(
-                f"MLflow tracking server {redact_uri(uri)} refused the credentials (HTTP {e.code}): fix the user:password in "
+                f"MLflow tracking server {redact_text(uri)} refused the credentials (HTTP {e.code}): fix the user:password in "
                 "--tracking-uri / tracking.tracking_uri, or MLFLOW_TRACKING_USERNAME / MLFLOW_TRACKING_PASSWORD"
             ) from None
         if e.code != 404:  # a server without /health (behind a proxy that maps paths) still answers
-            raise ConfigError(f"MLflow tracking server {redact_uri(uri)} answered HTTP {e.code}: check that it is an MLflow server (--tracking-uri / tracking.tracking_uri)") from None
+            raise ConfigError(f"MLflow tracking server {redact_text(uri)} answered HTTP {e.code}: check that it is an MLflow server (--tracking-uri / tracking.tracking_uri)") from None
     except (urllib.error.URLError, OSError) as e:
         reason = getattr(e, "reason", e)
         raise ConfigError(
-            f"MLflow tracking server {redact_uri(uri)} does not answer ({reason}): start it (mlflow server ...), or fix "
+            f"MLflow tracking server {redact_text(uri)} does not answer ({reason}): start it (mlflow server ...), or fix "
             "--tracking-uri / tracking.tracking_uri"
         ) from None

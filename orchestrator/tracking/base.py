@@ -13,6 +13,8 @@ from typing import Any, Protocol
 
 RUN_STATUSES = ("RUNNING", "FINISHED", "FAILED", "KILLED")
 REAPER_URI_ENV = "SIMREG_REAPER_TRACKING_URI"  # the reaper's tracking URI, in its environment (tracking/reaper.py)
+# A sweep's tracking URI, in the driver's environment while Tune runs: never in Tune's pickled experiment state
+TRACKING_URI_ENV = "SIMREG_TRACKING_URI"
 
 
 class RunTracker(Protocol):

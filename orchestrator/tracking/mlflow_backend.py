@@ -21,7 +21,7 @@ from typing import Any
 
 from simreg.orchestrator.storage import Store, open_store
 from simreg.orchestrator.tracking.base import REAPER_URI_ENV, ChildRun
-from simreg.orchestrator.tracking.redact import redact, redact_uri
+from simreg.orchestrator.tracking.redact import install_redaction, redact, redact_text
 
 log = logging.getLogger("simreg")
 RUN_ID_FILE = "mlflow_run_id"
@@ -120,8 +120,9 @@ class MlflowBackend:
         os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
         from mlflow.tracking import MlflowClient
 
+        install_redaction()  # this process now holds a URI that may carry a secret: its log lines and tracebacks are redacted
         self.tracking_uri = tracking_uri
-        self.uri = redact_uri(tracking_uri)
+        self.uri = redact_text(tracking_uri)
         self.client = MlflowClient(tracking_uri=tracking_uri)
 
     def _experiment_id(self, experiment: str, output_dir: Store) -> str:

@@ -10,18 +10,15 @@ from pathlib import Path
 from simreg.models.errors import ConfigError
 from simreg.orchestrator.config import SimRegConfig, validate_config
 from simreg.orchestrator.storage import FolderLock, Store, open_store
-from simreg.orchestrator.tracking.redact import redact_uri
+from simreg.orchestrator.tracking.redact import redact_text, redact_tree
 from simreg.orchestrator.train.checkpoint import train_storage
 
 log = logging.getLogger("simreg")
 
 
 def safe_config_json(cfg: SimRegConfig) -> str:
-    """The run's config as written to the run folder (and MLflow): no password of a tracking URI."""
-    tree = json.loads(cfg.model_dump_json())
-    if tree["tracking"]["tracking_uri"]:
-        tree["tracking"]["tracking_uri"] = redact_uri(tree["tracking"]["tracking_uri"])
-    return json.dumps(tree, indent=2)
+    """The run's config as written to the run folder (and MLflow): every URI's credentials masked."""
+    return json.dumps(redact_tree(json.loads(cfg.model_dump_json())), indent=2)
 
 
 # Sections a rerun may change and still resume: where and how it runs, not what it computes.
@@ -66,8 +63,10 @@ def hold_output_dir(output_dir: Store | Path) -> FolderLock:
 
 
 def publish(out: Store, local: Path, name: str, text: str) -> Path:
-    """Write ``out/name`` atomically and return a local copy of it (for MLflow artifacts): the same file when
-    the output folder is local, a file in the scratch folder ``local`` when it is in an object store."""
+    """Write ``out/name`` atomically, redacted (tracking/redact.py), and return a local copy of it (for MLflow
+    artifacts): the same file when the output folder is local, a file in the scratch folder ``local`` when it
+    is in an object store."""
+    text = redact_text(text)
     (out / name).write_text(text)
     copy = local / name
     if out.remote:

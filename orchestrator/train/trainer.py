@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import logging
+import os
+from pathlib import Path
 from typing import Any
 
 from simreg.orchestrator import console
@@ -34,7 +36,20 @@ def init_ray(cfg: SimRegConfig) -> dict[str, float]:
             # idle workers kept for 10 minutes (see ray_compat.LOCAL_SYSTEM_CONFIG)
             _system_config=dict(LOCAL_SYSTEM_CONFIG) if cfg.ray.address is None else None,
         )
+        private_token_file()
     return dict(ray.cluster_resources())
+
+
+def private_token_file() -> None:
+    """Ray's token file readable by its owner only. ``ray.init`` creates ``~/.ray/auth_token`` (or
+    ``$RAY_AUTH_TOKEN_PATH``) with the default umask, world-readable, and the token opens the cluster."""
+    path = Path(os.environ.get("RAY_AUTH_TOKEN_PATH") or Path.home() / ".ray" / "auth_token")
+    try:
+        st = path.stat()
+        if st.st_uid == os.getuid() and st.st_mode & 0o077:
+            path.chmod(0o600)
+    except OSError:  # no token (auth disabled), or not ours to change
+        pass
 
 
 def make_trainer(prep: Prepared, placement: Placement, state: Any, run_config: Any) -> tuple[Any, list[Any]]:

@@ -4,14 +4,18 @@ from __future__ import annotations
 
 import json
 import logging
+import os
+from pathlib import Path
 from typing import Any
 
 from ray import tune
 
+from simreg.models.errors import SimRegError
 from simreg.orchestrator.config import flatten
 from simreg.orchestrator.storage import open_store
 from simreg.orchestrator.tracking.backends import backend_for
-from simreg.orchestrator.tracking.base import TrackerBackend
+from simreg.orchestrator.tracking.base import TRACKING_URI_ENV, TrackerBackend
+from simreg.orchestrator.tracking.redact import redact_text
 from simreg.orchestrator.tune.space import trial_config
 
 log = logging.getLogger("simreg")
@@ -22,12 +26,14 @@ CHILD_RUNS_FILE = "mlflow_child_runs.json"
 class TrialRunsCallback(tune.Callback):
     """A Tune callback in the driver: one nested child run per trial under the sweep's parent run.
 
-    Picklable (Tune stores it with the experiment and restores it on ``--resume``): it holds plain values,
-    opens its tracker backend lazily, and keeps the trial -> run map in ``DIR/mlflow_child_runs.json`` (a local path or an object-store URI) so a
-    resumed sweep reuses its runs instead of creating duplicates."""
+    Picklable (Tune stores it with the experiment and restores it on ``--resume``): it holds plain values and
+    no tracking URI (a URI may carry a password, and Tune's experiment state is a file in the sweep folder).
+    It reads the URI from ``$SIMREG_TRACKING_URI``, which the sweep's driver sets for the length of the sweep,
+    opens its tracker backend lazily, and keeps the trial -> run map in ``DIR/mlflow_child_runs.json`` (a local
+    path or an object-store URI) so a resumed sweep reuses its runs instead of creating duplicates."""
 
-    def __init__(self, tracking_uri: str, parent_run_id: str, base: dict[str, Any], keys: list[str], epochs: int, runs_file: str) -> None:
-        self.tracking_uri, self.parent_run_id = tracking_uri, parent_run_id
+    def __init__(self, parent_run_id: str, base: dict[str, Any], keys: list[str], epochs: int, runs_file: str) -> None:
+        self.parent_run_id = parent_run_id
         self.base, self.keys, self.epochs, self.runs_file = base, keys, epochs, runs_file
         self._backend: TrackerBackend | None = None
 
@@ -37,7 +43,10 @@ class TrialRunsCallback(tune.Callback):
     @property
     def backend(self) -> TrackerBackend:
         if self._backend is None:
-            self._backend = backend_for(self.tracking_uri)
+            uri = os.environ.get(TRACKING_URI_ENV)
+            if not uri:
+                raise SimRegError(f"${TRACKING_URI_ENV} is not set: the sweep's driver sets it to its tracking URI before Tune starts")
+            self._backend = backend_for(uri)
         return self._backend
 
 
@@ -91,26 +100,45 @@ class TrialRunsCallback(tune.Callback):
     def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
         self._end(trial, errored=True)
 
+    def _error(self, trial: Any) -> dict[str, str]:
+        """Where a failed trial's traceback is (Tune's error.txt, synced to the trial's folder in the sweep's
+        storage) and its last line (the exception), redacted."""
+        found: dict[str, str] = {}
+        if getattr(trial, "path", None):
+            found["error_file"] = str(open_store(self.runs_file).at(trial.path) / "error.txt")
+        local = getattr(trial, "error_file", None)  # Tune's driver-side copy, written before this callback runs
+        try:
+            lines = [line.strip() for line in Path(local).read_text().splitlines() if line.strip()] if local else []
+        except OSError:
+            lines = []
+        if lines:
+            found["error"] = redact_text(lines[-1])[:500]
+        return found
+
     def _end(self, trial: Any, errored: bool) -> None:
         runs = self._load()
         entry = runs.get(trial.trial_id)
         if entry is None:
             return
+        run = self.backend.attach(entry["run_id"])
         if errored:
             status, fate = "FAILED", "error"
+            entry.update(self._error(trial))
+            if entry.get("error"):
+                run.set_tags({"simreg.error": entry["error"]})
         elif entry.get("last_epoch", -1) + 1 < self.epochs:
             status, fate = "KILLED", "early_stopped"  # the scheduler stopped it before its last epoch
         else:
             status, fate = "FINISHED", "completed"
-        run = self.backend.attach(entry["run_id"])
         run.set_tags({"simreg.trial_fate": fate})
         final = {f"final/val_{k}": v for k, v in entry.get("metrics", {}).items()}  # the trial's final validation k-NN
         if final:
             run.log_metrics(final, step=0)
         run.end(status)
         entry["status"], entry["fate"] = status, fate
-        log.info("trial %s (%s): %s (%s)", trial.trial_id, _params(entry), status, fate)
         self._save(runs)
+        why = f": {entry['error']}" if errored and entry.get("error") else ""
+        log.log(logging.WARNING if errored else logging.INFO, "trial %s (%s): %s (%s)%s", trial.trial_id, _params(entry), status, fate, why)
 
 
 def _params(entry: dict[str, Any]) -> str:

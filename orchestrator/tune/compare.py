@@ -11,6 +11,7 @@ from simreg.models.errors import ConfigError
 from simreg.orchestrator.storage import is_remote, open_store
 from simreg.orchestrator.tracking.backends import backend_for, default_tracking_uri
 from simreg.orchestrator.tracking.mlflow_backend import RUN_ID_FILE
+from simreg.orchestrator.tracking.redact import redact_text
 
 
 def _score(row: dict[str, Any], key: str, mode: str) -> float:
@@ -151,7 +152,7 @@ def compare(target: str, tracking_uri: str | None = None) -> str:
     }
     rows = comparison_rows(runs, metric, mode)
     head = f"sweep {name} ({parent_id}), {len(rows)} trial(s), best first by {metric} ({mode})"
-    return head + "\n" + markdown(table_lines(rows, keys))
+    return redact_text(head + "\n" + markdown(table_lines(rows, keys)))  # params hold what the user typed
 
 
 def _parse(v: str | None) -> Any:

@@ -18,17 +18,22 @@ import logging
 import math
 import os
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 from ray import tune
 
-from simreg.models.errors import ConfigError, SimRegError, first_line
+from simreg.models.errors import ConfigError, first_line
 from simreg.orchestrator import console
 from simreg.orchestrator.config import SimRegConfig
 from simreg.orchestrator.storage import Store, open_store, scratch
 from simreg.orchestrator.tracking.backends import backend_for, default_tracking_uri
+from simreg.orchestrator.tracking.base import TRACKING_URI_ENV
+from simreg.orchestrator.tracking.redact import redact_tree
 from simreg.orchestrator.tune.callback import CHILD_RUNS_FILE, TrialRunsCallback
+from simreg.orchestrator.tune.outcome import SweepFailedError, sweep_outcome
 from simreg.orchestrator.tune.space import check_space, trial_config, tune_param_space
 from simreg.orchestrator.tune.trial import run_trial
 from simreg.search_spaces import SearchSpace
@@ -69,13 +74,15 @@ def _sweep(
 
     tune_dir = out / "tune"
     # 1. the space, checked against the config; every trial must validate. A resumed sweep keeps the
-    #    space and base config it started with (the trials already run used them).
+    #    space and base config it started with (the trials already run used them). The base config is
+    #    redacted: it is written here and pickled into Tune's state, and no trial needs the tracking URI
+    #    (only this driver writes to the tracker, with the URI from its environment: _tracking_uri_env).
     if resume:
         space = SearchSpace.model_validate_json((out / "space.json").read_text())
-        base_tree = json.loads((out / "base_config.json").read_text())
+        base_tree = redact_tree(json.loads((out / "base_config.json").read_text()))
         log.info("resuming the sweep in %s with its original space and base config", out)
     else:
-        base_tree = check_space(space, json.loads(cfg.model_dump_json()), space_source)
+        base_tree = redact_tree(check_space(space, json.loads(cfg.model_dump_json()), space_source))
     keys = list(space.params)
     base_cfg = trial_config(base_tree, {})
     epochs = base_cfg.train.epochs
@@ -105,7 +112,7 @@ def _sweep(
     parent.log_params({f"space.{k}": json.dumps(d.model_dump(exclude_none=True)) for k, d in space.params.items()}
                       | {f"search.{k}": v for k, v in space.search.model_dump().items()})
     runs_file = out / CHILD_RUNS_FILE
-    children = TrialRunsCallback(uri, parent.run_id, base_tree, keys, epochs, runs_file.uri)
+    children = TrialRunsCallback(parent.run_id, base_tree, keys, epochs, runs_file.uri)
 
     # 5. Tune
     trainable = tune.with_resources(
@@ -126,38 +133,43 @@ def _sweep(
     os.environ.setdefault("TUNE_GLOBAL_CHECKPOINT_S", "1")
     status = "FAILED"
     tune_path, tune_fs = tune_dir.ray_storage()
-    try:
-        if resume:
-            tuner = tune.Tuner.restore(
-                (tune_dir / "sweep").ray_storage()[0], trainable, resume_unfinished=True, resume_errored=True, storage_filesystem=tune_fs,
-            )
-        else:
-            tuner = tune.Tuner(
-                trainable,
-                param_space=tune_param_space(space),
-                tune_config=tune.TuneConfig(
-                    metric=space.search.metric, mode=space.search.mode, num_samples=space.search.num_samples,
-                    scheduler=scheduler, search_alg=search_alg, max_concurrent_trials=concurrent,
-                ),
-                run_config=tune.RunConfig(
-                    name="sweep", storage_path=tune_path, storage_filesystem=tune_fs, callbacks=[children],
-                    failure_config=tune.FailureConfig(max_failures=0),
-                    verbose=1 if console.verbose() else 0,  # Tune's status tables; the callback logs a line per trial epoch
-                ),
-            )
-        tuner.fit()  # on --resume, Tune restores the pickled callback above: same runs file, same parent
-        status = "FINISHED"
-    except (KeyboardInterrupt, SystemExit):  # Ctrl-C, SIGTERM (the CLI turns it into KeyboardInterrupt)
-        status = "KILLED"
-        raise
-    finally:
-        if status != "FINISHED":
-            parent.end(status)
+    with _tracking_uri_env(uri):
+        try:
+            if resume:
+                tuner = tune.Tuner.restore(
+                    (tune_dir / "sweep").ray_storage()[0], trainable, resume_unfinished=True, resume_errored=True, storage_filesystem=tune_fs,
+                )
+            else:
+                tuner = tune.Tuner(
+                    trainable,
+                    param_space=tune_param_space(space),
+                    tune_config=tune.TuneConfig(
+                        metric=space.search.metric, mode=space.search.mode, num_samples=space.search.num_samples,
+                        scheduler=scheduler, search_alg=search_alg, max_concurrent_trials=concurrent,
+                    ),
+                    run_config=tune.RunConfig(
+                        name="sweep", storage_path=tune_path, storage_filesystem=tune_fs, callbacks=[children],
+                        failure_config=tune.FailureConfig(max_failures=0),
+                        verbose=1 if console.verbose() else 0,  # Tune's status tables; the callback logs a line per trial epoch
+                    ),
+                )
+            tuner.fit()  # on --resume, Tune restores the pickled callback above: same runs file, same parent
+            status = "ENDED"
+        except (KeyboardInterrupt, SystemExit):  # Ctrl-C, SIGTERM (the CLI turns it into KeyboardInterrupt)
+            status = "KILLED"
+            raise
+        finally:
+            if status != "ENDED":
+                parent.end(status)
 
-    # 6. comparison, plots, summary
+    # 6. the outcome (all trials failed: the sweep failed), comparison, plots, summary
     from simreg.orchestrator.tune.compare import comparison_rows, write_comparison
 
-    rows = comparison_rows(json.loads(runs_file.read_text()) if runs_file.is_file() else {}, space.search.metric, space.search.mode)
+    runs = json.loads(runs_file.read_text()) if runs_file.is_file() else {}
+    outcome = sweep_outcome(runs, str(out))
+    if outcome.message and outcome.status != "FAILED":
+        log.warning("%s", outcome.message)
+    rows = comparison_rows(runs, space.search.metric, space.search.mode)
     artifacts = write_comparison(rows, keys, space.search.metric, local, parent)
     (out / "comparison").upload(local / "comparison")
     artifacts = [str(out / "comparison" / Path(a).name) for a in artifacts]
@@ -180,6 +192,7 @@ def _sweep(
         "mode": space.search.mode,
         "best_trial": best,
         "trials": rows,
+        "failed_trials": outcome.failed,
         "artifacts": artifacts,
         "registered_model": registered,
         "wall_s": time.perf_counter() - t0,
@@ -188,7 +201,23 @@ def _sweep(
     parent.log_artifact(publish(out, local, "sweep_summary.json", json.dumps(summary, indent=2)))
     if best is not None:
         parent.log_metrics({f"best/{space.search.metric}": best["metrics"].get("top1_20nn", float("nan"))}, step=0)
-    parent.end("FINISHED")
-    if not rows:
-        raise SimRegError(f"the sweep in {out} finished no trial: rerun with --verbose, or read Ray's logs in /tmp/ray/session_latest/logs")
+    parent.end(outcome.status)
+    if outcome.status == "FAILED":
+        raise SweepFailedError(outcome.message or "")
     return summary
+
+
+@contextmanager
+def _tracking_uri_env(uri: str) -> Iterator[None]:
+    """The tracking URI in this driver's environment while Tune runs (the trials' callback reads it there):
+    never in Tune's experiment state, a pickle in the sweep folder. Set once Ray has started, so a local
+    cluster's processes do not inherit it; the previous value is restored after."""
+    previous = os.environ.get(TRACKING_URI_ENV)
+    os.environ[TRACKING_URI_ENV] = uri
+    try:
+        yield
+    finally:
+        if previous is None:
+            os.environ.pop(TRACKING_URI_ENV, None)
+        else:
+            os.environ[TRACKING_URI_ENV] = previous

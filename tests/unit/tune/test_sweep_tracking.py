@@ -9,6 +9,7 @@ from types import SimpleNamespace
 from mlflow.tracking import MlflowClient
 
 from simreg.orchestrator.config import SimRegConfig
+from simreg.orchestrator.tracking.base import TRACKING_URI_ENV
 from simreg.orchestrator.tune.callback import TrialRunsCallback
 from simreg.orchestrator.tune.compare import comparison_rows, markdown, table_lines
 from simreg.orchestrator.tune.space import tune_param_space
@@ -17,12 +18,13 @@ from simreg.search_spaces import SearchSpace
 BASE = json.loads(SimRegConfig().model_dump_json())
 
 
-def _setup(tmp_path: Path):
+def _setup(tmp_path: Path, monkeypatch):
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     client = MlflowClient(uri)
     exp = client.create_experiment("t", artifact_location=(tmp_path / "art").as_uri())
     parent = client.create_run(exp, run_name="sweep").info.run_id
-    cb = TrialRunsCallback(uri, parent, BASE, ["heads.depth"], 3, str(tmp_path / "runs.json"))
+    monkeypatch.setenv(TRACKING_URI_ENV, uri)  # as the sweep's driver sets it while Tune runs
+    cb = TrialRunsCallback(parent, BASE, ["heads.depth"], 3, str(tmp_path / "runs.json"))
     return client, parent, cb
 
 
@@ -30,8 +32,8 @@ def _result(epoch: int, v: float) -> dict:
     return {"epoch": float(epoch), "train/loss": 1.0 / (epoch + 1), "val/top1_1nn": v, "val/top1_20nn": v, "trial_id": "x"}
 
 
-def test_child_runs_fates_and_resume_reuse(tmp_path: Path):
-    client, parent, cb = _setup(tmp_path)
+def test_child_runs_fates_and_resume_reuse(tmp_path: Path, monkeypatch):
+    client, parent, cb = _setup(tmp_path, monkeypatch)
     done = SimpleNamespace(trial_id="a_00000", config={"heads.depth": 1})
     stopped = SimpleNamespace(trial_id="a_00001", config={"heads.depth": 4})
     failed = SimpleNamespace(trial_id="a_00002", config={"heads.depth": 2})
