@@ -5,6 +5,8 @@ The regression target is the teacher's pooled *backbone* feature (not its SSL pr
 from __future__ import annotations
 
 import hashlib
+import pickle
+import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -14,7 +16,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from simreg.models.errors import TeacherLoadError
+from simreg.models.errors import TeacherLoadError, first_line
 from simreg.models.students import build_backbone, feature_dim
 from simreg.models.teacher_layouts import LAYOUTS, adapt
 
@@ -50,10 +52,13 @@ def read_weights_file(path: str | Path) -> object:
             return load_file(str(p))
         return torch.load(str(p), map_location="cpu", weights_only=True)
     except Exception as e:  # corrupt file, pickle with code, wrong format
-        raise TeacherLoadError(
-            f"cannot read teacher weights {str(p)!r}: {type(e).__name__}: {e}. "
-            "Use a .safetensors file or a torch state dict saved with torch.save(model.state_dict(), path)"
-        ) from e
+        fix = "Use a .safetensors file or a torch state dict saved with torch.save(model.state_dict(), path)"
+        # weights_only refuses any pickled class or function (a whole nn.Module, numpy arrays, code): name it, in one line
+        refused = re.search(r"Unsupported global: GLOBAL ([\w.]+)", str(e))
+        if isinstance(e, pickle.UnpicklingError) and refused:
+            raise TeacherLoadError(f"cannot read teacher weights {str(p)!r}: it holds a pickled {refused.group(1)}, not only tensors; simreg "
+                                   f"loads weights with weights_only=True and never runs code from a file. {fix}") from None
+        raise TeacherLoadError(f"cannot read teacher weights {str(p)!r}: {type(e).__name__}: {first_line(e)}. {fix}") from e
 
 
 def load_weights_file(path: str | Path) -> dict[str, torch.Tensor]:

@@ -1,60 +1,83 @@
 """``simreg cache info|clear``: the key folders of a cache root, listed or removed.
+
+Only a key folder simreg wrote counts: its name is the digest of the key in its ``meta.json`` (``key_digest``).
+Other folders and files under the root are never listed, read or removed.
 """
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 from typing import Any
 
-import pyarrow.parquet as pq
-
 from simreg.models.errors import DataError
-from simreg.orchestrator.cache.targets import META, default_cache_dir
+from simreg.orchestrator.cache.targets import KEY_NAME, META, default_cache_dir, key_digest
+from simreg.orchestrator.data.pack.schema_guard import UnreadableParquet, footer_metadata
 from simreg.orchestrator.storage import Store, open_store
+
+log = logging.getLogger("simreg")
 
 
 def _root(root: str | Path | None) -> Store:
     return open_store(root if root else default_cache_dir())
 
 
-def cache_entries(root: str | Path | None = None) -> list[dict[str, Any]]:
-    """One row per key directory: digest, teacher, arch, views held, rows, bytes, created (local or object store)."""
+def read_meta(d: Store) -> dict[str, Any] | None:
+    """The meta.json of key folder ``d`` when simreg wrote it (its fields typed, its key digesting to the
+    folder's name), else None."""
+    if not KEY_NAME.fullmatch(d.name):
+        return None
+    try:
+        meta = json.loads((d / META).read_text())
+    except (OSError, ValueError):
+        return None
+    ok = (isinstance(meta, dict) and isinstance(meta.get("key"), dict) and isinstance(meta.get("teacher"), str)
+          and isinstance(meta.get("dim"), int) and not isinstance(meta.get("dim"), bool) and isinstance(meta.get("created"), str))
+    return meta if ok and key_digest(meta["key"]) == d.name else None
+
+
+def cache_keys(base: Store) -> dict[str, dict[str, Any]]:
+    """{key folder name: its meta} for every key folder simreg wrote under ``base``."""
+    return {name: meta for name in base.listdir(dirs_only=True) if (meta := read_meta(base / name)) is not None}
+
+
+def _files(d: Store) -> list[Any]:
     import pyarrow.fs as pafs
 
+    sel = pafs.FileSelector(d.path, allow_not_found=True, recursive=True)
+    return [i for i in d.fs.get_file_info(sel) if i.type == pafs.FileType.File]
+
+
+def cache_entries(root: str | Path | None = None) -> list[dict[str, Any]]:
+    """One row per key directory: digest, teacher, arch, views held, rows, bytes, created (local or object store)."""
     base = _root(root)
     rows: list[dict[str, Any]] = []
-    for name in base.listdir(dirs_only=True):
+    for name, meta in cache_keys(base).items():
         d = base / name
-        files = [i for i in d.fs.get_file_info(pafs.FileSelector(d.path, allow_not_found=True, recursive=True))
-                 if i.type == pafs.FileType.File]
-        if not files:
-            continue
-        try:
-            meta = json.loads((d / META).read_text())
-        except (OSError, ValueError):
-            meta = {}
+        files = _files(d)
         views = {i.path[len(d.path) + 1:].split("/", 1)[0] for i in files if i.path[len(d.path) + 1:].startswith("v")}
         n_rows = 0
         for i in files:
             if i.base_name.startswith("part-") and i.base_name.endswith(".parquet"):
-                try:
-                    with d.fs.open_input_file(i.path) as fh:
-                        n_rows += pq.ParquetFile(fh).metadata.num_rows
-                except Exception:
+                try:  # the footer's row count only: nothing in the shard is deserialised
+                    n_rows += footer_metadata(d.at(i.path)).num_rows
+                except UnreadableParquet:
                     pass
-        t = meta.get("key", {}).get("teacher", {})
+        t = meta["key"].get("teacher")
+        t = t if isinstance(t, dict) else {}
         rows.append({
-            "key": name, "teacher": meta.get("teacher", "?"), "arch": t.get("arch", "?"), "dim": meta.get("dim"),
+            "key": name, "teacher": meta["teacher"], "arch": t.get("arch", "?"), "dim": meta["dim"],
             "precision": t.get("precision", "?"), "views": len(views), "rows": n_rows, "bytes": sum(i.size or 0 for i in files),
-            "created": meta.get("created", "?"), "data": meta.get("key", {}).get("data", "?"),
+            "created": meta["created"], "data": meta["key"].get("data", "?"),
         })
     return rows
 
 
 def clear_cache(root: str | Path | None = None, keys: list[str] | None = None) -> list[str]:
-    """Remove the given key directories (a unique prefix is enough), or all of them; returns what went."""
+    """Remove the given key directories (a unique prefix is enough), or all of them; returns what went.
+    Logs what it removes (each key and its size) before removing it."""
     base = _root(root)
-    present = [name for name in base.listdir(dirs_only=True) if (base / name / META).is_file()]
+    present = sorted(cache_keys(base))
     if keys is None:
         chosen = present
     else:
@@ -67,6 +90,12 @@ def clear_cache(root: str | Path | None = None, keys: list[str] | None = None) -
                     f"(see `simreg cache info`; present: {present})"
                 )
             chosen.append(match[0])
+    sizes = {k: sum(i.size or 0 for i in _files(base / k)) for k in chosen}
+    others = len(base.listdir()) - len(present)
+    if chosen:
+        log.info("cache clear: removing %d key folder(s), %.1f MiB, from %s: %s%s", len(chosen), sum(sizes.values()) / 2**20,
+                 base, ", ".join(f"{k} ({sizes[k] / 2**20:.1f} MiB)" for k in chosen),
+                 f"; {others} other entr{'y' if others == 1 else 'ies'} there, not simreg cache keys, left alone" if others else "")
     for k in chosen:
         (base / k).delete()
     return chosen

@@ -23,6 +23,8 @@ import io
 import json
 import logging
 import os
+import re
+import threading
 import time
 from collections.abc import Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -36,6 +38,7 @@ import pyarrow.parquet as pq
 
 from simreg.models.errors import DataError, first_line
 from simreg.models.teachers import file_sha256
+from simreg.orchestrator.data.pack.schema_guard import UnreadableParquet, read_checked
 from simreg.orchestrator.storage import Store, open_store
 
 log = logging.getLogger("simreg")
@@ -83,8 +86,16 @@ class CacheSpec:
         return {"version": CACHE_VERSION, "teacher": dict(teacher), "data": self.data_fingerprint, "views": self.views}
 
 
+def shard_schema(dim: int) -> pa.Schema:
+    """The exact columns of a shard: a shard with any other schema is refused before it is read."""
+    return pa.schema([("sample_id", pa.int64()), ("target", pa.list_(pa.float16(), dim))])
+
+
 def key_digest(key: Mapping[str, Any]) -> str:
     return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:20]
+
+
+KEY_NAME = re.compile(r"[0-9a-f]{20}")  # a key folder's name: key_digest of the key in its meta.json
 
 
 class TargetCache:
@@ -94,11 +105,16 @@ class TargetCache:
         self.key = dict(key)
         self.dim = dim
         self.dir = open_store(root) / key_digest(self.key)
-        self.dir.mkdir()
+        self.write_error: str | None = None  # why writing stopped (disk full, no permission): the run goes on without it
+        self._write_lock = threading.Lock()
         meta = self.dir / META
-        if not meta.is_file():
-            body = {"key": self.key, "teacher": teacher_name, "dim": dim, "created": time.strftime("%Y-%m-%dT%H:%M:%S")}
-            meta.write_text(json.dumps(body, indent=2))
+        try:
+            self.dir.mkdir()
+            if not meta.is_file():
+                body = {"key": self.key, "teacher": teacher_name, "dim": dim, "created": time.strftime("%Y-%m-%dT%H:%M:%S")}
+                meta.write_text(json.dumps(body, indent=2))
+        except OSError as e:
+            self._cannot_write(e)
         self._where: dict[int, dict[int, tuple[int, int]]] = {}  # view index -> sample id -> (chunk, row)
         self._chunks: dict[int, list[np.ndarray]] = {}  # view index -> (n, dim) fp16 arrays
         self._read: dict[int, set[str]] = {}  # view index -> shard names already indexed
@@ -135,18 +151,19 @@ class TargetCache:
                 continue
             seen.add(name)
             p = d / name
-            try:
-                t = pq.read_table(p.path, filesystem=p.fs)
+            fix = f"The cache directory is damaged or not simreg's: remove it with `simreg cache clear --key {self.dir.name}`"
+            try:  # the schema first, from the footer alone: a shard simreg did not write is never deserialised
+                t = read_checked(p, shard_schema(self.dim), "target cache shard", fix)
                 ids = t["sample_id"].to_numpy()
                 tg = np.asarray(t["target"].combine_chunks().flatten()).reshape(len(ids), -1)
-            except Exception as e:  # an unreadable shard is recomputed, never trusted
-                log.warning("target cache: skipping unreadable shard %s (%s)", p, e)
+            except UnreadableParquet as e:  # an unreadable shard is recomputed, never trusted
+                log.warning("target cache: skipping unreadable shard %s (%s)", p, first_line(e, 300))
                 continue
-            if tg.shape[1] != self.dim or tg.dtype != np.float16:
-                raise DataError(
-                    f"target cache shard {p} holds {tg.dtype} targets of dim {tg.shape[1]}, expected float16 of dim "
-                    f"{self.dim}: the cache directory is damaged; remove it with `simreg cache clear --key {self.dir.name}`"
-                )
+            except DataError:
+                raise
+            except Exception as e:  # noqa: BLE001  (a footer that parses over damaged pages: recomputed too)
+                log.warning("target cache: skipping unreadable shard %s (%s)", p, first_line(e, 300))
+                continue
             self._add(v, ids, tg)
 
     def lookup(self, v: int, sample_ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -173,36 +190,51 @@ class TargetCache:
         return found
 
     def store(self, v: int, sample_ids: np.ndarray, targets: np.ndarray) -> None:
-        """Write one shard atomically (and index it in memory)."""
+        """Write one shard atomically (and index it in memory). A write that fails (disk full, no permission)
+        is logged once and writing stops: the targets stay in memory, the run goes on."""
         if len(sample_ids) == 0:
             return
         sample_ids = np.ascontiguousarray(sample_ids, dtype=np.int64)
         targets = np.ascontiguousarray(targets, dtype=np.float16)
-        d = self._view_dir(v)
-        d.mkdir()
         name = f"part-{hashlib.sha1(sample_ids.tobytes()).hexdigest()[:16]}.parquet"
+        self._read.setdefault(v, set()).add(name)
+        self._add(v, sample_ids, targets.copy())
+        if self.write_error is not None:
+            return
         table = pa.table({
             "sample_id": pa.array(sample_ids),
             "target": pa.FixedSizeListArray.from_arrays(pa.array(targets.ravel()), self.dim),
-        })
+        }, schema=shard_schema(self.dim))
         buf = io.BytesIO()
         pq.write_table(table, buf)
-        self._read.setdefault(v, set()).add(name)
-        self._add(v, sample_ids, targets.copy())
+        dest = self._view_dir(v) / name
         if self._uploads is None:
-            (d / name).write_bytes(buf.getvalue())
+            self._write(dest, buf.getvalue())
             return
         self._pending = [f for f in self._pending if not f.done()]
         if len(self._pending) >= MAX_PENDING_UPLOADS:  # a store slower than the teacher: wait, do not pile up bytes
             self._pending.pop(0).result()
-        self._pending.append(self._uploads.submit(self._upload, d / name, buf.getvalue()))
+        self._pending.append(self._uploads.submit(self._write, dest, buf.getvalue()))
 
-    @staticmethod
-    def _upload(dest: Store, data: bytes) -> None:
+    def _write(self, dest: Store, data: bytes) -> None:
+        """One shard, whole or not at all (Store.write_bytes: a temporary name renamed locally, one object remotely)."""
+        if self.write_error is not None:
+            return
         try:
             dest.write_bytes(data)
-        except Exception as e:  # noqa: BLE001  (the cache is optional: a shard that did not upload is recomputed later)
-            log.warning("target cache: could not upload %s (%s)", dest, first_line(e, 200))
+        except Exception as e:  # noqa: BLE001  (the cache is optional; an object store's client raises more than OSError)
+            if not (isinstance(e, OSError) or self.dir.remote):
+                raise
+            self._cannot_write(e)
+
+    def _cannot_write(self, e: BaseException) -> None:
+        with self._write_lock:
+            if self.write_error is not None:
+                return
+            self.write_error = first_line(e, 200)
+        log.warning("target cache: cannot write to %s (%s); this run goes on computing targets without caching them. Free "
+                    "space there or fix its permissions, point cache.dir elsewhere, or set cache.enabled=false",
+                    self.dir, self.write_error)
 
     def flush(self) -> None:
         """Wait until every shard stored so far is in the store (a no-op on local disk)."""

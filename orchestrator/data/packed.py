@@ -17,7 +17,14 @@ from simreg.models.errors import DataError
 from simreg.orchestrator.data.image_folder import holdout_split
 from simreg.orchestrator.data.imageset import ImageSet
 from simreg.orchestrator.data.pack.format import MANIFEST, _row_digest
-from simreg.orchestrator.data.pack.read import _decode_into, read_manifest, read_packed_rows, read_table, shard_paths
+from simreg.orchestrator.data.pack.read import (
+    _decode_into,
+    read_manifest,
+    read_packed_rows,
+    read_table,
+    repack_hint,
+    shard_paths,
+)
 from simreg.orchestrator.data.pack.scan import default_workers
 from simreg.orchestrator.data.sources import DataSource, register_source
 from simreg.orchestrator.storage import open_store
@@ -38,13 +45,10 @@ def load_packed_split(root: str | Path, split: str, store_size: int, *, workers:
     images = np.empty((n, store_size, store_size, 3), np.uint8)  # (N, S, S, 3)
     labels, ids = np.empty(n, np.int64), np.empty(n, np.int64)
     h, pos = hashlib.sha256(), 0
-    damaged = f"re-pack with `simreg data pack IMAGE_FOLDER {root} --overwrite`"
+    damaged = repack_hint(root)
     with ThreadPoolExecutor(workers or default_workers()) as pool:
         for p in paths:
-            try:
-                t = read_table(p, columns=["sample_id", "label", "image", "path"])
-            except Exception as e:
-                raise DataError(f"cannot read shard {str(p)!r}: {e}. The pack is damaged: {damaged}") from e
+            t = read_table(p, ["sample_id", "label", "image", "path"], f"The pack is damaged or not simreg's: {damaged}")
             k = t.num_rows
             if pos + k > n:
                 raise DataError(f"shard {str(p)!r} holds more rows than {MANIFEST} says ({n}): {damaged}")
@@ -148,11 +152,7 @@ def index_packed_split(root: str | Path, split: str, store_size: int, *, manifes
     labels, ids, shard_of = np.empty(n, np.int64), np.empty(n, np.int64), np.empty(n, np.int64)
     pos = 0
     for k, p in enumerate(paths):
-        try:
-            t = read_table(p, columns=["sample_id", "label"])
-        except Exception as e:
-            raise DataError(f"cannot read shard {str(p)!r}: {e}. The pack is damaged: re-pack with "
-                            f"`simreg data pack IMAGE_FOLDER {root} --overwrite`") from e
+        t = read_table(p, ["sample_id", "label"], f"The pack is damaged or not simreg's: {repack_hint(root)}")
         k_rows = t.num_rows
         if pos + k_rows > n:
             raise DataError(f"shard {str(p)!r} holds more rows than {MANIFEST} says ({n}): re-pack the folder")

@@ -25,6 +25,7 @@ import pyarrow.parquet as pq
 
 from simreg.models.errors import DataError
 from simreg.orchestrator.data.pack.format import ALL_SPLIT, MANIFEST, PACK_FORMAT, PACK_VERSION, SCHEMA, _row_digest
+from simreg.orchestrator.data.pack.read import manifest_at
 from simreg.orchestrator.data.pack.scan import (
     ScannedImage,
     ScanReport,
@@ -38,30 +39,50 @@ from simreg.orchestrator.storage import Store, is_remote, open_store, write_atom
 log = logging.getLogger("simreg")
 
 
-def _check_out_dir(src: Path, out: Path, overwrite: bool) -> None:
+def _check_out_dir(src: Path, out: Path, overwrite: bool) -> list[Store]:
+    """What ``--overwrite`` will remove from ``out`` (``_old_pack``); refuses an OUT_DIR inside ``src``."""
     if out == src or src in out.parents:
         raise DataError(f"output folder {str(out)!r} is inside the image folder {str(src)!r}: it would be read as a "
                         "class folder; choose an OUT_DIR outside it")
     if out.exists() and not out.is_dir():
         raise DataError(f"output {str(out)!r} is a file: give a folder for the pack")
-    if out.is_dir() and any(out.iterdir()) and not overwrite:
+    return _old_pack(open_store(out), overwrite)
+
+
+def _old_pack(out: Store, overwrite: bool) -> list[Store]:
+    """The files of the pack simreg wrote in ``out`` (the shards its manifest lists, then the manifest):
+    what ``--overwrite`` removes, and nothing else. Empty for an empty or absent folder; a non-empty folder
+    without ``--overwrite``, or without a valid simreg manifest, is refused."""
+    if not out.listdir():
+        return []
+    if not overwrite:
         raise DataError(f"output folder {str(out)!r} is not empty: choose a new or empty folder, or pass --overwrite "
                         "(overwrite=True) to replace the pack there")
+    m, why = manifest_at(out)
+    if m is None:
+        raise DataError(f"--overwrite replaces only a pack simreg wrote, and {why}: nothing was removed. Choose a new or "
+                        "empty OUT_DIR, or empty this folder yourself (a pack interrupted while writing has no manifest yet)")
+    return [out / split / shard for split, info in m["splits"].items() for shard in info["shards"]] + [out / MANIFEST]
 
 
-def _remove_old_pack(out: Path | Store) -> None:
-    """Only what a pack writes, in a local folder or a bucket: the manifest first (a reader then finds no
-    pack, never a half-replaced one), then the shards and temporaries of each split folder, and a split
-    folder left empty. Other files are left alone."""
-    out = open_store(out)
-    (out / MANIFEST).delete()
-    for split in out.listdir(dirs_only=True):
-        d = out / split
-        for name in d.listdir():
-            if (name.startswith("part-") and name.endswith(".parquet")) or name.startswith(".tmp-"):
-                (d / name).delete()
-        if d.local_path is not None and not d.listdir():
-            d.local_path.rmdir()
+def _remove_old_pack(out: Store, files: list[Store]) -> None:
+    """``files`` of the old pack (``_old_pack``: its shards, then its manifest), in a local folder or a bucket:
+    the manifest first (a reader then finds no pack, never a half-replaced one), then the shards, and a split
+    folder left empty. Nothing else is touched. Logs what it removes before removing it."""
+    if not files:
+        return
+    shards = [f for f in files[:-1] if f.is_file()]
+    names = [f.path[len(out.path) + 1:] for f in shards]
+    size = sum(f.fs.get_file_info(f.path).size or 0 for f in shards)
+    log.info("data pack --overwrite: removing the old pack in %s: %s and %d shard(s), %.1f MiB (%s)", out, MANIFEST, len(shards),
+             size / 2**20, ", ".join(names[:5]) + (f", and {len(names) - 5} more" if len(names) > 5 else ""))
+    files[-1].delete()
+    for f in shards:
+        f.delete()
+    if out.local_path is not None:
+        for d in {Path(f.path).parent for f in shards}:
+            if d.is_dir() and not any(d.iterdir()):
+                d.rmdir()
 
 
 def _read_scanned(split_root: Path, im: ScannedImage) -> bytes:
@@ -124,7 +145,7 @@ def pack_image_folder(
     src, out = Path(src).expanduser().resolve(), Path(out_dir).expanduser().resolve()
     if shard_rows < 1:
         raise DataError(f"shard_rows={shard_rows} must be >= 1 (--shard-rows)")
-    _check_out_dir(src, out, overwrite)
+    old = _check_out_dir(src, out, overwrite)
     report = scan_image_folder(src, workers=workers)
     if on_scan is not None:
         on_scan(report)
@@ -141,7 +162,7 @@ def pack_image_folder(
     if report.bad:
         log.warning("data pack: %d bad file(s) left out of the pack (%s)", len(report.bad), report.summary())
     out.mkdir(parents=True, exist_ok=True)
-    _remove_old_pack(out)
+    _remove_old_pack(open_store(out), old)
     with ThreadPoolExecutor(workers or default_workers()) as pool:
         splits = {n: _write_split(sc, out / n, shard_rows, pool) for n, sc in report.splits.items()}
     manifest = {
@@ -156,13 +177,11 @@ def pack_image_folder(
 def _pack_to_store(src: str | Path, dest: Store, **options: Any) -> dict[str, Any]:
     """A pack written to an object store: packed in a local temporary folder (the size of the pack), then
     uploaded shards first and the manifest last, so a reader finds a whole pack or none."""
-    if dest.listdir() and not options["overwrite"]:
-        raise DataError(f"output {dest} is not empty: choose a new prefix, or pass --overwrite (overwrite=True) to replace the pack there")
+    old = _old_pack(dest, options["overwrite"])
     with tempfile.TemporaryDirectory(prefix="simreg-pack-") as tmp:
         local = Path(tmp) / "pack"
         manifest = pack_image_folder(src, local, **{**options, "overwrite": False})
-        if options["overwrite"]:
-            _remove_old_pack(dest)
+        _remove_old_pack(dest, old)
         for split in manifest["splits"]:
             (dest / split).upload(local / split)
         (dest / MANIFEST).upload(local / MANIFEST)

@@ -107,7 +107,7 @@ def test_shards_are_atomic_and_damage_is_recomputed(teachers_dir: Path, fmnist_s
 def test_wrong_dim_shard_names_the_fix(tmp_path: Path):
     key = {"k": 1}
     TargetCache(tmp_path, key, "t", 4).store(0, np.arange(3), np.zeros((3, 4), np.float16))
-    with pytest.raises(DataError, match=r"expected float16 of dim 8.*simreg cache clear --key"):
+    with pytest.raises(DataError, match=r"column .target. is fixed_size_list<item: halffloat>\[4\] \(expected fixed_size_list<item: halffloat>\[8\]\).*simreg cache clear --key"):
         TargetCache(tmp_path, key, "t", 8).lookup(0, np.arange(3))
     assert (tmp_path / key_digest(key) / "meta.json").is_file()
 
