@@ -366,6 +366,13 @@ def parse_overrides(pairs: list[str]) -> list[tuple[str, Any]]:
     return out
 
 
+def _yaml_problem(e: yaml.YAMLError) -> str:
+    """PyYAML's error in one line: the problem and where (its own text spans several lines)."""
+    mark = getattr(e, "problem_mark", None)
+    problem = getattr(e, "problem", None) or " ".join(str(e).split())
+    return f"{problem} (line {mark.line + 1}, column {mark.column + 1})" if mark is not None else problem
+
+
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> SimRegConfig:
     """Defaults <- YAML file <- overrides, validated; raises ConfigError listing every problem."""
     tree: dict[str, Any] = json.loads(SimRegConfig().model_dump_json())
@@ -375,9 +382,14 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         if not p.is_file():
             raise ConfigError(f"config file {str(p)!r} does not exist: pass an existing YAML file to --config")
         try:
-            loaded = yaml.safe_load(p.read_text()) or {}
+            loaded = yaml.safe_load(p.read_text(encoding="utf-8")) or {}
+        except UnicodeDecodeError as e:
+            raise ConfigError(
+                f"config file {str(p)!r} is not UTF-8 text (byte {e.object[e.start:e.start + 1]!r} at offset {e.start}): "
+                "save it as UTF-8"
+            ) from e
         except yaml.YAMLError as e:
-            raise ConfigError(f"config file {str(p)!r} is not valid YAML: {e}") from e
+            raise ConfigError(f"config file {str(p)!r} is not valid YAML: {_yaml_problem(e)}") from e
         if not isinstance(loaded, dict):
             raise ConfigError(f"config file {str(p)!r} must hold a mapping of sections (data:, teachers:, ...)")
         tree = _deep_merge(tree, loaded)

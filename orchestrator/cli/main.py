@@ -18,23 +18,60 @@ import argparse
 import json
 import sys
 import time
+import traceback
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
-from simreg.models.errors import ConfigError, SimRegError, first_line
+from simreg.models.errors import ConfigError
 from simreg.orchestrator import console
+from simreg.orchestrator.cli.errors import EXIT_BAD_INPUT, EXIT_INTERRUPTED, os_error, report
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse's errors as one line naming the command's help (its usage lines left out)."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(EXIT_BAD_INPUT, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+def _at_least(low: int) -> Callable[[str], int]:
+    def parse(text: str) -> int:
+        try:
+            n = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+        if n < low:
+            raise argparse.ArgumentTypeError(f"must be >= {low} (got {n})")
+        return n
+
+    return parse
+
+
+def _positive_float(text: str) -> float:
+    try:
+        x = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not x > 0:
+        raise argparse.ArgumentTypeError(f"must be > 0 (got {text})")
+    return x
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="simreg", description="SimReg distillation of frozen SSL teachers on Ray")
+    common = _Parser(add_help=False)  # --debug after any command too, without resetting a global one
+    common.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
+                        help="on an error, print the full traceback, not only its one line")
+    p = _Parser(prog="simreg", description="SimReg distillation of frozen SSL teachers on Ray")
+    p.add_argument("--debug", action="store_true", help="on an error, print the full traceback, not only its one line")
     sub = p.add_subparsers(dest="command", required=True)
-    d = sub.add_parser("distill", help="distill teacher(s) into a student; writes OUTPUT_DIR/summary.json")
+    d = sub.add_parser("distill", parents=[common], help="distill teacher(s) into a student; writes OUTPUT_DIR/summary.json")
     d.add_argument("--config", type=Path, default=None, help="YAML config (default: the built-in offline demo)")
     d.add_argument("--output-dir", default=None, help="run folder or object-store URI, e.g. s3://bucket/runs/x (default: runs/<name>-<time>)")
     d.add_argument("--tracking-uri", default=None, help="MLflow tracking URI (default: sqlite in the run folder)")
     d.add_argument("--verbose", action="store_true", help="also show Ray's own log lines (always in Ray's log files)")
     d.add_argument("overrides", nargs="*", metavar="key=value", help="dotted config overrides, e.g. heads.depth=2")
-    sw = sub.add_parser("sweep", help="Ray Tune sweep over a search space; writes OUTPUT_DIR/sweep_summary.json")
+    sw = sub.add_parser("sweep", parents=[common], help="Ray Tune sweep over a search space; writes OUTPUT_DIR/sweep_summary.json")
     sw.add_argument("--config", type=Path, default=None, help="base YAML config (default: the offline demo)")
     sw.add_argument("--space", required=True, help="a shipped space name (smoke, head_design, augmentation) or a YAML file")
     sw.add_argument("--output-dir", default=None, help="sweep folder or object-store URI (default: runs/sweep-<space>-<time>)")
@@ -42,56 +79,56 @@ def _parser() -> argparse.ArgumentParser:
     sw.add_argument("--tracking-uri", default=None, help="MLflow tracking URI (default: sqlite in the sweep folder)")
     sw.add_argument("--verbose", action="store_true", help="also show Ray's and Tune's own output (always in Ray's log files)")
     sw.add_argument("overrides", nargs="*", metavar="key=value", help="dotted overrides of the base config")
-    cp = sub.add_parser("compare", help="print a sweep's comparison table, best first")
+    cp = sub.add_parser("compare", parents=[common], help="print a sweep's comparison table, best first")
     cp.add_argument("target", help="a sweep's output folder, or a parent MLflow run id (with --tracking-uri)")
     cp.add_argument("--tracking-uri", default=None)
-    ev = sub.add_parser("eval", help="k-NN (and linear probe) of a backbone weights file; no Ray")
+    ev = sub.add_parser("eval", parents=[common], help="k-NN (and linear probe) of a backbone weights file; no Ray")
     ev.add_argument("--weights", required=True, help="safetensors or torch state dict of a timm backbone (a path or an object-store URI)")
     ev.add_argument("--arch", required=True, help="timm architecture of the weights")
     ev.add_argument("--format", default="auto", choices=["auto", "plain", "moco", "mocov3", "swav", "dino"],
                     help="checkpoint layout (auto: detected)")
-    ev.add_argument("--data", default="fashion-mnist", help="fashion-mnist, a pack (simreg data pack) or an ImageFolder directory")
-    ev.add_argument("--input-size", type=int, default=64, help="model input resolution (the demo student: 32)")
+    ev.add_argument("--data", default="fashion-mnist", help="fashion-mnist, a folder of its four IDX files, a pack (simreg data pack) or an ImageFolder directory")
+    ev.add_argument("--input-size", type=_at_least(1), default=64, help="model input resolution (the demo student: 32)")
     ev.add_argument("--mean", type=float, nargs="+", default=[0.2860], help="per-channel mean (1 or 3 values)")
     ev.add_argument("--std", type=float, nargs="+", default=[0.3530], help="per-channel std (1 or 3 values)")
-    ev.add_argument("--bank-size", type=int, default=None, help="train-split images in the k-NN bank (default all)")
-    ev.add_argument("--query-size", type=int, default=None, help="held-out images queried (default all)")
+    ev.add_argument("--bank-size", type=_at_least(1), default=None, help="train-split images in the k-NN bank (default all)")
+    ev.add_argument("--query-size", type=_at_least(1), default=None, help="held-out images queried (default all)")
     ev.add_argument("--linear", action="store_true", help="also run the paper's linear probe")
-    ev.add_argument("--linear-epochs", type=int, default=40)
-    ev.add_argument("--linear-steps", type=int, nargs="*", default=[15, 30], help="epochs at which the probe's LR drops 10x")
+    ev.add_argument("--linear-epochs", type=_at_least(1), default=40)
+    ev.add_argument("--linear-steps", type=_at_least(1), nargs="*", default=[15, 30], help="epochs at which the probe's LR drops 10x")
     ev.add_argument("--knn-weighting", default="majority", choices=["majority", "temperature"],
                     help="majority vote (the paper's) or exp(sim / T) weighted votes")
-    ev.add_argument("--knn-temperature", type=float, default=0.07)
+    ev.add_argument("--knn-temperature", type=_positive_float, default=0.07)
     ev.add_argument("--model-kwargs", default="{}", help="extra timm.create_model arguments as YAML, e.g. '{img_size: 224}'")
     ev.add_argument("--output", type=Path, default=None, help="write the result as JSON here")
-    ca = sub.add_parser("cache", help="the teacher-target cache: info | warm | clear")
+    ca = sub.add_parser("cache", parents=[common], help="the teacher-target cache: info | warm | clear")
     cas = ca.add_subparsers(dest="action", required=True)
     dir_help = "cache folder (default: $SIMREG_CACHE_DIR or ~/.cache/simreg/targets)"
-    ci = cas.add_parser("info", help="list cached keys: teacher, views, rows, size")
+    ci = cas.add_parser("info", parents=[common], help="list cached keys: teacher, views, rows, size")
     ci.add_argument("--dir", default=None, help=dir_help)
-    cw = cas.add_parser("warm", help="compute a config's teacher targets once, in this process (no Ray)")
+    cw = cas.add_parser("warm", parents=[common], help="compute a config's teacher targets once, in this process (no Ray)")
     cw.add_argument("--dir", default=None, help=dir_help + "; overrides cache.dir")
     cw.add_argument("--config", type=Path, default=None, help="the run's YAML config (default: the offline demo)")
-    cw.add_argument("--epochs", type=int, default=None, help="view indices of this many epochs (default train.epochs)")
+    cw.add_argument("--epochs", type=_at_least(1), default=None, help="view indices of this many epochs (default train.epochs)")
     cw.add_argument("overrides", nargs="*", metavar="key=value", help="dotted config overrides")
-    cc = cas.add_parser("clear", help="remove cached keys (all, or those given by --key)")
+    cc = cas.add_parser("clear", parents=[common], help="remove cached keys (all, or those given by --key)")
     cc.add_argument("--dir", default=None, help=dir_help)
     cc.add_argument("--key", action="append", default=None, help="a key (unique prefix) to remove; repeatable")
-    da = sub.add_parser("data", help="your own images: scan an ImageFolder tree | pack it into Parquet shards")
+    da = sub.add_parser("data", parents=[common], help="your own images: scan an ImageFolder tree | pack it into Parquet shards")
     das = da.add_subparsers(dest="action", required=True)
     workers_help = "threads reading and decoding (default: CPU count, at most 8)"
-    ds = das.add_parser("scan", help="decode every image once; count corrupt, truncated, unreadable files, modes, "
+    ds = das.add_parser("scan", parents=[common], help="decode every image once; count corrupt, truncated, unreadable files, modes, "
                         "empty class folders (exit 1 when a file is bad or a split holds no image)")
     ds.add_argument("folder", type=Path, metavar="IMAGE_FOLDER", help="ROOT/<class>/<image>, or ROOT/train + ROOT/val (or test)")
-    ds.add_argument("--workers", type=int, default=None, help=workers_help)
-    dp = das.add_parser("pack", help="pre-scan, then write OUT_DIR/<split>/part-*.parquet and OUT_DIR/manifest.json")
+    ds.add_argument("--workers", type=_at_least(1), default=None, help=workers_help)
+    dp = das.add_parser("pack", parents=[common], help="pre-scan, then write OUT_DIR/<split>/part-*.parquet and OUT_DIR/manifest.json")
     dp.add_argument("folder", type=Path, metavar="IMAGE_FOLDER", help="ROOT/<class>/<image>, or ROOT/train + ROOT/val (or test)")
     dp.add_argument("out", metavar="OUT_DIR", help="a new or empty folder (outside IMAGE_FOLDER), or an object-store URI (s3://bucket/prefix)")
     dp.add_argument("--strict", action="store_true", help="fail, naming the bad files the pre-scan finds, instead of leaving them out")
-    dp.add_argument("--shard-rows", type=int, default=1024, help="rows per Parquet shard (default 1024)")
+    dp.add_argument("--shard-rows", type=_at_least(1), default=1024, help="rows per Parquet shard (default 1024)")
     dp.add_argument("--overwrite", action="store_true", help="replace the pack in a non-empty OUT_DIR")
-    dp.add_argument("--workers", type=int, default=None, help=workers_help)
-    sh = sub.add_parser("config", help="print the resolved config as YAML (defaults <- file <- overrides)")
+    dp.add_argument("--workers", type=_at_least(1), default=None, help=workers_help)
+    sh = sub.add_parser("config", parents=[common], help="print the resolved config as YAML (defaults <- file <- overrides)")
     sh.add_argument("--config", type=Path, default=None)
     sh.add_argument("overrides", nargs="*", metavar="key=value")
     return p
@@ -128,9 +165,6 @@ def _data(args: argparse.Namespace) -> int:
     from simreg.orchestrator.data.pack.scan import scan_image_folder
     from simreg.orchestrator.data.pack.write import manifest_summary, pack_image_folder
 
-    if args.workers is not None and args.workers < 1:
-        print(f"simreg: error: --workers={args.workers} must be >= 1", file=sys.stderr)
-        return 2
     if args.action == "scan":
         report = scan_image_folder(args.folder, workers=args.workers)
         print(report.table())
@@ -183,102 +217,130 @@ def _main(argv: list[str] | None = None) -> int:
         _interrupt_on_sigterm()
         console.hide_native_stderr()  # Ray's C++ lines; Python's stderr stays on the terminal
     try:
-        if args.command == "compare":
-            from simreg.orchestrator.tune.compare import compare
-
-            print(compare(args.target, args.tracking_uri))
-            return 0
-        if args.command == "eval":
-            from simreg.orchestrator.evaluation.weights import evaluate_weights, write_json
-
-            for flag, vals in (("--mean", args.mean), ("--std", args.std)):
-                if len(vals) not in (1, 3):
-                    print(f"simreg: error: {flag} takes 1 or 3 values (got {len(vals)})", file=sys.stderr)
-                    return 2
-            res = evaluate_weights(
-                args.weights, args.arch, data=args.data, input_size=args.input_size, mean=tuple(args.mean),
-                std=tuple(args.std), bank_size=args.bank_size, query_size=args.query_size, linear=args.linear,
-                linear_epochs=args.linear_epochs, linear_steps=tuple(args.linear_steps), layout=args.format,
-                knn_weighting=args.knn_weighting, knn_temperature=args.knn_temperature,
-                model_kwargs=_yaml_mapping(args.model_kwargs, "--model-kwargs"),
-            )
-            write_json(res, args.output)
-            print(json.dumps(res, indent=2))
-            return 0
-        if args.command == "cache" and args.action != "warm":
-            from simreg.orchestrator.cache.admin import cache_entries, clear_cache, entries_table
-            from simreg.orchestrator.cache.targets import default_cache_dir
-            from simreg.orchestrator.storage import open_store
-
-            root = open_store(args.dir or default_cache_dir())  # a local folder or an object-store URI
-            if args.action == "info":
-                rows = cache_entries(root)
-                print(f"target cache {root}: {len(rows)} key(s), {sum(r['bytes'] for r in rows) / 2**20:.1f} MiB")
-                if rows:
-                    print(entries_table(rows))
-                return 0
-            gone = clear_cache(root, args.key)
-            print(f"removed {len(gone)} key(s) from {root}" + (f": {', '.join(gone)}" if gone else ""))
-            return 0
-        if args.command == "data":
-            return _data(args)
-        from simreg.orchestrator.config import load_config
-
-        cfg = load_config(args.config, args.overrides)
-        if args.command == "cache":  # warm: the run's config decides teachers, data and views
-            from simreg.orchestrator.cache.warm import warm_cache
-
-            cfg = load_config(args.config, [*args.overrides, "cache.enabled=true", *([f"cache.dir={args.dir}"] if args.dir else [])])
-            print(json.dumps(warm_cache(cfg, args.epochs), indent=2))
-            return 0
-        if args.command == "sweep":
-            from simreg.orchestrator.tune.sweep import sweep
-            from simreg.search_spaces import load_space
-
-            space, source = load_space(args.space)
-            if args.resume and args.output_dir is None:
-                print("simreg: error: --resume needs --output-dir of the sweep to continue", file=sys.stderr)
-                return 2
-            out = args.output_dir or Path("runs") / f"sweep-{Path(args.space).stem}-{time.strftime('%Y%m%d-%H%M%S')}"
-            summary = sweep(cfg, space, source, out, resume=args.resume, tracking_uri=args.tracking_uri)
-            from simreg.orchestrator.tune.compare import markdown, table_lines
-
-            print(markdown(table_lines(summary["trials"], list(space.params))))
-            print(f"\nsweep summary: {summary['output_dir']}/sweep_summary.json\n"
-                  f"mlflow: {_mlflow_hint(summary['mlflow_tracking_uri'], summary['parent_run_id'])}")
-            return 0
-        if args.command == "config":
-            import yaml
-
-            print(yaml.safe_dump(json.loads(cfg.model_dump_json()), sort_keys=False))
-            return 0
-        from simreg.orchestrator.api import distill
-        from simreg.orchestrator.evaluation.final import knn_table
-
-        out = args.output_dir or Path("runs") / f"{cfg.name}-{time.strftime('%Y%m%d-%H%M%S')}"
-        summary = distill(cfg, out, args.tracking_uri)
-        print(knn_table(summary))
-        if cfg.cache.enabled:
-            print(_cache_line(summary, cfg.cache.dir))
-        print(
-            f"\nstudent 20-NN gain over random init: {summary['student_gain_20nn']:+.2f} points; "
-            f"{summary['train_images_per_s']:.0f} train images/s; wall {summary['wall_s']:.0f} s\n"
-            f"summary: {summary['output_dir']}/summary.json\nstudent: {summary['student_weights']}\n"
-            f"mlflow:  {_mlflow_hint(summary['mlflow_tracking_uri'], summary['mlflow_run_id'])}"
-        )
-        return 0
-    except SimRegError as e:
-        print(f"simreg: error: {e}", file=sys.stderr)
-        return 2
-    except OSError as e:  # a file or a store that cannot be read or written: its first line, not a traceback
-        from simreg.orchestrator.tracking.redact import redact_uri
-
-        print(f"simreg: error: {redact_uri(first_line(e, 500))} (check the path or URI, AWS_ENDPOINT_URL and the credentials; "
-              "--verbose for Ray's own lines)", file=sys.stderr)
-        return 2
+        return _run(args)
     except KeyboardInterrupt:
         print("simreg: interrupted", file=sys.stderr)
-        return 130
+        return EXIT_INTERRUPTED
+    except Exception as e:  # one line (the full traceback with --debug), exit status 2 for bad input, 1 for a failure
+        uri = getattr(args, "tracking_uri", None) or getattr(args, "tracking_uri_in_use", None)
+        return report(e, debug=args.debug, tracking_uri=uri)
+
+
+def _check_output_dir(value: str | None) -> None:
+    """A local --output-dir must be a folder or a path that can become one (not a file, nor below one)."""
+    if value is None or "://" in value:
+        return
+    p = Path(value).expanduser()
+    for q in (p, *p.parents):
+        if q.exists():
+            if not q.is_dir():
+                what = "is a file" if q == p else f"lies below the file {str(q)!r}"
+                raise ConfigError(f"--output-dir {value!r} {what}: pass a folder (a new one, or the run folder to resume)")
+            return
+
+
+def _eval(args: argparse.Namespace) -> int:
+    """``simreg eval``: the result is printed first, so a failed --output write loses nothing."""
+    from simreg.orchestrator.evaluation.weights import evaluate_weights, write_json
+
+    for flag, vals in (("--mean", args.mean), ("--std", args.std)):
+        if len(vals) not in (1, 3):
+            raise ConfigError(f"{flag} takes 1 or 3 values (got {len(vals)})")
+    if args.output is not None and args.output.is_dir():
+        raise ConfigError(f"--output {str(args.output)!r} is a folder: name a JSON file to write, e.g. {args.output / 'eval.json'}")
+    res = evaluate_weights(
+        args.weights, args.arch, data=args.data, input_size=args.input_size, mean=tuple(args.mean),
+        std=tuple(args.std), bank_size=args.bank_size, query_size=args.query_size, linear=args.linear,
+        linear_epochs=args.linear_epochs, linear_steps=tuple(args.linear_steps), layout=args.format,
+        knn_weighting=args.knn_weighting, knn_temperature=args.knn_temperature,
+        model_kwargs=_yaml_mapping(args.model_kwargs, "--model-kwargs"),
+    )
+    print(json.dumps(res, indent=2), flush=True)
+    try:
+        write_json(res, args.output)
+    except OSError as e:
+        if args.debug:
+            traceback.print_exc()
+        status, line = os_error(e, f"cannot write --output {str(args.output)!r}")
+        print(f"simreg: error: {line} (the result is printed above)", file=sys.stderr)
+        return status
+    return 0
+
+
+def _run(args: argparse.Namespace) -> int:
+    """The command, by name; its errors are the caller's to print."""
+    if args.command == "compare":
+        from simreg.orchestrator.tune.compare import compare
+
+        print(compare(args.target, args.tracking_uri))
+        return 0
+    if args.command == "eval":
+        return _eval(args)
+    if args.command == "cache" and args.action != "warm":
+        from simreg.orchestrator.cache.admin import cache_entries, clear_cache, entries_table
+        from simreg.orchestrator.cache.targets import default_cache_dir
+        from simreg.orchestrator.storage import open_store
+
+        root = open_store(args.dir or default_cache_dir())  # a local folder or an object-store URI
+        if args.action == "info":
+            rows = cache_entries(root)
+            print(f"target cache {root}: {len(rows)} key(s), {sum(r['bytes'] for r in rows) / 2**20:.1f} MiB")
+            if rows:
+                print(entries_table(rows))
+            return 0
+        gone = clear_cache(root, args.key)
+        print(f"removed {len(gone)} key(s) from {root}" + (f": {', '.join(gone)}" if gone else ""))
+        return 0
+    if args.command == "data":
+        return _data(args)
+    from simreg.orchestrator.config import load_config
+
+    if args.command in ("distill", "sweep"):
+        _check_output_dir(args.output_dir)
+    cfg = load_config(args.config, args.overrides)
+    if getattr(args, "tracking_uri", None) is None:  # the URI an MLflow error names
+        args.tracking_uri_in_use = cfg.tracking.tracking_uri
+    if args.command == "cache":  # warm: the run's config decides teachers, data and views
+        from simreg.orchestrator.cache.warm import warm_cache
+
+        cfg = load_config(args.config, [*args.overrides, "cache.enabled=true", *([f"cache.dir={args.dir}"] if args.dir else [])])
+        print(json.dumps(warm_cache(cfg, args.epochs), indent=2))
+        return 0
+    if args.command == "sweep":
+        from simreg.orchestrator.tune.sweep import sweep
+        from simreg.search_spaces import load_space
+
+        space, source = load_space(args.space)
+        if args.resume and args.output_dir is None:
+            raise ConfigError("--resume needs --output-dir of the sweep to continue")
+        out = args.output_dir or Path("runs") / f"sweep-{Path(args.space).stem}-{time.strftime('%Y%m%d-%H%M%S')}"
+        summary = sweep(cfg, space, source, out, resume=args.resume, tracking_uri=args.tracking_uri)
+        from simreg.orchestrator.tune.compare import markdown, table_lines
+
+        print(markdown(table_lines(summary["trials"], list(space.params))))
+        print(f"\nsweep summary: {summary['output_dir']}/sweep_summary.json\n"
+              f"mlflow: {_mlflow_hint(summary['mlflow_tracking_uri'], summary['parent_run_id'])}")
+        return 0
+    if args.command == "config":
+        import yaml
+
+        print(yaml.safe_dump(json.loads(cfg.model_dump_json()), sort_keys=False))
+        return 0
+    from simreg.orchestrator.api import distill
+    from simreg.orchestrator.evaluation.final import knn_table
+
+    out = args.output_dir or Path("runs") / f"{cfg.name}-{time.strftime('%Y%m%d-%H%M%S')}"
+    summary = distill(cfg, out, args.tracking_uri)
+    print(knn_table(summary))
+    if cfg.cache.enabled:
+        print(_cache_line(summary, cfg.cache.dir))
+    print(
+        f"\nstudent 20-NN gain over random init: {summary['student_gain_20nn']:+.2f} points; "
+        f"{summary['train_images_per_s']:.0f} train images/s; wall {summary['wall_s']:.0f} s\n"
+        f"summary: {summary['output_dir']}/summary.json\nstudent: {summary['student_weights']}\n"
+        f"mlflow:  {_mlflow_hint(summary['mlflow_tracking_uri'], summary['mlflow_run_id'])}"
+    )
+    return 0
 
 
 def _mlflow_hint(uri: str, run_id: str) -> str:

@@ -48,14 +48,21 @@ def _read_idx(path: Path) -> np.ndarray:
             data = f.read()
     except (OSError, EOFError) as e:
         raise DataError(f"cannot read IDX file {str(path)!r}: {e}. Re-download it or reinstall dataset-fashion-mnist") from e
+    if len(data) < 4 or len(data) < 4 + 4 * data[3]:
+        raise DataError(f"IDX file {str(path)!r} is empty or cut short in its header ({len(data)} bytes): re-download it")
     zero, dtype_code, ndim = data[0:2], data[2], data[3]
     if zero != b"\x00\x00" or dtype_code != 0x08:
         raise DataError(f"{str(path)!r} is not a uint8 IDX file: check data.root points at Fashion-MNIST's IDX files")
     dims = struct.unpack(">" + "I" * ndim, data[4 : 4 + 4 * ndim])
+    if ndim == 0 or dims[0] == 0:
+        raise DataError(f"IDX file {str(path)!r} holds no items (a header of {len(data)} bytes only): re-download it")
     arr = np.frombuffer(data, dtype=np.uint8, offset=4 + 4 * ndim)
     if arr.size != int(np.prod(dims)):
         raise DataError(f"{str(path)!r} is truncated ({arr.size} of {int(np.prod(dims))} values): re-download it")
     return arr.reshape(dims)
+
+
+IDX_STEMS = [name[: -len(".gz")] for name in FMNIST_FILES]
 
 
 def _find_idx(root: Path, stem: str) -> Path | None:
@@ -103,10 +110,10 @@ def fmnist_root(root: str | None, download: bool) -> Path:
         if not p.is_dir():
             raise DataError(f"data.root={root!r} does not exist: point it at a folder with Fashion-MNIST's four IDX files")
         return p
-    if all(_find_idx(DEBIAN_FMNIST, n[:-3]) for n in FMNIST_FILES):
+    if all(_find_idx(DEBIAN_FMNIST, n) for n in IDX_STEMS):
         return DEBIAN_FMNIST
     cache = Path(os.environ.get("SIMREG_DATA_CACHE", Path.home() / ".cache" / "simreg")) / "fashion-mnist"
-    if all(_find_idx(cache, n[:-3]) for n in FMNIST_FILES):
+    if all(_find_idx(cache, n) for n in IDX_STEMS):
         return cache
     if not download:
         raise DataError(
@@ -143,3 +150,8 @@ class FashionMnistSource(DataSource):
     def load(self, data: DataConfig, seed: int, *, stream: bool = False) -> tuple[ImageSet, ImageSet]:
         root = fmnist_root(data.root, data.download)
         return load_fashion_mnist(root, "train"), load_fashion_mnist(root, "test")
+
+    @classmethod
+    def detect(cls, path: Path) -> bool:
+        """A folder holding the four IDX files (``simreg eval --data /path/to/fashion-mnist``)."""
+        return path.is_dir() and all(_find_idx(path, n) for n in IDX_STEMS)

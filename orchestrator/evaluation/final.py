@@ -18,7 +18,7 @@ def final_knn(
 
     from simreg.models import build_backbone
     from simreg.orchestrator.config import validate_config
-    from simreg.orchestrator.evaluation.knn import knn_report
+    from simreg.orchestrator.evaluation.knn import KNN_KS, knn_report
     from simreg.orchestrator.pipeline.teacher import TeacherSpec
     from simreg.orchestrator.train.builders import student_transform
 
@@ -27,10 +27,13 @@ def final_knn(
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     tf = student_transform(cfg)
 
+    k = max(KNN_KS)
+    fix = f"set data.knn_bank_size (now {cfg.data.knn_bank_size}) to {k} or more, over data with at least {k} train images"
+
     def run(encode: Any) -> dict[str, float]:
         return knn_report(
             encode, bank.images, bank.labels, query.images, query.labels, cfg.data.view_size, cfg.eval.batch_size, device,
-            cfg.eval.knn_weighting, cfg.eval.knn_temperature,
+            cfg.eval.knn_weighting, cfg.eval.knn_temperature, fix,
         )
 
     out: dict[str, Any] = {"teacher_knn": {}}

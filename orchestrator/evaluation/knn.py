@@ -11,7 +11,19 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from simreg.models.errors import DataError
 from simreg.orchestrator.data.views import eval_views
+
+KNN_KS = (1, 20)  # the paper's k-NN protocol
+
+BANK_FIX = "raise the bank size (simreg eval --bank-size, data.knn_bank_size, eval.val_bank_size), use data with more images, or a smaller k"
+
+
+def check_bank(n_bank: int, ks: Sequence[int] = KNN_KS, fix: str = BANK_FIX) -> None:
+    """A k-NN bank holds at least max(ks) images: fewer would cut k silently and report an accuracy of another k."""
+    k = max(ks)
+    if n_bank < k:
+        raise DataError(f"k-NN with k={k} needs at least {k} images in its bank, which holds {n_bank}: {fix}")
 
 
 @torch.no_grad()
@@ -30,31 +42,33 @@ def extract_features(
 @torch.no_grad()
 def knn_top1(
     bank: torch.Tensor, bank_labels: torch.Tensor, query: torch.Tensor, query_labels: torch.Tensor,
-    ks: Sequence[int] = (1, 20), chunk: int = 1024, weighting: str = "majority", temperature: float = 0.07,
+    ks: Sequence[int] = KNN_KS, chunk: int = 1024, weighting: str = "majority", temperature: float = 0.07,
+    fix: str = BANK_FIX,
 ) -> dict[int, float]:
     """Top-1 accuracy (percent) of k-NN for each k, cosine similarity.
 
     ``majority``: one vote per neighbour (the paper's protocol), ties broken by the summed similarity of
-    the tied classes; ``temperature``: each neighbour votes exp(sim / T) (Wu et al. 2018, as in DINO)."""
+    the tied classes; ``temperature``: each neighbour votes exp(sim / T) (Wu et al. 2018, as in DINO). A bank
+    smaller than max(ks) raises ``DataError`` ending in ``fix``."""
     if weighting not in ("majority", "temperature"):
         raise ValueError(f"k-NN weighting {weighting!r} is unknown: use 'majority' or 'temperature'")
+    check_bank(bank.shape[0], ks, fix)
     bank = F.normalize(bank.float(), dim=1)
     query = F.normalize(query.float(), dim=1)
     n_cls = int(max(bank_labels.max(), query_labels.max())) + 1
-    kmax = min(max(ks), bank.shape[0])
+    kmax = max(ks)
     correct = {k: 0 for k in ks}
     for i in range(0, query.shape[0], chunk):
         sim, idx = (query[i : i + chunk] @ bank.T).topk(kmax, dim=1)  # (q, kmax)
         nb = bank_labels[idx]  # (q, kmax)
         truth = query_labels[i : i + chunk]
         for k in ks:
-            kk = min(k, kmax)
             if weighting == "temperature":
-                score = torch.zeros(nb.shape[0], n_cls).scatter_add_(1, nb[:, :kk], (sim[:, :kk] / temperature).exp())
+                score = torch.zeros(nb.shape[0], n_cls).scatter_add_(1, nb[:, :k], (sim[:, :k] / temperature).exp())
             else:
-                votes = torch.zeros(nb.shape[0], n_cls).scatter_add_(1, nb[:, :kk], torch.ones_like(sim[:, :kk]))
-                tie = torch.zeros(nb.shape[0], n_cls).scatter_add_(1, nb[:, :kk], sim[:, :kk])
-                score = votes + 1e-3 * tie / (kk + 1)
+                votes = torch.zeros(nb.shape[0], n_cls).scatter_add_(1, nb[:, :k], torch.ones_like(sim[:, :k]))
+                tie = torch.zeros(nb.shape[0], n_cls).scatter_add_(1, nb[:, :k], sim[:, :k])
+                score = votes + 1e-3 * tie / (k + 1)
             correct[k] += int((score.argmax(dim=1) == truth).sum())
     return {k: 100.0 * c / query.shape[0] for k, c in correct.items()}
 
@@ -63,12 +77,13 @@ def knn_report(
     encode: Callable[[torch.Tensor], torch.Tensor],
     bank_images: np.ndarray, bank_labels: np.ndarray, query_images: np.ndarray, query_labels: np.ndarray,
     view_size: int, batch_size: int = 256, device: str | torch.device = "cpu", weighting: str = "majority",
-    temperature: float = 0.07,
+    temperature: float = 0.07, fix: str = BANK_FIX,
 ) -> dict[str, float]:
     """{"top1_1nn", "top1_20nn"} for one encoder."""
+    check_bank(len(bank_images), KNN_KS, fix)  # before any feature is computed
     b = extract_features(encode, bank_images, view_size, batch_size, device)
     q = extract_features(encode, query_images, view_size, batch_size, device)
-    acc = knn_top1(b, torch.tensor(bank_labels), q, torch.tensor(query_labels), ks=(1, 20), weighting=weighting, temperature=temperature)  # copies: Ray arrays are read-only
+    acc = knn_top1(b, torch.tensor(bank_labels), q, torch.tensor(query_labels), ks=KNN_KS, weighting=weighting, temperature=temperature, fix=fix)  # copies: Ray arrays are read-only
     return {"top1_1nn": acc[1], "top1_20nn": acc[20]}
 
 

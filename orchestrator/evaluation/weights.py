@@ -12,10 +12,11 @@ from typing import Any
 
 import torch
 
+from simreg.models.errors import ModelError, first_line
 from simreg.models.teachers import InputTransform, load_teacher
 from simreg.orchestrator.config import FMNIST_MEAN, FMNIST_STD, DataConfig
 from simreg.orchestrator.data.sources import load_splits, resolve_source
-from simreg.orchestrator.evaluation.knn import extract_features, knn_top1, linear_probe
+from simreg.orchestrator.evaluation.knn import KNN_KS, check_bank, extract_features, knn_top1, linear_probe
 from simreg.orchestrator.storage import local_copy
 
 
@@ -40,12 +41,20 @@ def evaluate_weights(
     source, root = resolve_source(data)
     train, test = load_splits(DataConfig(source=source, root=root, store_size=96, holdout_fraction=0.1, stream=False), seed)
     bank, query = train.subset(bank_size, seed + 1), test.subset(query_size, seed + 2)
+    check_bank(len(bank), KNN_KS, _bank_fix(data, len(train), bank_size))
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     model = model.to(device)
+    try:  # one image first: an input size or model kwargs the architecture cannot run at fail in one line
+        extract_features(model, bank.images[:1], view_size, batch_size, device)
+    except RuntimeError as e:
+        raise ModelError(
+            f"--arch {arch} does not run at --input-size {input_size} ({first_line(e, 200)}): use a larger --input-size "
+            "or fix --model-kwargs"
+        ) from e
     fb = extract_features(model, bank.images, view_size, batch_size, device)
     fq = extract_features(model, query.images, view_size, batch_size, device)
     lb, lq = torch.tensor(bank.labels), torch.tensor(query.labels)
-    acc = knn_top1(fb, lb, fq, lq, ks=(1, 20), weighting=knn_weighting, temperature=knn_temperature)
+    acc = knn_top1(fb, lb, fq, lq, ks=KNN_KS, weighting=knn_weighting, temperature=knn_temperature)
     out: dict[str, Any] = {
         "weights": str(weights), "arch": arch, "input_size": input_size, "data": data,
         "bank_images": len(bank), "query_images": len(query), "feature_dim": int(fb.shape[1]),
@@ -56,6 +65,13 @@ def evaluate_weights(
         out["linear_epochs"], out["linear_steps"] = linear_epochs, list(linear_steps)
     out["wall_s"] = time.perf_counter() - t0
     return out
+
+
+def _bank_fix(data: str, n_train: int, bank_size: int | None) -> str:
+    k = max(KNN_KS)
+    if n_train >= k:  # --bank-size cut it
+        return f"pass --bank-size {k} or more (or leave it out: all {n_train} train images)"
+    return f"--data {data} holds only {n_train} train image(s) (after its held-out split): use data with at least {k}"
 
 
 def write_json(result: dict[str, Any], path: Path | None) -> None:

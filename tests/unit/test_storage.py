@@ -234,7 +234,7 @@ def test_pack_to_a_bucket_then_read_and_evaluate_from_it(s3, tmp_path: Path, tea
     weights = open_store(_prefix()) / "t.safetensors"
     weights.upload(teachers_dir / "fmnist_simclr_resnet10t.safetensors")
     assert main(["eval", "--weights", weights.uri, "--arch", "resnet10t", "--data", dest, "--input-size", "32",
-                 "--bank-size", "16", "--query-size", "8"]) == 0
+                 "--bank-size", "20", "--query-size", "8"]) == 0
     out = capsys.readouterr().out
     assert "top1_20nn" in out
 
