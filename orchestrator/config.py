@@ -214,6 +214,12 @@ class TeacherPoolConfig(_Strict):
         default_factory=dict, description="extra (custom) Ray resources each teacher actor holds, e.g. {teacher_gpu: 1}"
     )
     label_selector: dict[str, str] = Field(default_factory=dict, description="node labels a teacher actor must land on")
+    max_restarts: int = Field(
+        3, ge=0, description="times Ray restarts a teacher actor that died (its calls retried); then the run ends FAILED naming it"
+    )
+    call_timeout_s: float = Field(
+        600.0, gt=0, description="seconds a view task waits for a teacher's targets of one block before the run ends FAILED"
+    )
 
 
 class EvalConfig(_Strict):

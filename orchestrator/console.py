@@ -63,7 +63,8 @@ def hide_native_stderr() -> Path | None:
             return None
         path = folder / f"native-stderr-{os.getpid()}.log"
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_NOFOLLOW, 0o600)
-        sys.stderr.flush()
+        if sys.stderr is not None:
+            sys.stderr.flush()
         keep = os.dup(2)
         os.dup2(fd, 2)
         os.close(fd)

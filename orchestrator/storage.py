@@ -42,7 +42,8 @@ S3_QUERY_KEYS = ("endpoint_override", "scheme", "region", "allow_bucket_creation
 
 
 def write_atomic(path: Path, write: Callable[[Path], Any]) -> None:
-    """``write(tmp)``, fsync, then rename to ``path``: readers never see a partial file; the temp file never stays."""
+    """``write(tmp)``, fsync, rename to ``path``, fsync the folder: readers never see a partial file, a crash leaves the
+    old file or the new one, and the temp file never stays."""
     tmp = path.parent / f".tmp-{uuid.uuid4().hex}-{path.name}"
     try:
         write(tmp)
@@ -52,8 +53,22 @@ def write_atomic(path: Path, write: Callable[[Path], Any]) -> None:
         finally:
             os.close(fd)
         os.replace(tmp, path)
+        fsync_dir(path.parent)  # the rename itself on disk: a crash after this returns keeps the new file
     finally:
         tmp.unlink(missing_ok=True)
+
+
+def fsync_dir(folder: Path) -> None:
+    try:
+        fd = os.open(folder, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+    except OSError:  # a platform or filesystem that cannot open folders
+        return
+    try:
+        os.fsync(fd)
+    except OSError:  # some filesystems refuse fsync on a folder: the rename is as durable as they make it
+        pass
+    finally:
+        os.close(fd)
 
 
 def is_remote(uri: str | Path) -> bool:

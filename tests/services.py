@@ -67,16 +67,17 @@ def moto_server(log_dir: Path, auth_after: int | None = None) -> Iterator[str]:
 
 
 @contextlib.contextmanager
-def mlflow_server(log_dir: Path, s3_endpoint: str, artifacts: str) -> Iterator[str]:
-    """``mlflow server`` with a sqlite store and proxied artifacts in ``artifacts`` (an s3:// URI); one
-    worker, no job runner; yields its URL."""
-    port = free_port()
+def mlflow_server(log_dir: Path, s3_endpoint: str | None, artifacts: str, port: int | None = None) -> Iterator[str]:
+    """``mlflow server`` with a sqlite store (``log_dir/mlflow-server.db``: a server started again on the same
+    folder and port finds its runs) and proxied artifacts in ``artifacts`` (an s3:// URI with ``s3_endpoint``,
+    or a local folder); one worker, no job runner; yields its URL."""
+    port = port or free_port()
     log = log_dir / "mlflow-server.log"
-    env = {**os.environ, **S3_ENV, "MLFLOW_S3_ENDPOINT_URL": s3_endpoint, "AWS_ENDPOINT_URL": s3_endpoint,
-           "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
+    s3 = {**S3_ENV, "MLFLOW_S3_ENDPOINT_URL": s3_endpoint, "AWS_ENDPOINT_URL": s3_endpoint} if s3_endpoint else {}
+    env = {**os.environ, **s3, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
     cmd = [str(BIN / "mlflow"), "server", "--backend-store-uri", f"sqlite:///{log_dir / 'mlflow-server.db'}",
            "--artifacts-destination", artifacts, "--host", "127.0.0.1", "--port", str(port), "--workers", "1"]
-    with open(log, "wb") as fh:
+    with open(log, "ab") as fh:
         proc = subprocess.Popen(cmd, stdout=fh, stderr=subprocess.STDOUT, env=env, start_new_session=True, cwd=log_dir)
     try:
         url = f"http://127.0.0.1:{port}"

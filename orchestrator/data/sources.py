@@ -8,6 +8,7 @@ pipeline, evaluation) sees only the ``ImageSet`` it returns.
 """
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, ClassVar
 
@@ -43,7 +44,7 @@ class DataSource:
 SOURCES: dict[str, type[DataSource]] = {}
 
 
-def register_source(name: str):  # type: ignore[no-untyped-def]
+def register_source(name: str) -> Callable[[type[DataSource]], type[DataSource]]:
     """Class decorator: ``@register_source("my-source")`` makes ``data.source=my-source`` valid."""
 
     def deco(cls: type[DataSource]) -> type[DataSource]:

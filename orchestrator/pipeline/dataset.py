@@ -12,10 +12,12 @@ small machine that restart (process, imports, weights, the first block through t
 of every epoch in which the students waited. The view stage is a Ray Data *task* (Ray reuses its
 worker processes): it renders a block's views, puts them in the object store once and asks every
 teacher's actors for targets concurrently. A teacher actor that dies is restarted by Ray and the call
-retried (``max_restarts``/``max_task_retries``); a failed view task is retried by Ray Data.
+retried (``teacher_pool.max_restarts``); one that cannot serve (restarts used up, or no answer within
+``teacher_pool.call_timeout_s``) ends the run FAILED with one line naming it (``teacher_failure``).
 """
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
@@ -25,6 +27,7 @@ import ray
 from ray.data import Dataset, TaskPoolStrategy
 from ray.data.extensions import ArrowTensorArray
 
+from simreg.models.errors import SimRegError
 from simreg.orchestrator.data.imageset import ImageSet, StreamedImages
 from simreg.orchestrator.data.views import ViewPlan, add_views
 
@@ -32,23 +35,49 @@ if TYPE_CHECKING:  # the view stage's processes import this module: no teacher c
     from simreg.orchestrator.pipeline.actors import PoolResources
 
 
+def teacher_failure(name: str, error: BaseException, max_restarts: int, timeout_s: float) -> str:
+    """One line: which teacher cannot serve targets, why, and the knob that decides it."""
+    from ray.exceptions import GetTimeoutError
+
+    if isinstance(error, GetTimeoutError):
+        return (f"teacher {name} sent no targets for a block within teacher_pool.call_timeout_s={timeout_s:g} s: "
+                "raise it for a slow teacher, or look for a hung teacher actor (ray list actors; its log under /tmp/ray/session_latest/logs)")
+    why = str(error).strip().splitlines()
+    cause = next((ln.strip() for ln in why if "OOM" in ln or "memory" in ln.lower()), why[0] if why else type(error).__name__)
+    return (f"teacher {name} cannot serve targets: its actor died and was restarted teacher_pool.max_restarts={max_restarts} times "
+            f"({type(error).__name__}: {cause[:300]}); give it more memory (teacher_pool.batch_size, teacher_pool.cpus_per_actor) or check its weights")
+
+
 def _views_and_targets(
     batch: dict[str, np.ndarray], *, state: ray.actor.ActorHandle, seed: int, plan: ViewPlan,
     teachers: dict[str, list[ray.actor.ActorHandle]], read_piece: Callable[[dict[str, Any]], dict[str, np.ndarray]] | None = None,
+    max_restarts: int = 3, timeout_s: float = 600.0,
 ) -> dict[str, np.ndarray]:
     """The view stage: this epoch's views of a block, then every teacher's targets for them. A streamed
     source's block describes pieces of storage (``StreamedImages.pieces``): ``read_piece`` reads and decodes
     their rows here first."""
     if read_piece is not None:
         n = len(next(iter(batch.values())))
-        parts = [read_piece({k: v[i] for k, v in batch.items()}) for i in range(n)]
+        try:
+            parts = [read_piece({k: v[i] for k, v in batch.items()}) for i in range(n)]
+        except SimRegError as e:  # a shard damaged or replaced since the run started: the same on every retry
+            ray.get(state.fail.remote(str(e)))
+            raise
         batch = {k: np.concatenate([p[k] for p in parts]) for k in ("sample_id", "label", "image")}
     out = add_views(batch, epoch=ray.get(state.get_epoch.remote()), seed=seed, plan=plan)
     request = ray.put({k: out[k] for k in ("sample_id", "view", "view_index")})  # shipped once to all teachers
     pick = int(out["sample_id"][0]) if len(out["sample_id"]) else 0  # spreads blocks over a teacher's actors
     refs = {name: actors[pick % len(actors)].infer.remote(request) for name, actors in teachers.items()}
+    from ray.exceptions import GetTimeoutError, RayActorError
+
+    deadline = time.monotonic() + timeout_s
     for name, ref in refs.items():
-        out[f"target_{name}"] = ray.get(ref)
+        try:
+            out[f"target_{name}"] = ray.get(ref, timeout=max(0.0, deadline - time.monotonic()))
+        except (RayActorError, GetTimeoutError) as e:  # ActorDiedError: restarts used up
+            message = teacher_failure(name, e, max_restarts, timeout_s)
+            ray.get(state.fail.remote(message))  # the driver ends the run with this line (a retried task would hit it again)
+            raise SimRegError(message) from None
     return out
 
 
@@ -89,7 +118,8 @@ def build_train_dataset(
     reader = type(images.images).read_piece if streamed else None
     return ds.map_batches(
         _views_and_targets,  # type: ignore[arg-type]  # keyword-only extras come from fn_kwargs
-        fn_kwargs={"state": state, "seed": seed, "plan": plan, "teachers": teachers, "read_piece": reader},
+        fn_kwargs={"state": state, "seed": seed, "plan": plan, "teachers": teachers, "read_piece": reader,
+                   "max_restarts": res.max_restarts, "timeout_s": res.call_timeout_s},
         batch_size=1 if streamed else res.batch_size, num_cpus=res.cpus_per_view_task,
         compute=TaskPoolStrategy(size=res.view_tasks), zero_copy_batch=True,
     )

@@ -25,6 +25,7 @@ class RunState:
         self.records: list[dict[str, Any]] = []  # where each teacher actor / student worker (each attempt) ran
         self.teacher_rows: dict[str, dict[str, int]] = {}  # teacher -> {"forward": n, "cached": n}
         self.marks: dict[str, float] = {}  # start-up events (unix time of their first occurrence): teacher_ready, first_step, ...
+        self.failure: str | None = None  # why the run cannot go on (a diverged loss, a teacher that cannot serve)
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch, self.images_done = epoch, 0
@@ -58,6 +59,15 @@ class RunState:
     def start_view_warmup(self, warmup: Any) -> None:
         """Start ``pipeline.warmup.ViewWarmup`` tasks from here: this actor has the job's runtime environment."""
         warmup.start()
+
+    def fail(self, message: str) -> None:
+        """Record why the run cannot go on (the first reason stays): a restarted worker group then ends at once
+        instead of retrying, and the driver raises it as the run's error."""
+        if self.failure is None:
+            self.failure = message
+
+    def get_failure(self) -> str | None:
+        return self.failure
 
     def mark(self, name: str, t: float) -> None:
         self.marks.setdefault(name, t)

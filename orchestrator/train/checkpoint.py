@@ -4,7 +4,10 @@ One file, nothing stored twice: every epoch's checkpoint is uploaded when the ru
 The student is exported from it (``evaluation/export.py``) at the end of a run, or of a sweep's best trial."""
 from __future__ import annotations
 
+import os
+import posixpath
 import random
+import re
 from pathlib import Path
 from typing import Any
 
@@ -12,9 +15,13 @@ import numpy as np
 import torch
 
 from simreg.models import SimRegObjective
+from simreg.models.errors import SimRegError, first_line
 from simreg.orchestrator.ray_compat import registered_checkpoints
 
 STATE = "state.pt"
+CHECKPOINT_NAME = re.compile(r"epoch_(\d{4,})")
+# what a checkpoint must hold to be resumed from (older checkpoints may lack the RNG states of numpy / Python)
+REQUIRED = ("epoch", "backbone", "heads", "optimizer", "scheduler", "torch_rng")
 
 
 def save_checkpoint(
@@ -42,10 +49,62 @@ def save_checkpoint(
         },
         directory / STATE,
     )
+    fd = os.open(directory / STATE, os.O_RDONLY)  # on disk before Ray copies it and registers the checkpoint
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def load_state(directory: Path) -> dict[str, Any]:
-    return torch.load(directory / STATE, map_location="cpu", weights_only=True)
+    """A checkpoint's state (tensors and plain containers only: ``weights_only``); a file that cannot be read,
+    or lacks a part, raises ``SimRegError`` naming it."""
+    path = directory / STATE
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001  (truncated zip, bad pickle opcode, a type weights_only refuses, ...)
+        raise SimRegError(f"checkpoint file {path} cannot be read ({type(e).__name__}: {first_line(e, 160)})") from e
+    missing = [k for k in REQUIRED if not isinstance(state, dict) or k not in state]
+    if missing:
+        raise SimRegError(f"checkpoint file {path} lacks {', '.join(missing)}: it was not written by simreg, or only in part")
+    return state
+
+
+def load_kept(ckpt: Any) -> tuple[dict[str, Any], str, list[str]]:
+    """The state of Ray Train's latest checkpoint ``ckpt``, or when it is damaged, of the newest earlier one
+    still kept beside it (``CheckpointConfig(num_to_keep=2)``): (state, name of the checkpoint used, one line
+    per damaged checkpoint skipped). None readable raises ``SimRegError`` naming each."""
+    import pyarrow.fs as pafs
+    import ray.train
+
+    def attempt(c: Any) -> dict[str, Any]:
+        with c.as_directory() as d:
+            return load_state(Path(d))
+
+    fs, latest = ckpt.filesystem, ckpt.path.rstrip("/")
+    parent, name = posixpath.split(latest)
+    m = CHECKPOINT_NAME.fullmatch(name)
+    skipped: list[str] = []
+    try:
+        return attempt(ckpt), name, skipped
+    except SimRegError as e:
+        skipped.append(f"{name}: {e}")
+        if m is None:
+            raise
+    older = sorted(
+        (i.base_name for i in fs.get_file_info(pafs.FileSelector(parent)) if i.type == pafs.FileType.Directory
+         and (o := CHECKPOINT_NAME.fullmatch(i.base_name)) is not None and int(o.group(1)) < int(m.group(1))),
+        reverse=True,
+    )
+    for other in older:
+        try:
+            return attempt(ray.train.Checkpoint(posixpath.join(parent, other), filesystem=fs)), other, skipped
+        except SimRegError as e:
+            skipped.append(f"{other}: {e}")
+    raise SimRegError(
+        f"no checkpoint of the run in {parent} can be resumed from ({'; '.join(skipped)}): "
+        "rerun with another --output-dir to start over"
+    )
 
 
 def restore(

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import logging
+import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -69,17 +70,17 @@ def _distill(cfg: SimRegConfig, out: Store, local: Path, tracking_uri: str, t_st
         placement = plan_placement(cfg, cluster)
         backend = warming.result()
     tracker = backend.open_run(cfg.tracking.experiment, out, cfg.name, {"simreg.command": "distill", "simreg.output_dir": out.uri})
-    tracker.log_params(flatten(cfg))
     marks["ray_ready"] = time.time()
     log.info(
         "ray: %g CPUs, %g GPUs; %d student worker(s) on %s; teacher actors on %s",
         cluster.get("CPU", 0), cluster.get("GPU", 0), cfg.scaling.num_workers, "GPU" if placement.use_gpu else "CPU",
         f"{placement.teacher_gpus:g} GPU each" if placement.teacher_gpus else f"CPU ({cfg.teacher_pool.threads} threads each)",
     )
-    status = "FAILED"
+    status, ended = "FAILED", False
     state: Any = None
     actors: list[Any] = []
-    try:
+    try:  # from here on, whatever fails ends the MLflow run FAILED (KILLED on Ctrl-C / SIGTERM)
+        tracker.log_params(flatten(cfg))
         state = start_run_state()
         # 4. teacher actors + pipeline + trainer
         storage = train_storage(out)
@@ -99,8 +100,7 @@ def _distill(cfg: SimRegConfig, out: Store, local: Path, tracking_uri: str, t_st
         with Progress(state, tracker, images_per_epoch(prep), cfg.train.epochs, lambda: committed_epochs(storage)) as progress:
             result = trainer.fit()
         fit_s = time.perf_counter() - t_fit
-        if result.error is not None:
-            raise result.error
+        raise_run_failure(state, result)
         if result.checkpoint is None:
             raise SimRegError(f"training in {out} produced no checkpoint: rerun with --verbose, or read Ray's logs in /tmp/ray/session_latest/logs")
         from simreg.orchestrator.train.checkpoint import load_state
@@ -178,17 +178,36 @@ def _distill(cfg: SimRegConfig, out: Store, local: Path, tracking_uri: str, t_st
         tracker.log_artifact(config_file)
         tracker.log_artifact(weights, "student")
         tracker.log_artifact(weights.with_suffix(".json"), "student")
-        # summary.json last: its presence means "finished" (a rerun refuses the folder)
-        tracker.log_artifact(publish(out, local, "summary.json", json.dumps(summary, indent=2)))
-        status = "FINISHED"
+        summary_text = json.dumps(summary, indent=2)
+        with tempfile.TemporaryDirectory(prefix="simreg-summary-") as d:
+            (Path(d) / "summary.json").write_text(summary_text)
+            tracker.log_artifact(Path(d) / "summary.json")
+        tracker.end("FINISHED")
+        status, ended = "FINISHED", True
+        # summary.json last, written atomically: its presence means "finished" (a rerun refuses the folder); a
+        # run that dies before it is resumed by the same command, from its last checkpoint
+        publish(out, local, "summary.json", summary_text)
         return summary
     except (KeyboardInterrupt, SystemExit):  # Ctrl-C, SIGTERM (the CLI turns it into KeyboardInterrupt)
         status = "KILLED"
         raise
     finally:
-        tracker.end(status)
+        if not ended:
+            tracker.end(status)
         if state is not None:
             stop_actors(state, actors, timeout_s=60.0 if status == "FINISHED" else 5.0)  # interrupted: `ray job stop` waits briefly
+
+
+def raise_run_failure(state: Any, result: Any) -> None:
+    """The fit's error, if any, as the run's: first why the run itself recorded it could not go on (a diverged loss,
+    a teacher that cannot serve: one line), else Ray Train's error."""
+    import ray
+
+    failure = ray.get(state.get_failure.remote())
+    if failure is not None:
+        raise SimRegError(failure)
+    if result.error is not None:
+        raise result.error
 
 
 def startup_phases(started_at: float, marks: dict[str, float]) -> dict[str, float]:

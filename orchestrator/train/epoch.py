@@ -26,6 +26,19 @@ class EpochStats:
 Batch = Mapping[str, torch.Tensor]
 
 
+class NonFiniteLoss(Exception):
+    """The loss of a step was NaN or infinite (on this process or, with an all-reducing ``finite`` check, on any):
+    raised before that step's backward pass, so the model keeps the weights of the step before."""
+
+    def __init__(self, step: int, value: float) -> None:
+        super().__init__(f"the loss was {value} at step {step}")
+        self.step, self.value = step, value
+
+
+def local_finite(loss: torch.Tensor) -> bool:
+    return bool(torch.isfinite(loss).all())
+
+
 def train_epoch(
     model: nn.Module,
     batches: Iterable[Batch],
@@ -36,11 +49,14 @@ def train_epoch(
     on_step: Callable[[int, dict[str, float]], None] | None = None,
     view_key: str = "view",
     autocast_dtype: torch.dtype | None = None,
+    finite: Callable[[torch.Tensor], bool] = local_finite,
 ) -> EpochStats:
     """One pass: batch {view_key: (B, C, H, W), "target_<t>": (B, d_t)} -> SGD step on the SimReg loss.
 
     ``view_key`` is ``view`` when the student sees the teachers' view, ``student_view`` when it has its own.
-    ``autocast_dtype`` (e.g. bf16 on CUDA) runs the forward pass in autocast; the loss stays fp32."""
+    ``autocast_dtype`` (e.g. bf16 on CUDA) runs the forward pass in autocast; the loss stays fp32.
+    ``finite(loss)``: whether to go on; False raises ``NonFiniteLoss`` before the backward pass (DDP workers pass
+    a check all-reduced over the ranks, so every rank stops at the same step and none waits in a collective)."""
     model.train()
     stats = EpochStats()
     t0 = time.perf_counter()
@@ -53,6 +69,8 @@ def train_epoch(
         targets = {t: batch[f"target_{t}"].to(device, non_blocking=True) for t in teacher_names}
         with torch.autocast(device.type, dtype=autocast_dtype or torch.bfloat16, enabled=autocast_dtype is not None):
             out = model(view, targets)
+        if not finite(out["loss"].detach()):
+            raise NonFiniteLoss(stats.steps + 1, float(out["loss"].detach()))
         optimizer.zero_grad(set_to_none=True)
         out["loss"].backward()
         optimizer.step()

@@ -5,12 +5,17 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
+from collections.abc import Iterable
 from typing import Any
 
+from simreg.models.errors import first_line
 from simreg.orchestrator import console
 from simreg.orchestrator.tracking.base import RunTracker
+from simreg.orchestrator.tracking.redact import redact_text
 
 log = logging.getLogger("simreg")
+RETRY_MIN_S, RETRY_MAX_S = 2.0, 10.0  # waits between tries while the tracker fails
 
 
 class Progress:
@@ -26,10 +31,15 @@ class Progress:
         self.placements: list[str] = []
         self._seen = 0  # RunState reports consumed
         self._logged: set[int] = set()  # epochs written to MLflow
+        self._tracker_error: str | None = None  # the tracker's last error while it keeps failing
+        self._retry_at = 0.0  # monotonic time of the next try while the tracker fails (backoff up to RETRY_MAX_S)
+        self._retry_s = RETRY_MIN_S
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
 
     def __enter__(self) -> Progress:
+        # the tracker's HTTP retries are its own business: this thread says once that the server is away
+        logging.getLogger("urllib3.connectionpool").setLevel(logging.ERROR)
         self._thread.start()
         return self
 
@@ -60,11 +70,32 @@ class Progress:
         pending = [m for m in self.history if int(m["epoch"]) not in self._logged]
         if pending:
             ready = self.committed()
-            for m in pending:
-                if int(m["epoch"]) in ready:
-                    self.tracker.log_metrics(m, step=int(m["epoch"]))
-                    self._logged.add(int(m["epoch"]))
+            lines.extend(self._log(m for m in pending if int(m["epoch"]) in ready))
         return epoch, done, lines
+
+    def _log(self, metrics: Iterable[dict[str, float]]) -> list[str]:
+        """Each epoch's metrics to the tracker; while it fails (a tracking server down), one warning, and the epochs
+        stay pending: the next poll retries them, in order, and the run's end logs whatever is still missing."""
+        lines: list[str] = []
+        if time.monotonic() < self._retry_at:
+            return lines
+        for m in metrics:
+            try:
+                self.tracker.log_metrics(m, step=int(m["epoch"]))
+            except Exception as e:  # noqa: BLE001  (the tracking store's errors: connection refused, 5xx, a locked sqlite)
+                if self._tracker_error is None:
+                    lines.append(f"warning: MLflow did not take epoch {int(m['epoch']) + 1}'s metrics ({redact_text(first_line(e, 200))}); "
+                                 "training goes on and they are sent when it answers again")
+                else:
+                    self._retry_s = min(2 * self._retry_s, RETRY_MAX_S)
+                self._tracker_error = str(e)
+                self._retry_at = time.monotonic() + self._retry_s
+                return lines
+            self._logged.add(int(m["epoch"]))
+            if self._tracker_error is not None:
+                lines.append(f"MLflow answers again: epoch {int(m['epoch']) + 1}'s metrics sent")
+                self._tracker_error, self._retry_at, self._retry_s = None, 0.0, RETRY_MIN_S
+        return lines
 
     def _run(self) -> None:
         from tqdm import tqdm
@@ -74,7 +105,7 @@ class Progress:
         while not self._stop.wait(0.5):
             try:
                 epoch, done, lines = self._drain()
-            except Exception:  # the state actor is gone: the run is ending
+            except Exception:  # noqa: BLE001  (the state actor is gone: the run is ending; tracker errors are handled in _log)
                 break
             finished = {int(m["epoch"]) for m in self.history}
             if bar is not None and (bar_epoch in finished or lines):

@@ -69,7 +69,8 @@ def make_trainer(prep: Prepared, placement: Placement, state: Any, run_config: A
     tp = cfg.teacher_pool
     options = {**teacher_options(cfg, cache_spec(cfg, prep.train)), "compile": tp.compile}
     res = PoolResources(tp.actors_per_teacher, tp.cpus_per_actor, placement.teacher_gpus, tp.threads, tp.batch_size, options,
-                        tp.view_tasks, tp.cpus_per_view_task, dict(tp.resources), dict(tp.label_selector), teacher_env(placement))
+                        tp.view_tasks, tp.cpus_per_view_task, dict(tp.resources), dict(tp.label_selector), teacher_env(placement),
+                        tp.max_restarts, tp.call_timeout_s)
     teachers = start_teachers(prep.specs, state, res)
     dataset = build_train_dataset(prep.train, teachers, state, cfg.seed, view_plan(cfg), res)
     trainer = TorchTrainer(

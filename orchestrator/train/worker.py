@@ -30,8 +30,8 @@ from simreg.orchestrator.train.builders import (
     student_layout,
     view_plan,
 )
-from simreg.orchestrator.train.checkpoint import load_state, restore, save_checkpoint
-from simreg.orchestrator.train.epoch import train_epoch
+from simreg.orchestrator.train.checkpoint import load_kept, restore, save_checkpoint
+from simreg.orchestrator.train.epoch import NonFiniteLoss, train_epoch
 
 PROGRESS_EVERY = 4  # steps between progress pings from rank 0
 
@@ -50,6 +50,25 @@ def _global_id_counts(ids: torch.Tensor, world: int, device: torch.device) -> tu
     everything = torch.cat([p[: int(k)].cpu() for p, k in zip(parts, sizes, strict=True)])
     distinct = int(everything.unique().numel())
     return distinct, int(everything.numel()) - distinct
+
+
+def _all_finite(device: torch.device) -> Any:
+    """``train_epoch``'s ``finite`` check over every rank: one MIN all-reduce of a flag per step, before the backward
+    pass, so all ranks stop at the same step when any rank's loss is NaN/inf."""
+    def finite(loss: torch.Tensor) -> bool:
+        flag = torch.tensor([1.0 if bool(torch.isfinite(loss).all()) else 0.0], device=device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MIN)
+        return bool(flag.item() > 0)
+
+    return finite
+
+
+def _diverged(e: NonFiniteLoss, cfg: Any, epoch: int, steps: int, lr: float) -> str:
+    kept = f"epoch {epoch}'s checkpoint is the last one kept" if epoch > 0 else "no checkpoint was written"
+    return (
+        f"the training loss became {e.value} at epoch {epoch + 1}, step {e.step} of {steps} (learning rate then {lr:.3g}): "
+        f"the run stopped before that step's update; {kept}. Lower optim.lr (now {cfg.optim.lr:g}) or add optim.warmup_epochs"
+    )
 
 
 def _validate(objective: torch.nn.Module, val: Any, cfg: Any, device: torch.device) -> dict[str, float]:
@@ -71,6 +90,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     names = list(teacher_dims)
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    if ray.get(state.get_failure.remote()) is not None:  # an earlier attempt found the run cannot go on: end, the driver says why
+        return
     # First: Ray Data's split coordinator (an actor: a process and its imports, seconds on a small machine) then
     # starts while the model and DDP are built, instead of delaying the first batch. Once; iterated once per epoch.
     shard = ray.train.get_dataset_shard("train")
@@ -89,8 +110,9 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     history: list[dict[str, float]] = []  # every epoch's metrics so far, carried by the checkpoint
     ckpt = ray.train.get_checkpoint()
     if ckpt is not None:  # a restarted worker group, an elastic resize, or a rerun of the same output dir
-        with ckpt.as_directory() as d:
-            saved = load_state(Path(d))
+        saved, used, damaged = load_kept(ckpt)
+        if rank == 0 and damaged:
+            state.note_placement.remote(f"checkpoint {'; '.join(damaged)}; resuming from {used}")
         start_epoch = restore(saved, objective, optimizer, scheduler)
         history = list(saved.get("history", []))
     rt = ray.get_runtime_context()
@@ -125,7 +147,13 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         waits: list[float] = []
         t0 = time.perf_counter()
         batches = _batches(shard, per_worker_batch, pin=cuda)
-        stats = train_epoch(model, _checked(batches, epoch, seen, waits), optimizer, scheduler, names, device, on_step, view_key, amp)
+        try:
+            stats = train_epoch(model, _checked(batches, epoch, seen, waits), optimizer, scheduler, names, device, on_step, view_key, amp,
+                                finite=_all_finite(device))
+        except NonFiniteLoss as e:  # every rank is here, at the same step: record why, end without a checkpoint
+            if rank == 0:
+                ray.get(state.fail.remote(_diverged(e, cfg, epoch, steps, float(scheduler.get_last_lr()[0]))))
+            return
         wall = time.perf_counter() - t0
         if rank == 0 and os.environ.get("SIMREG_DATA_STATS"):  # Ray Data's per-stage timings, for tuning
             print(f"[simreg] epoch {epoch} Ray Data stats (rank 0):\n{shard.stats()}", flush=True)

@@ -11,6 +11,7 @@ an uninterrupted one with the same seed (the teacher-kill run: its student never
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -140,12 +141,14 @@ def test_driver_killed_then_rerun_resumes_same_mlflow_run(teacher_killed, ray_cl
     log1 = open(out.parent / "first.log", "w")
     p = subprocess.Popen(cmd, stdout=log1, stderr=subprocess.STDOUT, env=env)
     deadline = time.time() + 300
-    while time.time() < deadline and p.poll() is None and not committed(out, 0):
+    while time.time() < deadline and p.poll() is None and not committed(out, 1):
         time.sleep(0.2)
-    assert committed(out, 0), f"no checkpoint before the kill; see {log1.name}"
-    time.sleep(0.5)
+    assert committed(out, 1), f"no second checkpoint before the kill; see {log1.name}"
     p.send_signal(signal.SIGKILL)
     p.wait(timeout=30)
+    # the latest checkpoint damaged as a crash mid-copy would leave it: the rerun falls back to the one before
+    latest = out / "ray" / "train" / "epoch_0001" / "state.pt"
+    latest.write_bytes(latest.read_bytes()[:1000])
 
     client = MlflowClient(f"sqlite:///{out / 'mlflow.db'}")
     run_id = (out / "mlflow_run_id").read_text().strip()
@@ -158,16 +161,165 @@ def test_driver_killed_then_rerun_resumes_same_mlflow_run(teacher_killed, ray_cl
     (out.parent / "rerun.log").write_text(r.stdout + r.stderr)
     assert r.returncode == 0, r.stderr[-3000:]
     assert "resuming the interrupted run" in r.stderr
+    assert f"checkpoint epoch_0001: checkpoint file {latest} cannot be read" in r.stderr and "resuming from epoch_0000" in r.stderr
     summary = json.loads((out / "summary.json").read_text())
     assert summary["mlflow_run_id"] == run_id  # no duplicate run
     _check_accounting(summary)
-    assert summary["history"][0]["train/resumed_at_epoch"] == 0.0 and summary["history"][-1]["train/resumed_at_epoch"] >= 1.0
+    # epoch 0 by the first driver; epochs 1-2 again from epoch 0's checkpoint (epoch 1's was damaged)
+    assert [h["train/resumed_at_epoch"] for h in summary["history"]] == [0.0, 1.0, 1.0]
     run = client.get_run(run_id)
     assert run.info.status == "FINISHED" and run.data.tags["simreg.attempt"] == "2"
     assert run.data.tags["simreg.previous_attempt_status"] == "KILLED"
     exp = run.info.experiment_id
     assert len(client.search_runs([exp])) == 1
-    # every epoch logged once in the run's history, across both drivers
-    assert sorted(m.step for m in client.get_metric_history(run_id, "train/loss")) == list(range(EPOCHS))
+    # every epoch in the run's history, across both drivers; epoch 1 twice (its first run's checkpoint was lost),
+    # the latest value at each step is the one the run continued from
+    logged = client.get_metric_history(run_id, "train/loss")
+    assert sorted({m.step for m in logged}) == list(range(EPOCHS)) and len(logged) <= EPOCHS + 1
+    latest_by_step = {m.step: m.value for m in sorted(logged, key=lambda m: m.timestamp)}
+    assert latest_by_step == pytest.approx({int(h["epoch"]): h["train/loss"] for h in summary["history"]})
     base = teacher_killed[0]
     assert abs(summary["history"][-1]["train/loss"] - base["history"][-1]["train/loss"]) < 0.05
+
+
+@contextlib.contextmanager
+def _tiny_filesystem(path: Path, size: str):
+    """A tmpfs of ``size`` mounted at ``path`` (a disk that fills), or None where mounting is not allowed."""
+    path.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)], capture_output=True).returncode != 0:
+        yield None
+        return
+    try:
+        yield path
+    finally:
+        subprocess.run(["umount", "-l", str(path)], capture_output=True)
+
+
+def _cli(out: Path, *extra: str) -> list[str]:
+    """``simreg distill`` on this module's cluster (a run that fails leaves the cluster up, as on a real one)."""
+    return [str(Path(sys.executable).with_name("simreg")), "distill", "--output-dir", str(out), *SMALL, "ray.address=auto", *extra]
+
+
+def _cli_env(ray_address: str, **extra: str) -> dict[str, str]:
+    return {**os.environ, "RAY_ADDRESS": ray_address, "RAY_AUTH_MODE": "disabled", "HF_HUB_OFFLINE": "1", **extra}
+
+
+def test_a_diverging_loss_ends_the_run_failed_with_one_line(ray_cluster, tmp_path):
+    from mlflow.tracking import MlflowClient
+
+    from simreg.orchestrator.train.checkpoint import train_storage
+
+    out = tmp_path / "diverged"
+    r = subprocess.run(_cli(out, "name=diverged", "optim.lr=1e6"), capture_output=True, text=True,
+                       env=_cli_env(ray_cluster), timeout=400)
+    (tmp_path / "diverged.log").write_text(r.stdout + r.stderr)
+    assert r.returncode == 1, r.stderr[-3000:]
+    errors = [ln for ln in r.stderr.splitlines() if ln.startswith("simreg: error:")]
+    assert "Traceback" not in r.stderr and len(errors) == 1, r.stderr[-3000:]
+    last = errors[0]
+    assert "the training loss became nan at epoch " in last, last
+    assert "the run stopped before that step's update" in last and "Lower optim.lr (now 1e+06)" in last
+    diverged_at = int(last.split("became nan at epoch ")[1].split(",")[0])  # 1-based
+    # no checkpoint of the diverged epoch or after it; nothing claims the run finished
+    assert {int(p.name.removeprefix("epoch_")) for p in train_storage(out).glob("epoch_*")} == set(range(diverged_at - 1))
+    assert not (out / "summary.json").exists() and not (out / "student").exists()
+    client = MlflowClient(f"sqlite:///{out / 'mlflow.db'}")
+    run = client.get_run((out / "mlflow_run_id").read_text().strip())
+    assert run.info.status == "FAILED"
+
+
+def test_an_error_once_the_run_is_open_ends_it_failed(ray_cluster, tmp_path):
+    """A param MLflow refuses (a label key it cannot name) fails the run's first write to MLflow: the run ends
+    FAILED at once, not left RUNNING for the reaper to call KILLED."""
+    from mlflow.exceptions import MlflowException
+    from mlflow.tracking import MlflowClient
+
+    with pytest.raises(MlflowException, match="bad!key"):
+        _distill(tmp_path, "bad_param", "teacher_pool.label_selector={bad!key: x}")
+    out = tmp_path / "bad_param"
+    run = MlflowClient(f"sqlite:///{out / 'mlflow.db'}").get_run((out / "mlflow_run_id").read_text().strip())
+    assert run.info.status == "FAILED"
+
+
+def test_a_teacher_that_dies_every_time_ends_the_run_failed_naming_it(ray_cluster, tmp_path):
+    from mlflow.tracking import MlflowClient
+
+    from simreg.models.errors import SimRegError
+
+    out = tmp_path / "teacher_dies"
+    killed: list[int] = []
+    done = threading.Event()
+
+    def keep_killing() -> None:  # every teacher process, as soon as it serves (as an OOM on every batch would)
+        while not done.is_set() and not committed(out, 0):
+            time.sleep(0.2)
+        while not done.is_set():
+            for pid in _alive_pids("PooledTeacher"):
+                if pid not in killed:
+                    os.kill(pid, signal.SIGKILL)
+                    killed.append(pid)
+            time.sleep(0.3)
+
+    t = threading.Thread(target=keep_killing, daemon=True)
+    t.start()
+    t0 = time.time()
+    try:
+        with pytest.raises(SimRegError) as e:
+            _distill(tmp_path, "teacher_dies", "teacher_pool.max_restarts=1", "train.epochs=6")
+    finally:
+        done.set()
+        t.join(timeout=5)
+    assert str(e.value).startswith("teacher simclr_r10t cannot serve targets: its actor died and was restarted "
+                                   "teacher_pool.max_restarts=1 times"), str(e.value)
+    assert len(killed) == 2  # the first process and its one restart; then no more restarts
+    assert time.time() - t0 < 240  # the retried worker group ends at once instead of failing again
+    client = MlflowClient(f"sqlite:///{out / 'mlflow.db'}")
+    run = client.get_run((out / "mlflow_run_id").read_text().strip())
+    assert run.info.status == "FAILED" and not (out / "summary.json").exists()
+
+
+def test_mlflow_server_down_mid_run_then_back_every_epoch_logged(ray_cluster, tmp_path):
+    from mlflow.tracking import MlflowClient
+
+    from tests.services import free_port, mlflow_server
+
+    epochs, port = 16, free_port()  # ~2 s an epoch: the run goes on while the server is away and after it is back
+    server_dir = tmp_path / "server"
+    server_dir.mkdir()
+    out = tmp_path / "outage"
+    servers = contextlib.ExitStack()
+    url = servers.enter_context(mlflow_server(server_dir, None, str(tmp_path / "artifacts"), port=port))
+    env = _cli_env(ray_cluster, MLFLOW_HTTP_REQUEST_MAX_RETRIES="1", MLFLOW_HTTP_REQUEST_TIMEOUT="5")
+    log = tmp_path / "outage.log"
+    # the target cache (a bank of 4 views) on a 1 MiB filesystem: it fills in the second epoch (0.5 MiB of targets each)
+    mounts = contextlib.ExitStack()  # not in ``servers``: closing that stops the server only
+    disk = mounts.enter_context(_tiny_filesystem(tmp_path / "small-disk", "1m"))
+    cache = ["cache.enabled=true", f"cache.dir={disk}", "augment.view_bank=4"] if disk else []
+    with open(log, "w") as fh:
+        p = subprocess.Popen(_cli(out, "name=outage", f"train.epochs={epochs}", *cache, "--tracking-uri", url),
+                             stdout=fh, stderr=subprocess.STDOUT, env=env)
+    try:
+        deadline = time.time() + 300
+        while time.time() < deadline and p.poll() is None and not committed(out, 0):
+            time.sleep(0.2)
+        servers.close()  # the tracking server goes away mid-run
+        while time.time() < deadline and p.poll() is None and "warning: MLflow did not take epoch" not in log.read_text():
+            time.sleep(0.3)
+        assert "warning: MLflow did not take epoch" in log.read_text(), log.read_text()[-3000:]
+        servers.enter_context(mlflow_server(server_dir, None, str(tmp_path / "artifacts"), port=port))  # back, same store
+        assert p.wait(timeout=400) == 0, log.read_text()[-3000:]
+        text = log.read_text()
+        assert text.count("warning: MLflow did not take epoch") == 1 and "MLflow answers again" in text
+        summary = json.loads((out / "summary.json").read_text())
+        client = MlflowClient(url)
+        run = client.get_run(summary["mlflow_run_id"])
+        assert run.info.status == "FINISHED"
+        assert sorted(m.step for m in client.get_metric_history(run.info.run_id, "train/loss")) == list(range(epochs))
+        if disk:  # the full disk: said once; the run went on, each view's targets computed once (kept in memory)
+            assert text.count("the target cache in") == 1 and "No space left on device" in text, text[-3000:]
+            assert summary["teacher_rows"]["simclr_r10t"] == {"forward": 4 * N, "cached": (epochs - 4) * N}
+    finally:
+        if p.poll() is None:
+            p.kill()
+        servers.close()
+        mounts.close()
