@@ -96,6 +96,8 @@ def test_mlflow_run_has_params_epoch_metrics_and_artifacts(distilled):
     client = MlflowClient(summary["mlflow_tracking_uri"])
     run = client.get_run(summary["mlflow_run_id"])
     assert run.info.status == "FINISHED"
+    # summary.json ("finished") is the run's last write: after MLflow recorded the FINISHED status (ms clock)
+    assert (out / "summary.json").stat().st_mtime >= run.info.end_time / 1000 - 0.002
     assert run.data.params["heads.depth"] == "2" and run.data.params["teachers.0.arch"] == "resnet10t"
     assert run.data.params["augment.mode"] == "different" and run.data.params["teachers.1.model_kwargs.img_size"] == "48"
     loss = client.get_metric_history(run.info.run_id, "train/loss")

@@ -241,6 +241,37 @@ def test_an_error_once_the_run_is_open_ends_it_failed(ray_cluster, tmp_path):
     assert run.info.status == "FAILED"
 
 
+def test_a_teacher_slower_than_its_timeout_is_named(ray_cluster):
+    """The view stage on this cluster with a teacher actor that never answers: after teacher_pool.call_timeout_s
+    it records why in RunState (the run then ends FAILED with that line) and fails the block."""
+    import numpy as np
+    import ray
+
+    from simreg.models.errors import SimRegError
+    from simreg.orchestrator.config import load_config
+    from simreg.orchestrator.pipeline.dataset import _views_and_targets
+    from simreg.orchestrator.pipeline.state import start_run_state
+    from simreg.orchestrator.train.builders import view_plan
+
+    @ray.remote(num_cpus=0)
+    class Hung:
+        def infer(self, request: dict) -> None:
+            time.sleep(120)
+
+    state, hung = start_run_state(), Hung.remote()
+    ray.get(state.set_epoch.remote(0))
+    batch = {"sample_id": np.arange(4), "label": np.zeros(4, np.int64), "image": np.zeros((4, 28, 28), np.uint8)}
+    t0 = time.time()
+    try:
+        with pytest.raises(SimRegError, match=r"^teacher slow sent no targets for a block within teacher_pool.call_timeout_s=2 s"):
+            _views_and_targets(batch, state=state, seed=0, plan=view_plan(load_config(None, SMALL)), teachers={"slow": [hung]}, timeout_s=2.0)
+        assert time.time() - t0 < 30
+        assert ray.get(state.get_failure.remote()).startswith("teacher slow sent no targets")
+    finally:
+        ray.kill(hung)
+        ray.kill(state)
+
+
 def test_a_teacher_that_dies_every_time_ends_the_run_failed_naming_it(ray_cluster, tmp_path):
     from mlflow.tracking import MlflowClient
 
