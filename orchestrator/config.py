@@ -215,7 +215,7 @@ class TeacherPoolConfig(_Strict):
     )
     label_selector: dict[str, str] = Field(default_factory=dict, description="node labels a teacher actor must land on")
     max_restarts: int = Field(
-        3, ge=0, description="times Ray restarts a teacher actor that died (its calls retried); then the run ends FAILED naming it"
+        3, ge=-1, description="times over the run Ray restarts a teacher actor that died (its calls retried; -1: no limit); then the run ends FAILED naming it"
     )
     call_timeout_s: float = Field(
         600.0, gt=0, description="seconds a view task waits for a teacher's targets of one block before the run ends FAILED"

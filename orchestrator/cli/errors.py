@@ -102,6 +102,10 @@ def original(e: BaseException) -> BaseException:
     return leaf
 
 
+_NETWORK_WORDS = ("NETWORK_CONNECTION", "Couldn't connect", "Connection refused", "timed out", "SERVICE_UNAVAILABLE",
+                  "SLOW_DOWN", "INTERNAL_FAILURE")
+
+
 def os_error(e: OSError, what: str = "") -> tuple[int, str]:
     """(exit status, line) for a file or store that cannot be read or written. A full disk or a service that does
     not answer is a failure (1); a path or URI the user gave (missing, a file for a folder, no permission) is bad
@@ -110,7 +114,9 @@ def os_error(e: OSError, what: str = "") -> tuple[int, str]:
     if e.errno in (errno.ENOSPC, errno.EDQUOT):
         name = f" writing {e.filename}" if e.filename else ""
         return EXIT_FAILURE, f"{where}no space left on the device{name}: free some space or write elsewhere"
-    if e.errno in _FAILURE_ERRNOS:
+    # pyarrow's S3 client raises plain OSErrors (no errno) that name the AWS error: a network one is a service down
+    unreachable = e.errno is None and any(w in str(e) for w in _NETWORK_WORDS)
+    if e.errno in _FAILURE_ERRNOS or isinstance(e, (TimeoutError, ConnectionError)) or unreachable:
         return EXIT_FAILURE, f"{where}{first_line(e, 500)}: check that the service or device is up, then rerun"
     return EXIT_BAD_INPUT, (f"{where}{first_line(e, 500)} (check the path or URI, AWS_ENDPOINT_URL and the credentials; "
                             "--verbose for Ray's own lines)")

@@ -324,7 +324,9 @@ def _run(args: argparse.Namespace) -> int:
     if args.command == "config":
         import yaml
 
-        print(yaml.safe_dump(json.loads(cfg.model_dump_json()), sort_keys=False))
+        from simreg.orchestrator.tracking.redact import redact_tree
+
+        print(yaml.safe_dump(redact_tree(json.loads(cfg.model_dump_json())), sort_keys=False))  # secrets masked, as everywhere
         return 0
     from simreg.orchestrator.api import distill
     from simreg.orchestrator.evaluation.final import knn_table

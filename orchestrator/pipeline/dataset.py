@@ -35,6 +35,20 @@ if TYPE_CHECKING:  # the view stage's processes import this module: no teacher c
     from simreg.orchestrator.pipeline.actors import PoolResources
 
 
+READ_ATTEMPTS = 3  # reads of a block's pieces before the view task fails
+
+
+def _caused_by_io(e: BaseException) -> bool:
+    """Whether an OSError (storage unreachable, a timeout) is in ``e``'s cause chain: worth a worker-group restart,
+    unlike a file that is there but damaged."""
+    seen: BaseException | None = e
+    while seen is not None:
+        if isinstance(seen, OSError):
+            return True
+        seen = seen.__cause__ or seen.__context__
+    return False
+
+
 def teacher_failure(name: str, error: BaseException, max_restarts: int, timeout_s: float) -> str:
     """One line: which teacher cannot serve targets, why, and the knob that decides it."""
     from ray.exceptions import GetTimeoutError
@@ -58,11 +72,17 @@ def _views_and_targets(
     their rows here first."""
     if read_piece is not None:
         n = len(next(iter(batch.values())))
-        try:
-            parts = [read_piece({k: v[i] for k, v in batch.items()}) for i in range(n)]
-        except SimRegError as e:  # a shard damaged or replaced since the run started: the same on every retry
-            ray.get(state.fail.remote(str(e)))
-            raise
+        for attempt in range(READ_ATTEMPTS):
+            try:
+                parts = [read_piece({k: v[i] for k, v in batch.items()}) for i in range(n)]
+                break
+            except SimRegError as e:
+                if attempt + 1 < READ_ATTEMPTS:  # a storage hiccup (a 503, a reset connection) passes
+                    time.sleep(2.0 * (attempt + 1))
+                    continue
+                if not _caused_by_io(e):  # a shard damaged or replaced since the run started: the same on every retry
+                    ray.get(state.fail.remote(str(e)))
+                raise
         batch = {k: np.concatenate([p[k] for p in parts]) for k in ("sample_id", "label", "image")}
     out = add_views(batch, epoch=ray.get(state.get_epoch.remote()), seed=seed, plan=plan)
     request = ray.put({k: out[k] for k in ("sample_id", "view", "view_index")})  # shipped once to all teachers

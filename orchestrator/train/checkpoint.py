@@ -19,7 +19,15 @@ from simreg.models.errors import SimRegError, first_line
 from simreg.orchestrator.ray_compat import registered_checkpoints
 
 STATE = "state.pt"
-CHECKPOINT_NAME = re.compile(r"epoch_(\d{4,})")
+# epoch_NNNN; an epoch redone after a fallback from a damaged checkpoint gets a suffix (epoch_NNNN-rT): Ray Train's
+# checkpoint manager tells checkpoints apart by object, so a redo under the damaged one's name would later be pruned
+# as if it were the old one
+CHECKPOINT_NAME = re.compile(r"epoch_(\d{4,})(?:-r\d+)?")
+
+
+def checkpoint_epoch(name: str) -> int | None:
+    m = CHECKPOINT_NAME.fullmatch(name)
+    return None if m is None else int(m.group(1))
 # what a checkpoint must hold to be resumed from (older checkpoints may lack the RNG states of numpy / Python)
 REQUIRED = ("epoch", "backbone", "heads", "optimizer", "scheduler", "torch_rng")
 
@@ -83,19 +91,17 @@ def load_kept(ckpt: Any) -> tuple[dict[str, Any], str, list[str]]:
 
     fs, latest = ckpt.filesystem, ckpt.path.rstrip("/")
     parent, name = posixpath.split(latest)
-    m = CHECKPOINT_NAME.fullmatch(name)
+    epoch = checkpoint_epoch(name)
     skipped: list[str] = []
     try:
         return attempt(ckpt), name, skipped
     except SimRegError as e:
         skipped.append(f"{name}: {e}")
-        if m is None:
+        if epoch is None:
             raise
-    older = sorted(
-        (i.base_name for i in fs.get_file_info(pafs.FileSelector(parent)) if i.type == pafs.FileType.Directory
-         and (o := CHECKPOINT_NAME.fullmatch(i.base_name)) is not None and int(o.group(1)) < int(m.group(1))),
-        reverse=True,
-    )
+    kept = [(k, i.base_name) for i in fs.get_file_info(pafs.FileSelector(parent))
+            if i.type == pafs.FileType.Directory and (k := checkpoint_epoch(i.base_name)) is not None and k < epoch]
+    older = [n for _, n in sorted(kept, reverse=True)]
     for other in older:
         try:
             return attempt(ray.train.Checkpoint(posixpath.join(parent, other), filesystem=fs)), other, skipped

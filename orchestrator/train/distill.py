@@ -23,6 +23,7 @@ from simreg.orchestrator.evaluation.final import final_knn, knn_table
 from simreg.orchestrator.storage import Store, open_store, scratch
 from simreg.orchestrator.tracking.backends import backend_for, default_tracking_uri
 from simreg.orchestrator.tracking.base import TrackerBackend
+from simreg.orchestrator.tracking.redact import redact_text
 from simreg.orchestrator.train.checkpoint import committed_epochs, train_storage
 from simreg.orchestrator.train.placement import failure_config, plan_placement
 from simreg.orchestrator.train.prepare import prepare
@@ -98,9 +99,8 @@ def _distill(cfg: SimRegConfig, out: Store, local: Path, tracking_uri: str, t_st
         t_fit = time.perf_counter()
         marks["fit"] = time.time()
         with Progress(state, tracker, images_per_epoch(prep), cfg.train.epochs, lambda: committed_epochs(storage)) as progress:
-            result = trainer.fit()
+            result = fit(trainer, state)
         fit_s = time.perf_counter() - t_fit
-        raise_run_failure(state, result)
         if result.checkpoint is None:
             raise SimRegError(f"training in {out} produced no checkpoint: rerun with --verbose, or read Ray's logs in /tmp/ray/session_latest/logs")
         from simreg.orchestrator.train.checkpoint import load_state
@@ -178,7 +178,7 @@ def _distill(cfg: SimRegConfig, out: Store, local: Path, tracking_uri: str, t_st
         tracker.log_artifact(config_file)
         tracker.log_artifact(weights, "student")
         tracker.log_artifact(weights.with_suffix(".json"), "student")
-        summary_text = json.dumps(summary, indent=2)
+        summary_text = redact_text(json.dumps(summary, indent=2))  # as publish() writes it
         with tempfile.TemporaryDirectory(prefix="simreg-summary-") as d:
             (Path(d) / "summary.json").write_text(summary_text)
             tracker.log_artifact(Path(d) / "summary.json")
@@ -198,16 +198,25 @@ def _distill(cfg: SimRegConfig, out: Store, local: Path, tracking_uri: str, t_st
             stop_actors(state, actors, timeout_s=60.0 if status == "FINISHED" else 5.0)  # interrupted: `ray job stop` waits briefly
 
 
-def raise_run_failure(state: Any, result: Any) -> None:
-    """The fit's error, if any, as the run's: first why the run itself recorded it could not go on (a diverged loss,
-    a teacher that cannot serve: one line), else Ray Train's error."""
+def fit(trainer: Any, state: Any) -> Any:
+    """``trainer.fit()``; its error, if any, as the run's: first why the run itself recorded it could not go on (a
+    diverged loss, a teacher that cannot serve: one line), else Ray Train's error. Ray Train raises when the fit
+    failed (its restarts used up) and returns when the workers ended early on a recorded failure."""
     import ray
 
+    try:
+        result = trainer.fit()
+    except Exception:
+        failure = ray.get(state.get_failure.remote())
+        if failure is not None:
+            raise SimRegError(failure) from None
+        raise
     failure = ray.get(state.get_failure.remote())
     if failure is not None:
         raise SimRegError(failure)
     if result.error is not None:
         raise result.error
+    return result
 
 
 def startup_phases(started_at: float, marks: dict[str, float]) -> dict[str, float]:

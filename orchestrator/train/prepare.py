@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from simreg.orchestrator.config import SimRegConfig
 from simreg.orchestrator.data.imageset import ImageSet
 from simreg.orchestrator.data.sources import load_splits
+from simreg.orchestrator.evaluation.knn import check_bank
 from simreg.orchestrator.pipeline.teacher import TeacherSpec
 from simreg.orchestrator.train.builders import (
     build_objective,
@@ -44,9 +45,12 @@ def prepare(cfg: SimRegConfig, quiet: bool = False) -> Prepared:
         train_full.subset(cfg.data.knn_bank_size, cfg.seed + 1).materialized(),
         held_out.subset(cfg.data.knn_query_size, cfg.seed + 2).materialized(),
     )
+    # before training, not after it: a bank smaller than k would fail the run's last step (or every validation)
+    check_bank(len(final.bank), fix=f"raise data.knn_bank_size (now {cfg.data.knn_bank_size}) or use more images")
     val = None
     if cfg.eval.val_every > 0:
         val = EvalSets(*(s.materialized() for s in train_full.split_two(cfg.eval.val_bank_size, cfg.eval.val_query_size, cfg.seed + 3)))
+        check_bank(len(val.bank), fix=f"raise eval.val_bank_size (now {cfg.eval.val_bank_size}), or set eval.val_every=0")
     if not quiet:
         log.info(
             "data: %s, %d images distilled on%s; k-NN bank %d, queries %d (%s)",

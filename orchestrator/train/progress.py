@@ -46,7 +46,15 @@ class Progress:
     def __exit__(self, *exc: Any) -> None:
         self._stop.set()
         self._thread.join(timeout=10)
-        for line in self._drain()[2]:
+        if self._thread.is_alive():  # still in a tracker call (a server's own retries): the run's end logs what is missing
+            return
+        try:
+            lines = self._drain()[2]  # the reports since the thread's last poll, in this thread alone
+        except Exception:  # noqa: BLE001  (the state actor is gone with a failed fit: that error is the one to raise)
+            if exc[0] is None:
+                raise
+            return
+        for line in lines:
             log.info(line)
 
     def _drain(self) -> tuple[int, int, list[str]]:

@@ -11,6 +11,7 @@ from typing import Any
 from simreg.orchestrator import console
 from simreg.orchestrator.config import SimRegConfig
 from simreg.orchestrator.ray_compat import LOCAL_SYSTEM_CONFIG, train_controller_runtime_env
+from simreg.orchestrator.tracking.redact import redact_tree
 from simreg.orchestrator.train.builders import (
     cache_spec,
     shard_plan,
@@ -76,7 +77,8 @@ def make_trainer(prep: Prepared, placement: Placement, state: Any, run_config: A
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config={
-            "cfg": json.loads(cfg.model_dump_json()), "state": state, "teacher_dims": prep.teacher_dims,
+            # redacted: Ray Train keeps this in its run state (the dashboard shows it); workers need no tracking secret
+            "cfg": redact_tree(json.loads(cfg.model_dump_json())), "state": state, "teacher_dims": prep.teacher_dims,
             "n_train": len(prep.train), "val": prep.val,
             # an object store: the checkpoint uploads while the next epoch trains (a local copy is quick)
             "async_checkpoint": getattr(run_config, "storage_filesystem", None) is not None,

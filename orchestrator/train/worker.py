@@ -5,6 +5,7 @@ Rank and world size are read once, here; the epoch loop itself (``loop.train_epo
 from __future__ import annotations
 
 import os
+import posixpath
 import shutil
 import tempfile
 import time
@@ -17,6 +18,7 @@ import torch
 import torch.distributed as dist
 from ray.train import CheckpointUploadMode
 
+from simreg.models.errors import SimRegError
 from simreg.orchestrator.config import validate_config
 from simreg.orchestrator.evaluation.knn import knn_report
 from simreg.orchestrator.ray_compat import quiet_train_report_log
@@ -30,7 +32,7 @@ from simreg.orchestrator.train.builders import (
     student_layout,
     view_plan,
 )
-from simreg.orchestrator.train.checkpoint import load_kept, restore, save_checkpoint
+from simreg.orchestrator.train.checkpoint import checkpoint_epoch, load_kept, restore, save_checkpoint
 from simreg.orchestrator.train.epoch import NonFiniteLoss, train_epoch
 
 PROGRESS_EVERY = 4  # steps between progress pings from rank 0
@@ -52,21 +54,34 @@ def _global_id_counts(ids: torch.Tensor, world: int, device: torch.device) -> tu
     return distinct, int(everything.numel()) - distinct
 
 
-def _all_finite(device: torch.device) -> Any:
-    """``train_epoch``'s ``finite`` check over every rank: one MIN all-reduce of a flag per step, before the backward
-    pass, so all ranks stop at the same step when any rank's loss is NaN/inf."""
-    def finite(loss: torch.Tensor) -> bool:
-        flag = torch.tensor([1.0 if bool(torch.isfinite(loss).all()) else 0.0], device=device)
-        dist.all_reduce(flag, op=dist.ReduceOp.MIN)
-        return bool(flag.item() > 0)
-
-    return finite
+def _any_rank(flag: bool, device: torch.device) -> bool:
+    """Whether ``flag`` holds on any rank (a MAX all-reduce: every rank gets the same answer)."""
+    t = torch.tensor([1.0 if flag else 0.0], device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return bool(t.item() > 0)
 
 
-def _diverged(e: NonFiniteLoss, cfg: Any, epoch: int, steps: int, lr: float) -> str:
+class _AllFinite:
+    """``train_epoch``'s ``finite`` check over every rank: one SUM all-reduce per step, before the backward pass, of
+    (ranks whose loss is NaN, ranks whose loss is infinite): all ranks stop at the same step when any rank's loss is
+    not finite, and ``worst`` says what it was (nan before inf) on every rank."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device, self.worst = device, ""
+
+    def __call__(self, loss: torch.Tensor) -> bool:
+        t = torch.tensor([float(torch.isnan(loss).any()), float(torch.isinf(loss).any())], device=self.device)
+        dist.all_reduce(t)
+        nan, inf = t.tolist()
+        self.worst = "nan" if nan > 0 else "inf" if inf > 0 else ""
+        return not self.worst
+
+
+
+def _diverged(e: NonFiniteLoss, worst: str, cfg: Any, epoch: int, steps: int, lr: float) -> str:
     kept = f"epoch {epoch}'s checkpoint is the last one kept" if epoch > 0 else "no checkpoint was written"
     return (
-        f"the training loss became {e.value} at epoch {epoch + 1}, step {e.step} of {steps} (learning rate then {lr:.3g}): "
+        f"the training loss became {worst or e.value} at epoch {epoch + 1}, step {e.step} of {steps} (learning rate then {lr:.3g}): "
         f"the run stopped before that step's update; {kept}. Lower optim.lr (now {cfg.optim.lr:g}) or add optim.warmup_epochs"
     )
 
@@ -90,8 +105,6 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     names = list(teacher_dims)
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
-    if ray.get(state.get_failure.remote()) is not None:  # an earlier attempt found the run cannot go on: end, the driver says why
-        return
     # First: Ray Data's split coordinator (an actor: a process and its imports, seconds on a small machine) then
     # starts while the model and DDP are built, instead of delaying the first batch. Once; iterated once per epoch.
     shard = ray.train.get_dataset_shard("train")
@@ -101,6 +114,10 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             state.start_view_warmup.remote(config["view_warmup"])
     torch.set_num_threads(cfg.scaling.threads_per_worker)  # Ray sets OMP_NUM_THREADS=1
     device = ray.train.torch.get_device()
+    # An earlier attempt found the run cannot go on (a diverged loss, a teacher that cannot serve): every rank ends
+    # now and the driver says why. Decided together: a rank going on alone would wait in a collective forever.
+    if _any_rank(ray.get(state.get_failure.remote()) is not None, device):
+        return
 
     torch.manual_seed(cfg.seed)  # same init on every rank (DDP also broadcasts rank 0's weights)
     objective = build_objective(cfg, teacher_dims)
@@ -108,13 +125,21 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     optimizer, scheduler = build_optimizer(cfg, objective, steps)
     start_epoch = 0
     history: list[dict[str, float]] = []  # every epoch's metrics so far, carried by the checkpoint
+    redo_upto = -1  # epochs up to this one are redone after a fallback from a damaged checkpoint
     ckpt = ray.train.get_checkpoint()
     if ckpt is not None:  # a restarted worker group, an elastic resize, or a rerun of the same output dir
         saved, used, damaged = load_kept(ckpt)
-        if rank == 0 and damaged:
-            state.note_placement.remote(f"checkpoint {'; '.join(damaged)}; resuming from {used}")
+        if damaged:
+            redo_upto = checkpoint_epoch(posixpath.basename(ckpt.path.rstrip("/"))) or -1
+            if rank == 0:
+                state.note_placement.remote(f"checkpoint {'; '.join(damaged)}; resuming from {used}")
         start_epoch = restore(saved, objective, optimizer, scheduler)
         history = list(saved.get("history", []))
+    span = torch.tensor([start_epoch, -start_epoch], dtype=torch.int64, device=device)
+    dist.all_reduce(span, op=dist.ReduceOp.MAX)
+    if int(span[0]) != -int(span[1]):  # each rank read the checkpoint itself: one read it differently (a storage error)
+        raise SimRegError(f"the student workers resumed at different epochs ({-int(span[1])} to {int(span[0])}): "
+                          "their checkpoint storage answered differently; the run restarts from its last checkpoint")
     rt = ray.get_runtime_context()
     state.note_placement.remote(f"student worker rank {rank}/{world} on node {rt.get_node_id()[:12]}", {
         "role": "student", "rank": rank, "world_size": world, "node_id": rt.get_node_id(), "pid": os.getpid(), "start_epoch": start_epoch,
@@ -137,6 +162,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         if rank == 0 and steps_done[0] % PROGRESS_EVERY == 0:  # fire-and-forget ping for the driver's bar
             state.add_images.remote(n * world * PROGRESS_EVERY)
 
+    finite = _AllFinite(device)
+    redo = f"-r{int(time.time())}"  # see checkpoint.CHECKPOINT_NAME
     for epoch in range(start_epoch, cfg.train.epochs):
         # Every rank has drained the previous execution before the epoch moves on; the next execution
         # starts only once all ranks ask for it, i.e. after rank 0 has set the epoch.
@@ -149,10 +176,10 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         batches = _batches(shard, per_worker_batch, pin=cuda)
         try:
             stats = train_epoch(model, _checked(batches, epoch, seen, waits), optimizer, scheduler, names, device, on_step, view_key, amp,
-                                finite=_all_finite(device))
+                                finite=finite)
         except NonFiniteLoss as e:  # every rank is here, at the same step: record why, end without a checkpoint
             if rank == 0:
-                ray.get(state.fail.remote(_diverged(e, cfg, epoch, steps, float(scheduler.get_last_lr()[0]))))
+                ray.get(state.fail.remote(_diverged(e, finite.worst, cfg, epoch, steps, float(scheduler.get_last_lr()[0]))))
             return
         wall = time.perf_counter() - t0
         if rank == 0 and os.environ.get("SIMREG_DATA_STATS"):  # Ray Data's per-stage timings, for tuning
@@ -200,7 +227,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             tmp = tempfile.mkdtemp(prefix="simreg-ckpt-")
             try:
                 save_checkpoint(Path(tmp), objective, optimizer, scheduler, epoch, metrics, history)
-                ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp), checkpoint_dir_name=f"epoch_{epoch:04d}",
+                ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp), checkpoint_dir_name=f"epoch_{epoch:04d}{redo if epoch <= redo_upto else ''}",
                                  checkpoint_upload_mode=mode)
             except BaseException:
                 shutil.rmtree(tmp, ignore_errors=True)

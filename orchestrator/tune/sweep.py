@@ -165,43 +165,49 @@ def _sweep(
     # 6. the outcome (all trials failed: the sweep failed), comparison, plots, summary
     from simreg.orchestrator.tune.compare import comparison_rows, write_comparison
 
-    runs = json.loads(runs_file.read_text()) if runs_file.is_file() else {}
-    outcome = sweep_outcome(runs, str(out))
-    if outcome.message and outcome.status != "FAILED":
-        log.warning("%s", outcome.message)
-    rows = comparison_rows(runs, space.search.metric, space.search.mode)
-    artifacts = write_comparison(rows, keys, space.search.metric, local, parent)
-    (out / "comparison").upload(local / "comparison")
-    artifacts = [str(out / "comparison" / Path(a).name) for a in artifacts]
-    best = rows[0] if rows else None
-    registered = None
-    if best is not None and base_cfg.tracking.register_best:
-        from simreg.orchestrator.tune.register import register_best
+    ended = False
+    try:  # whatever fails here (a comparison, an upload) still ends the parent run: FAILED, not RUNNING until the reaper
+        runs = json.loads(runs_file.read_text()) if runs_file.is_file() else {}
+        outcome = sweep_outcome(runs, str(out))
+        if outcome.message and outcome.status != "FAILED":
+            log.warning("%s", outcome.message)
+        rows = comparison_rows(runs, space.search.metric, space.search.mode)
+        artifacts = write_comparison(rows, keys, space.search.metric, local, parent)
+        (out / "comparison").upload(local / "comparison")
+        artifacts = [str(out / "comparison" / Path(a).name) for a in artifacts]
+        best = rows[0] if rows else None
+        registered = None
+        if best is not None and base_cfg.tracking.register_best:
+            from simreg.orchestrator.tune.register import register_best
 
-        try:  # the sweep's results stand without it: a registry error is one warning
-            version = register_best(backend_for(uri), base_cfg.tracking.register_best, best, base_tree, out)
-            registered = {"name": base_cfg.tracking.register_best, "version": version} if version else None
-        except Exception as e:  # noqa: BLE001
-            log.warning("tracking.register_best=%s: could not register the best trial (%s)", base_cfg.tracking.register_best,
-                        first_line(e))
-    summary = {
-        "parent_run_id": parent.run_id,
-        "mlflow_tracking_uri": parent.uri,
-        "space": space_source,
-        "metric": space.search.metric,
-        "mode": space.search.mode,
-        "best_trial": best,
-        "trials": rows,
-        "failed_trials": outcome.failed,
-        "artifacts": artifacts,
-        "registered_model": registered,
-        "wall_s": time.perf_counter() - t0,
-        "output_dir": out.uri,
-    }
-    parent.log_artifact(publish(out, local, "sweep_summary.json", json.dumps(summary, indent=2)))
-    if best is not None:
-        parent.log_metrics({f"best/{space.search.metric}": best["metrics"].get("top1_20nn", float("nan"))}, step=0)
-    parent.end(outcome.status)
+            try:  # the sweep's results stand without it: a registry error is one warning
+                version = register_best(backend_for(uri), base_cfg.tracking.register_best, best, base_tree, out)
+                registered = {"name": base_cfg.tracking.register_best, "version": version} if version else None
+            except Exception as e:  # noqa: BLE001
+                log.warning("tracking.register_best=%s: could not register the best trial (%s)", base_cfg.tracking.register_best,
+                            first_line(e))
+        summary = {
+            "parent_run_id": parent.run_id,
+            "mlflow_tracking_uri": parent.uri,
+            "space": space_source,
+            "metric": space.search.metric,
+            "mode": space.search.mode,
+            "best_trial": best,
+            "trials": rows,
+            "failed_trials": outcome.failed,
+            "artifacts": artifacts,
+            "registered_model": registered,
+            "wall_s": time.perf_counter() - t0,
+            "output_dir": out.uri,
+        }
+        parent.log_artifact(publish(out, local, "sweep_summary.json", json.dumps(summary, indent=2)))
+        if best is not None:
+            parent.log_metrics({f"best/{space.search.metric}": best["metrics"].get("top1_20nn", float("nan"))}, step=0)
+        parent.end(outcome.status)
+        ended = True
+    finally:
+        if not ended:
+            parent.end("FAILED")
     if outcome.status == "FAILED":
         raise SweepFailedError(outcome.message or "")
     return summary

@@ -20,7 +20,7 @@ def run_trial(config: dict[str, Any], *, base: dict[str, Any], keys: list[str], 
     from simreg.orchestrator.pipeline.actors import stop_actors
     from simreg.orchestrator.pipeline.state import start_run_state
     from simreg.orchestrator.storage import open_store
-    from simreg.orchestrator.train.distill import raise_run_failure
+    from simreg.orchestrator.train.distill import fit
     from simreg.orchestrator.train.placement import failure_config, plan_placement
     from simreg.orchestrator.train.prepare import prepare
     from simreg.orchestrator.train.trainer import make_trainer
@@ -39,7 +39,6 @@ def run_trial(config: dict[str, Any], *, base: dict[str, Any], keys: list[str], 
             callbacks=[TuneReportCallback()],  # type: ignore[list-item]
             logging_config=ray.train.LoggingConfig(log_level="WARNING"),  # type: ignore[call-arg]
         ))
-        result = trainer.fit()
-        raise_run_failure(state, result)
+        fit(trainer, state)
     finally:
         stop_actors(state, actors)

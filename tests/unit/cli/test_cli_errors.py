@@ -292,3 +292,13 @@ def test_k_larger_than_the_bank_is_an_error(tmp_path: Path, teachers_dir: Path, 
     many = _folder(tmp_path / "many", 13)  # 26 images: 23 train
     err = _one_line(capsys, ["eval", *_weights(teachers_dir), "--data", str(many), "--bank-size", "10"], 2)
     assert "k=20 needs at least 20 images in its bank, which holds 10: pass --bank-size 20 or more" in err
+
+
+def test_an_unreachable_object_store_is_a_failure_not_bad_input():
+    from simreg.orchestrator.cli.errors import os_error
+
+    code, line = os_error(OSError("When reading information for key 'runs/x' in bucket 'b': AWS Error NETWORK_CONNECTION "
+                                  "during HeadObject operation: curlCode: 7, Couldn't connect to server"))
+    assert code == 1 and line.endswith("check that the service or device is up, then rerun")
+    code, _ = os_error(OSError("Path does not exist 'b/runs/x'"))
+    assert code == 2

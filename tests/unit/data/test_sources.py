@@ -6,7 +6,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from simreg.models.errors import ConfigError
+from simreg.models.errors import ConfigError, DataError
 from simreg.orchestrator.config import load_config
 from simreg.orchestrator.data.imageset import ImageSet, content_fingerprint
 from simreg.orchestrator.data.sources import SOURCES, DataSource, register_source, resolve_source
@@ -43,8 +43,10 @@ def test_a_registered_source_runs_through_prepare(noise_source):
 
     with pytest.raises(ConfigError, match="noise-test needs data.root=ANY"):
         load_config(None, ["data.source=noise-test"])
-    cfg = load_config(None, ["data.source=noise-test", "data.root=x", "data.train_size=20", "data.knn_bank_size=10",
-                             "data.knn_query_size=5", "eval.val_every=0", "data.view_size=16"])
+    small = ["data.source=noise-test", "data.root=x", "data.train_size=20", "data.knn_query_size=5", "eval.val_every=0", "data.view_size=16"]
+    with pytest.raises(DataError, match=r"k-NN with k=20 needs at least 20 images in its bank, which holds 10: raise data.knn_bank_size \(now 10\)"):
+        prepare(load_config(None, [*small, "data.knn_bank_size=10"]), quiet=True)  # before any training, not after it
+    cfg = load_config(None, [*small, "data.knn_bank_size=20"])
     prep = prepare(cfg, quiet=True)
     assert len(prep.train) == 20 and prep.train.name == "noise/train"
     assert len(prep.final_eval.query) == 5 and set(prep.final_eval.query.sample_ids.tolist()) <= set(range(30, 40))

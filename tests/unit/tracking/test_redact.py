@@ -59,7 +59,16 @@ def test_uri_in_an_exception_message_and_its_traceback():
     assert "http://bob:***@mlflow:5000/api" in r.stderr and "hunter2" not in r.stderr
 
 
-def test_log_records_redacted(caplog):
+def test_log_records_redacted(caplog, monkeypatch):
+    monkeypatch.setattr(sys, "excepthook", sys.excepthook)  # restored after the test, as the record factory below
+    factory = logging.getLogRecordFactory()
+    try:
+        _log_records_redacted(caplog)
+    finally:
+        logging.setLogRecordFactory(factory)
+
+
+def _log_records_redacted(caplog) -> None:
     install_redaction()
     log = logging.getLogger("simreg.test_redact")
     with caplog.at_level(logging.INFO, logger="simreg.test_redact"):

@@ -152,3 +152,60 @@ def test_teacher_failure_lines_name_the_teacher_and_the_knob():
     assert "\n" not in died
     late = teacher_failure("dino", GetTimeoutError("timed out"), 3, 30)
     assert late.startswith("teacher dino sent no targets for a block within teacher_pool.call_timeout_s=30 s")
+
+
+def _rank(rank: int, store: str, out: str) -> None:
+    """One of two gloo processes: rank 1's third batch has a NaN target, rank 0's batches are all finite."""
+    import json
+
+    import torch.distributed as dist
+
+    from simreg.orchestrator.train.worker import _AllFinite
+
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=2)
+    obj, opt, sched = _setup(lr=0.1)
+    batches = _batches(5)
+    if rank == 1:
+        batches[2]["target_t"][0, 0] = float("nan")
+    finite = _AllFinite(torch.device("cpu"))
+    try:
+        train_epoch(obj, batches, opt, sched, ["t"], torch.device("cpu"), finite=finite)
+        result = {"step": None}
+    except NonFiniteLoss as e:
+        result = {"step": e.step, "local": e.value, "worst": finite.worst}
+    with open(f"{out}.{rank}", "w") as f:
+        json.dump(result, f)
+    dist.destroy_process_group()
+
+
+def test_a_nan_on_one_rank_stops_both_ranks_at_that_step(tmp_path):
+    """Two real gloo processes (no Ray): the SUM all-reduce of the check makes the rank whose own loss is finite stop
+    at the same step, and both know the loss was NaN."""
+    import json
+
+    import torch.multiprocessing as mp
+
+    mp.spawn(_rank, args=(str(tmp_path / "store"), str(tmp_path / "result")), nprocs=2, join=True)
+    got = [json.loads((tmp_path / f"result.{r}").read_text()) for r in (0, 1)]
+    assert [g["step"] for g in got] == [3, 3] and [g["worst"] for g in got] == ["nan", "nan"]
+    assert got[0]["local"] == got[0]["local"]  # rank 0's own loss was finite: it stopped because rank 1's was not
+    assert got[1]["local"] != got[1]["local"]  # NaN
+
+
+def test_only_a_damaged_file_is_recorded_as_the_runs_end():
+    from simreg.models.errors import DataError
+    from simreg.orchestrator.pipeline.dataset import _caused_by_io
+
+    def wrapped(cause: BaseException) -> DataError:
+        try:
+            try:
+                raise cause
+            except Exception as c:
+                raise DataError("pack shard part-00002.parquet cannot be read") from c
+        except DataError as e:
+            return e
+
+    assert _caused_by_io(wrapped(OSError("AWS Error NETWORK_CONNECTION during GetObject")))
+    assert _caused_by_io(wrapped(TimeoutError("timed out")))
+    assert not _caused_by_io(wrapped(ValueError("Couldn't deserialize thrift")))
+    assert not _caused_by_io(DataError("it does not end in a plain Parquet footer"))
