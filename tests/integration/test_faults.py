@@ -314,7 +314,7 @@ def test_mlflow_server_down_mid_run_then_back_every_epoch_logged(ray_cluster, tm
 
     from tests.services import free_port, mlflow_server
 
-    epochs, port = 28, free_port()  # ~1.5 s an epoch: the run goes on while the server is away and well after it is back
+    epochs, port = 22, free_port()  # ~1.5 s an epoch: the run goes on while the server is away and well after it is back
     server_dir = tmp_path / "server"
     server_dir.mkdir()
     out = tmp_path / "outage"
