@@ -144,6 +144,9 @@ def plot(rows: list[dict], path: Path) -> None:
         axes[1][j].plot([str(x) for x in xs], [r["images_per_s"] for r in pts], marker="o", label="images/s")
         ax2 = axes[1][j].twinx()
         ax2.plot([str(x) for x in xs], [r["host_peak_gib"] for r in pts], marker="s", color="tab:red", label="host peak GiB")
+        # from zero, with room above: a flat rate reads as flat, not as a swing of a few images/s
+        axes[1][j].set_ylim(0, 1.15 * max(r["images_per_s"] for r in pts))
+        ax2.set_ylim(0, 1.15 * max(r["host_peak_gib"] for r in pts))
         axes[1][j].set_title(f"images/s (blue), host peak GiB (red) by {labels[s]}")
     axes[0][0].legend()
     fig.tight_layout()
