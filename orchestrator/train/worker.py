@@ -77,7 +77,6 @@ class _AllFinite:
         return not self.worst
 
 
-
 def _diverged(e: NonFiniteLoss, worst: str, cfg: Any, epoch: int, steps: int, lr: float) -> str:
     kept = f"epoch {epoch}'s checkpoint is the last one kept" if epoch > 0 else "no checkpoint was written"
     return (
@@ -130,7 +129,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     if ckpt is not None:  # a restarted worker group, an elastic resize, or a rerun of the same output dir
         saved, used, damaged = load_kept(ckpt)
         if damaged:
-            redo_upto = checkpoint_epoch(posixpath.basename(ckpt.path.rstrip("/"))) or -1
+            latest = checkpoint_epoch(posixpath.basename(ckpt.path.rstrip("/")))
+            redo_upto = -1 if latest is None else latest
             if rank == 0:
                 state.note_placement.remote(f"checkpoint {'; '.join(damaged)}; resuming from {used}")
         start_epoch = restore(saved, objective, optimizer, scheduler)
