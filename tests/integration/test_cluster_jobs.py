@@ -173,7 +173,12 @@ def test_distill_job_stopped_then_resumed_from_the_bucket_on_a_fresh_cluster(clu
     run_id = s3c.get_object(Bucket=BUCKET, Key=f"{prefix}/mlflow_run_id")["Body"].read().decode()
     _wait_status(mlflow_server_url, run_id, "KILLED")
     assert f"{prefix}/summary.json" not in s3_objects(s3, BUCKET, prefix)
-    assert f"{prefix}/.simreg.lock" not in s3_objects(s3, BUCKET, prefix)  # released on the way out
+    # released on the way out: after the run's KILLED status and its actors' end (the driver has
+    # RAY_JOB_STOP_WAIT_TIME_S=30 to get there), not necessarily by the time MLflow shows KILLED
+    deadline = time.time() + 40
+    while f"{prefix}/.simreg.lock" in s3_objects(s3, BUCKET, prefix) and time.time() < deadline:
+        time.sleep(1)
+    assert f"{prefix}/.simreg.lock" not in s3_objects(s3, BUCKET, prefix)
 
     c = _fresh_cluster(cluster_root, c)  # the job's working dir, Ray's session and logs: all gone
     c.submit("distill-2", *cmd, wait=True)
