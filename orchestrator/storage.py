@@ -47,15 +47,20 @@ def write_atomic(path: Path, write: Callable[[Path], Any]) -> None:
     tmp = path.parent / f".tmp-{uuid.uuid4().hex}-{path.name}"
     try:
         write(tmp)
-        fd = os.open(tmp, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+        fsync_file(tmp)
         os.replace(tmp, path)
         fsync_dir(path.parent)  # the rename itself on disk: a crash after this returns keeps the new file
     finally:
         tmp.unlink(missing_ok=True)
+
+
+def fsync_file(path: Path) -> None:
+    """A written file's bytes on disk (before a rename or a copy makes it count)."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def fsync_dir(folder: Path) -> None:

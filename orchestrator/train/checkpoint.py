@@ -4,7 +4,6 @@ One file, nothing stored twice: every epoch's checkpoint is uploaded when the ru
 The student is exported from it (``evaluation/export.py``) at the end of a run, or of a sweep's best trial."""
 from __future__ import annotations
 
-import os
 import posixpath
 import random
 import re
@@ -17,6 +16,7 @@ import torch
 from simreg.models import SimRegObjective
 from simreg.models.errors import SimRegError, first_line
 from simreg.orchestrator.ray_compat import registered_checkpoints
+from simreg.orchestrator.storage import fsync_file
 
 STATE = "state.pt"
 # epoch_NNNN; an epoch redone after a fallback from a damaged checkpoint gets a suffix (epoch_NNNN-rT): Ray Train's
@@ -57,11 +57,7 @@ def save_checkpoint(
         },
         directory / STATE,
     )
-    fd = os.open(directory / STATE, os.O_RDONLY)  # on disk before Ray copies it and registers the checkpoint
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+    fsync_file(directory / STATE)  # on disk before Ray copies it and registers the checkpoint
 
 
 def load_state(directory: Path) -> dict[str, Any]:
