@@ -220,6 +220,12 @@ class TeacherPoolConfig(_Strict):
     call_timeout_s: float = Field(
         600.0, gt=0, description="seconds a view task waits for a teacher's targets of one block before the run ends FAILED"
     )
+    fleet: bool = Field(
+        True, description="sweeps: one teacher fleet serves every trial (false: each trial starts its own teacher actors)"
+    )
+    batch_wait_ms: float = Field(
+        5.0, ge=0, description="ms a teacher actor waits for more requests (other trials, other blocks) to fill a batch of batch_size rows"
+    )
 
 
 class EvalConfig(_Strict):

@@ -107,6 +107,7 @@ class TargetCache:
         self.dir = open_store(root) / key_digest(self.key)
         self.write_error: str | None = None  # why writing stopped (disk full, no permission): the run goes on without it
         self._write_lock = threading.Lock()
+        self._index_lock = threading.Lock()  # a fleet actor stores from its forward thread while its loop looks up
         meta = self.dir / META
         try:
             self.dir.mkdir()
@@ -128,12 +129,13 @@ class TargetCache:
         return self.dir / f"v{v:05d}"
 
     def _add(self, v: int, ids: np.ndarray, targets: np.ndarray) -> None:
-        chunks = self._chunks.setdefault(v, [])
-        where = self._where.setdefault(v, {})
-        c = len(chunks)
-        chunks.append(targets)
-        for r, sid in enumerate(ids.tolist()):
-            where.setdefault(sid, (c, r))  # duplicates across shards hold identical targets
+        with self._index_lock:
+            chunks = self._chunks.setdefault(v, [])
+            where = self._where.setdefault(v, {})
+            c = len(chunks)
+            chunks.append(targets)
+            for r, sid in enumerate(ids.tolist()):
+                where.setdefault(sid, (c, r))  # duplicates across shards hold identical targets
 
     def _refresh(self, v: int) -> None:
         """Index shards of view ``v`` written since the last look (by this or any other process). In an object

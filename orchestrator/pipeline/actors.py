@@ -1,18 +1,32 @@
-"""The run's teacher actors (``TeacherServer``), and ending a run's actors (``RunState`` lives in
-``pipeline/state.py``).
+"""The teacher actors (``PooledTeacher``): a teacher fleet that serves one run or every trial of a sweep, and
+ending a run's actors (``RunState`` lives in ``pipeline/state.py``).
 
 Teachers run in actors that live for the whole run (``num_gpus`` each on a GPU cluster): a Ray Data
 actor pool would be torn down and rebuilt at every epoch's execution, and on a small machine that
 restart (process, imports, weights, the first block through the teacher) cost ~7 s of every epoch in
-which the students waited. A teacher actor that dies is restarted by Ray and the call retried, up to
-``teacher_pool.max_restarts`` times; then, or when a call outlasts ``teacher_pool.call_timeout_s``, the view
-stage records why in ``RunState`` and the run ends FAILED with that line.
+which the students waited. ``simreg distill`` starts its own (a fleet of one run); ``simreg sweep`` starts one
+fleet for all its trials (``teacher_pool.fleet``), so N concurrent trials share one copy of every teacher.
+
+A fleet actor serves requests from any number of runs. Each request names its ``Requester``: the run's target
+cache (its key holds the run's view recipe) and a ``views_key`` that says which runs render identical views.
+Rows whose target the requester's cache holds are served from it; rows another request is computing right
+now (same views key, view index and sample id) wait for that forward (in-flight de-duplication); the rest
+are queued, and the actor forwards the queue in batches of up to ``teacher_pool.batch_size`` rows, waiting at
+most ``teacher_pool.batch_wait_ms`` for more requests to fill one (rows of concurrent trials go through the
+teacher together). Each request is answered with its targets and its accounting (rows computed for it, served
+by the cache, shared with another request).
+
+A teacher actor that dies is restarted by Ray and the call retried, up to ``teacher_pool.max_restarts`` times;
+then, or when a call outlasts ``teacher_pool.call_timeout_s``, the view stage records why in ``RunState`` and
+the run ends FAILED with that line.
 """
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -20,46 +34,204 @@ import numpy as np
 import ray
 
 from simreg.models.errors import first_line
+from simreg.orchestrator.cache.targets import CacheSpec, TargetCache
+from simreg.orchestrator.pipeline.requester import Requester
 from simreg.orchestrator.pipeline.teacher import TeacherInference, TeacherSpec
 
 log = logging.getLogger("simreg")
 
 
+@dataclass
+class _Work:
+    """Rows of one request that go through the teacher (those no cache holds and no other request computes)."""
+
+    view_index: int
+    ids: np.ndarray
+    views: np.ndarray
+    cache: TargetCache | None
+    share: str | None
+    done: asyncio.Future[np.ndarray]
+    queued: float
+
+
 class PooledTeacher(TeacherInference):
-    """TeacherInference in a run-long actor: also tells the run where it landed and how many rows went
-    through the teacher or came from the cache (the driver logs both)."""
+    """A teacher in a long-lived actor that serves every run of a fleet (an asyncio actor: requests of
+    concurrent runs wait together, the forwards run one at a time in a thread of their own).
 
-    def __init__(self, spec: TeacherSpec, threads: int, state: ray.actor.ActorHandle, options: dict[str, Any]) -> None:
+    ``state``: a ``RunState`` told where the actor landed and when it was ready (a run's own teachers, or the
+    sweep's fleet state)."""
+
+    def __init__(
+        self, spec: TeacherSpec, threads: int, state: ray.actor.ActorHandle | None, options: dict[str, Any],
+        batch_size: int = 128, batch_wait_ms: float = 5.0,
+    ) -> None:
+        options = {k: v for k, v in options.items() if k != "cache"}  # caches come with each request
         super().__init__(spec, threads, **options)
-        self.state = state
-        self._told_write_error = False
-        ctx = ray.get_runtime_context()
-        state.note_placement.remote(self.placement, {
-            "role": "teacher", "name": spec.name, "node_id": ctx.get_node_id(), "actor_id": ctx.get_actor_id(), "pid": os.getpid(),
-            "resources": {k: v for k, v in ctx.get_assigned_resources().items()},
-        })
-        state.mark.remote("teacher_ready", time.time())
+        self.batch_size = batch_size
+        self.wait_s = batch_wait_ms / 1000.0
+        # the forwards: one thread (torch's own threads inside it), with torch's thread count set in it
+        self._forward_pool = ThreadPoolExecutor(1, "simreg-teacher", initializer=_torch_threads, initargs=(threads,))
+        self._caches: dict[str, TargetCache] = {}
+        self._inflight: dict[tuple[str, int, int], tuple[_Work, int]] = {}  # (views key, view index, sample id) -> (work, row)
+        self._queue: list[_Work] = []
+        self._wake: asyncio.Event | None = None
+        self._batcher: asyncio.Task[None] | None = None
+        self.shared_rows = 0  # rows served from another request's forward
+        self.batches = 0  # forwards run
+        if state is not None:
+            ctx = ray.get_runtime_context()
+            state.note_placement.remote(self.placement, {
+                "role": "teacher", "name": spec.name, "node_id": ctx.get_node_id(), "actor_id": ctx.get_actor_id(), "pid": os.getpid(),
+                "resources": {k: v for k, v in ctx.get_assigned_resources().items()},
+            })
+            state.mark.remote("teacher_ready", time.time())
 
-    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        f0, c0 = self.forward_rows, self.cached_rows
-        out = super().__call__(batch)
-        self.state.add_teacher_rows.remote(self.spec.name, self.forward_rows - f0, self.cached_rows - c0)
-        if self.cache is not None and self.cache.write_error is not None and not self._told_write_error:
-            self._told_write_error = True  # the driver's log says it once (this process's log is hidden without --verbose)
-            self.state.note_placement.remote(
-                f"warning: teacher {self.spec.name}: the target cache in {self.cache.dir} cannot be written ({self.cache.write_error}); "
-                "the run goes on computing targets without caching them (free space there, or set cache.dir / cache.enabled=false)")
-        return out
+    def _cache_for(self, requester: Requester) -> TargetCache | None:
+        cid = requester.cache_id
+        if cid is None or requester.cache_root is None or requester.data_fingerprint is None:
+            return None
+        if cid not in self._caches:
+            spec = CacheSpec(requester.cache_root, requester.data_fingerprint, requester.views)
+            self._caches[cid] = TargetCache(spec.root, spec.key(self.fingerprint()), self.spec.name, self.teacher.feature_dim)
+        return self._caches[cid]
 
-    def infer(self, batch: dict[str, np.ndarray]) -> np.ndarray:
-        """{sample_id, view, view_index} -> (B, d) float16 targets."""
-        return self(batch)[f"target_{self.spec.name}"]
+    async def infer(self, batch: dict[str, np.ndarray], requester: Requester | None = None) -> tuple[np.ndarray, dict[str, int], str | None]:
+        """{sample_id, view, view_index} -> ((B, d) float16 targets, {"forward", "cached", "shared"} rows, a
+        cache write error to report or None)."""
+        requester = requester or Requester()
+        ids, vidx, views = batch["sample_id"], batch["view_index"], batch["view"]
+        out = np.empty((len(ids), self.teacher.feature_dim), np.float16)
+        counts = {"forward": 0, "cached": 0, "shared": 0}
+        cache = self._cache_for(requester)
+        share = requester.views_key
+        waits: list[tuple[np.ndarray, _Work, np.ndarray]] = []  # (rows of out, work, rows of its result)
+        mine: list[tuple[np.ndarray, _Work]] = []
+        for v in np.unique(vidx).tolist():
+            rows = np.flatnonzero(vidx == v)
+            if cache is not None:
+                got, found = cache.lookup(int(v), ids[rows])
+                out[rows[found]] = got[found]
+                counts["cached"] += int(found.sum())
+                rows = rows[~found]
+            if rows.size == 0:
+                continue
+            if share is not None:
+                todo: list[int] = []
+                theirs: dict[int, tuple[_Work, list[int], list[int]]] = {}
+                for r, sid in zip(rows.tolist(), ids[rows].tolist(), strict=True):
+                    hit = self._inflight.get((share, int(v), sid))
+                    if hit is None:
+                        todo.append(r)
+                    else:
+                        theirs.setdefault(id(hit[0]), (hit[0], [], []))
+                        theirs[id(hit[0])][1].append(r)
+                        theirs[id(hit[0])][2].append(hit[1])
+                for work, here, there in theirs.values():
+                    waits.append((np.array(here), work, np.array(there)))
+                    counts["shared"] += len(here)
+                rows = np.array(todo, dtype=np.int64)
+            if rows.size == 0:
+                continue
+            work = _Work(int(v), np.ascontiguousarray(ids[rows]), np.ascontiguousarray(views[rows]), cache, share,
+                         asyncio.get_running_loop().create_future(), time.monotonic())
+            if share is not None:
+                for j, sid in enumerate(work.ids.tolist()):
+                    self._inflight[(share, work.view_index, sid)] = (work, j)
+            mine.append((rows, work))
+            counts["forward"] += int(rows.size)
+            self._enqueue(work)
+        for at, work in mine:
+            out[at] = await work.done
+        for at, work, rows_there in waits:
+            out[at] = (await work.done)[rows_there]
+        self.forward_rows += counts["forward"]
+        self.cached_rows += counts["cached"]
+        self.shared_rows += counts["shared"]
+        return out, counts, cache.write_error if cache is not None else None
+
+    def _enqueue(self, work: _Work) -> None:
+        if self._wake is None:
+            self._wake = asyncio.Event()
+        if self._batcher is None or self._batcher.done():
+            self._batcher = asyncio.get_running_loop().create_task(self._batches())
+        self._queue.append(work)
+        self._wake.set()
+
+    async def _batches(self) -> None:
+        """Forward the queue: a batch as soon as it holds ``batch_size`` rows, or ``batch_wait_ms`` after its first
+        request was queued, whichever comes first (at least one request per batch)."""
+        assert self._wake is not None
+        loop = asyncio.get_running_loop()
+        while True:
+            if not self._queue:
+                self._wake.clear()
+                await self._wake.wait()
+                continue
+            while sum(len(w.ids) for w in self._queue) < self.batch_size:
+                left = self._queue[0].queued + self.wait_s - time.monotonic()
+                if left <= 0:
+                    break
+                self._wake.clear()
+                try:
+                    await asyncio.wait_for(self._wake.wait(), left)
+                except asyncio.TimeoutError:
+                    break
+            take: list[_Work] = []
+            rows = 0
+            while self._queue and (not take or rows + len(self._queue[0].ids) <= self.batch_size):
+                take.append(self._queue.pop(0))
+                rows += len(take[-1].ids)
+            try:
+                parts = await loop.run_in_executor(self._forward_pool, self._forward, take)
+            except Exception as e:  # noqa: BLE001  (handed to every request of the batch)
+                for w in take:
+                    if not w.done.done():
+                        w.done.set_exception(e)
+            else:
+                for w, p in zip(take, parts, strict=True):
+                    if not w.done.done():
+                        w.done.set_result(p)
+            finally:
+                for w in take:
+                    if w.share is not None:
+                        for sid in w.ids.tolist():
+                            self._inflight.pop((w.share, w.view_index, sid), None)
+
+    def _forward(self, works: list[_Work]) -> list[np.ndarray]:
+        """One forward over the rows of several requests, then each one's rows stored in its cache (before the
+        rows leave the in-flight map: a later request finds them in one or the other)."""
+        views = works[0].views if len(works) == 1 else np.concatenate([w.views for w in works])
+        tg = self.targets(views)
+        self.batches += 1
+        parts, at = [], 0
+        for w in works:
+            p = tg[at:at + len(w.ids)]
+            at += len(w.ids)
+            if w.cache is not None:
+                w.cache.store(w.view_index, w.ids, p)
+            parts.append(p)
+        return parts
+
+    def stats(self) -> dict[str, int]:
+        """Rows computed, served by a cache and shared between requests, and forwards run, since the actor started."""
+        return {"forward": self.forward_rows, "cached": self.cached_rows, "shared": self.shared_rows, "batches": self.batches}
+
+    def flush_cache(self) -> None:
+        """Wait for the cache shards still uploading (an object store); a no-op on local disk."""
+        for c in self._caches.values():
+            c.flush()
+
+
+def _torch_threads(n: int) -> None:
+    import torch
+
+    torch.set_num_threads(n)
 
 
 TeacherServer = ray.remote(PooledTeacher)
 
 
-def stop_actors(state: ray.actor.ActorHandle, teachers: list[ray.actor.ActorHandle], timeout_s: float = 60.0) -> None:
+def stop_actors(state: ray.actor.ActorHandle | None, teachers: list[ray.actor.ActorHandle], timeout_s: float = 60.0) -> None:
     """End a run's actors: the teachers first finish uploading their cache shards (an object store), then all go."""
     if teachers:
         try:
@@ -67,7 +239,8 @@ def stop_actors(state: ray.actor.ActorHandle, teachers: list[ray.actor.ActorHand
         except Exception as e:  # noqa: BLE001  (a dead actor or a slow store: what did not upload is recomputed later)
             log.warning("target cache: teacher actors did not finish uploading (%s)", first_line(e, 200))
     for a in [state, *teachers]:
-        ray.kill(a)
+        if a is not None:
+            ray.kill(a)
 
 
 @dataclass(frozen=True)
@@ -79,7 +252,7 @@ class PoolResources:
     gpus_per_actor: float
     threads: int
     batch_size: int
-    teacher_options: dict[str, Any] = field(default_factory=dict)  # cache, precision, channels_last, compile
+    teacher_options: dict[str, Any] = field(default_factory=dict)  # precision, channels_last, compile
     view_tasks: int = 2
     cpus_per_view_task: float = 0.25
     resources: dict[str, float] = field(default_factory=dict)  # custom resources per teacher actor
@@ -87,10 +260,13 @@ class PoolResources:
     env_vars: dict[str, str] = field(default_factory=dict)  # environment of the teacher actors' processes
     max_restarts: int = 3  # restarts of a dead teacher actor before its calls fail
     call_timeout_s: float = 600.0  # a view task's wait for one block's targets
+    batch_wait_ms: float = 5.0  # a fleet actor's wait for more requests to fill a batch
 
 
-def start_teachers(specs: list[TeacherSpec], state: ray.actor.ActorHandle, res: PoolResources) -> dict[str, list[ray.actor.ActorHandle]]:
-    """``actors_per_teacher`` run-long actors per teacher (``num_gpus`` each on a GPU cluster); Ray restarts
+def start_teachers(
+    specs: list[TeacherSpec], state: ray.actor.ActorHandle | None, res: PoolResources,
+) -> dict[str, list[ray.actor.ActorHandle]]:
+    """``actors_per_teacher`` long-lived actors per teacher (``num_gpus`` each on a GPU cluster); Ray restarts
     a dead one (``max_restarts`` times) and retries the calls it was serving."""
     return {
         t.name: [
@@ -99,7 +275,7 @@ def start_teachers(specs: list[TeacherSpec], state: ray.actor.ActorHandle, res: 
                 resources=res.resources or None, label_selector=res.label_selector or None,
                 runtime_env={"env_vars": dict(res.env_vars)} if res.env_vars else None,
                 scheduling_strategy="DEFAULT",  # not inside a Tune trial's placement group (it holds 0.01 CPU)
-            ).remote(t, res.threads, state, res.teacher_options)
+            ).remote(t, res.threads, state, res.teacher_options, res.batch_size, res.batch_wait_ms)
             for _ in range(res.actors_per_teacher)
         ]
         for t in specs

@@ -33,6 +33,7 @@ from simreg.orchestrator.data.views import ViewPlan, add_views
 
 if TYPE_CHECKING:  # the view stage's processes import this module: no teacher code (timm) in them
     from simreg.orchestrator.pipeline.actors import PoolResources
+    from simreg.orchestrator.pipeline.requester import Requester
 
 
 READ_ATTEMPTS = 3  # reads of a block's pieces before the view task fails
@@ -65,11 +66,11 @@ def teacher_failure(name: str, error: BaseException, max_restarts: int, timeout_
 def _views_and_targets(
     batch: dict[str, np.ndarray], *, state: ray.actor.ActorHandle, seed: int, plan: ViewPlan,
     teachers: dict[str, list[ray.actor.ActorHandle]], read_piece: Callable[[dict[str, Any]], dict[str, np.ndarray]] | None = None,
-    max_restarts: int = 3, timeout_s: float = 600.0,
+    max_restarts: int = 3, timeout_s: float = 600.0, requester: Requester | None = None,
 ) -> dict[str, np.ndarray]:
-    """The view stage: this epoch's views of a block, then every teacher's targets for them. A streamed
-    source's block describes pieces of storage (``StreamedImages.pieces``): ``read_piece`` reads and decodes
-    their rows here first."""
+    """The view stage: this epoch's views of a block, then every teacher's targets for them (from the run's
+    teacher actors or the sweep's fleet, as ``requester``: its cache and views key). A streamed source's block
+    describes pieces of storage (``StreamedImages.pieces``): ``read_piece`` reads and decodes their rows here first."""
     if read_piece is not None:
         n = len(next(iter(batch.values())))
         for attempt in range(READ_ATTEMPTS):
@@ -87,17 +88,22 @@ def _views_and_targets(
     out = add_views(batch, epoch=ray.get(state.get_epoch.remote()), seed=seed, plan=plan)
     request = ray.put({k: out[k] for k in ("sample_id", "view", "view_index")})  # shipped once to all teachers
     pick = int(out["sample_id"][0]) if len(out["sample_id"]) else 0  # spreads blocks over a teacher's actors
-    refs = {name: actors[pick % len(actors)].infer.remote(request) for name, actors in teachers.items()}
+    refs = {name: actors[pick % len(actors)].infer.remote(request, requester) for name, actors in teachers.items()}
     from ray.exceptions import GetTimeoutError, RayActorError
 
     deadline = time.monotonic() + timeout_s
     for name, ref in refs.items():
         try:
-            out[f"target_{name}"] = ray.get(ref, timeout=max(0.0, deadline - time.monotonic()))
+            out[f"target_{name}"], counts, write_error = ray.get(ref, timeout=max(0.0, deadline - time.monotonic()))
         except (RayActorError, GetTimeoutError) as e:  # ActorDiedError: restarts used up
             message = teacher_failure(name, e, max_restarts, timeout_s)
             ray.get(state.fail.remote(message))  # the driver ends the run with this line (a retried task would hit it again)
             raise SimRegError(message) from None
+        state.add_teacher_rows.remote(name, counts)
+        if write_error is not None and requester is not None:  # the driver's log says it once
+            state.note_placement.remote(
+                f"warning: teacher {name}: the target cache in {requester.cache_root} cannot be written ({write_error}); "
+                "the run goes on computing targets without caching them (free space there, or set cache.dir / cache.enabled=false)")
     return out
 
 
@@ -128,7 +134,7 @@ def streamed_dataset(images: ImageSet, rows_per_block: int) -> Dataset:
 
 def build_train_dataset(
     images: ImageSet, teachers: dict[str, list[ray.actor.ActorHandle]], state: ray.actor.ActorHandle, seed: int,
-    plan: ViewPlan, res: PoolResources,
+    plan: ViewPlan, res: PoolResources, requester: Requester | None = None,
 ) -> Dataset:
     """Images -> this epoch's views and every teacher's targets, block order randomized per epoch. In-memory
     images travel as blocks of one teacher batch (``teacher_pool.batch_size`` rows: the first block of an
@@ -139,7 +145,7 @@ def build_train_dataset(
     return ds.map_batches(
         _views_and_targets,  # type: ignore[arg-type]  # keyword-only extras come from fn_kwargs
         fn_kwargs={"state": state, "seed": seed, "plan": plan, "teachers": teachers, "read_piece": reader,
-                   "max_restarts": res.max_restarts, "timeout_s": res.call_timeout_s},
+                   "max_restarts": res.max_restarts, "timeout_s": res.call_timeout_s, "requester": requester},
         batch_size=1 if streamed else res.batch_size, num_cpus=res.cpus_per_view_task,
         compute=TaskPoolStrategy(size=res.view_tasks), zero_copy_batch=True,
     )

@@ -23,7 +23,7 @@ class RunState:
         self.history: list[dict[str, float]] = []
         self.placements: list[str] = []
         self.records: list[dict[str, Any]] = []  # where each teacher actor / student worker (each attempt) ran
-        self.teacher_rows: dict[str, dict[str, int]] = {}  # teacher -> {"forward": n, "cached": n}
+        self.teacher_rows: dict[str, dict[str, int]] = {}  # teacher -> {"forward": n, "cached": n, "shared": n}
         self.marks: dict[str, float] = {}  # start-up events (unix time of their first occurrence): teacher_ready, first_step, ...
         self.failure: str | None = None  # why the run cannot go on (a diverged loss, a teacher that cannot serve)
 
@@ -39,10 +39,12 @@ class RunState:
     def add_epoch_metrics(self, metrics: dict[str, float]) -> None:
         self.history.append(metrics)
 
-    def add_teacher_rows(self, teacher: str, forward: int, cached: int) -> None:
-        r = self.teacher_rows.setdefault(teacher, {"forward": 0, "cached": 0})
-        r["forward"] += forward
-        r["cached"] += cached
+    def add_teacher_rows(self, teacher: str, counts: dict[str, int]) -> None:
+        """Rows of this run's blocks: computed by the teacher for it ("forward"), served by the target cache
+        ("cached"), or computed for another run of the sweep at the same moment ("shared")."""
+        r = self.teacher_rows.setdefault(teacher, {"forward": 0, "cached": 0, "shared": 0})
+        for k in r:
+            r[k] += int(counts.get(k, 0))
 
     def get_teacher_rows(self) -> dict[str, dict[str, int]]:
         return self.teacher_rows

@@ -12,6 +12,7 @@ from simreg.orchestrator.cache.targets import CacheSpec, default_cache_dir, spec
 from simreg.orchestrator.config import SimRegConfig
 from simreg.orchestrator.data.imageset import ImageSet
 from simreg.orchestrator.data.views import Preset, ViewPlan, ViewSpec, preset_spec
+from simreg.orchestrator.pipeline.requester import Requester
 from simreg.orchestrator.pipeline.teacher import TeacherSpec
 from simreg.orchestrator.storage import open_store
 
@@ -50,8 +51,19 @@ def cache_spec(cfg: SimRegConfig, train: ImageSet) -> CacheSpec | None:
     if not train.source_fingerprint:
         raise ConfigError("cache.enabled=true needs images loaded by simreg's data loaders (no source fingerprint)")
     root = open_store(cfg.cache.dir or default_cache_dir()).uri  # a local folder (made absolute) or an object-store URI
-    views = {"seed": cfg.seed, "teacher_view": spec_dict(view_plan(cfg).teacher)}
-    return CacheSpec(root, train.source_fingerprint, views)
+    return CacheSpec(root, train.source_fingerprint, target_views(cfg))
+
+
+def target_views(cfg: SimRegConfig) -> dict[str, Any]:
+    """The views part of a target's identity: the teachers' view recipe and the view seed."""
+    return {"seed": cfg.seed, "teacher_view": spec_dict(view_plan(cfg).teacher)}
+
+
+def requester(cfg: SimRegConfig, train: ImageSet) -> Requester:
+    """What the run's view stage tells a teacher actor with each block: its target cache and the identity of its
+    views (runs of a sweep with equal data, teachers' view recipe and seed share forwards)."""
+    spec = cache_spec(cfg, train)
+    return Requester(spec.root if spec is not None else None, train.source_fingerprint or None, target_views(cfg))
 
 
 def student_transform(cfg: SimRegConfig) -> InputTransform:

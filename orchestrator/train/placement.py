@@ -21,18 +21,29 @@ class Placement:
     teacher_gpus: float
 
 
-def trial_cpus(cfg: SimRegConfig, placement: Placement) -> float:
-    """CPUs one run holds at once: student workers + teacher actors + view-stage tasks in flight (an elastic
-    run counts its minimum size: it starts with what the cluster has, down to that)."""
+def teacher_cpus(cfg: SimRegConfig) -> float:
+    """CPUs the teacher actors hold (a run's own, or a sweep's fleet)."""
+    tp = cfg.teacher_pool
+    return len(cfg.teachers) * tp.actors_per_teacher * tp.cpus_per_actor
+
+
+def teacher_gpus(cfg: SimRegConfig, placement: Placement) -> float:
+    return len(cfg.teachers) * cfg.teacher_pool.actors_per_teacher * placement.teacher_gpus
+
+
+def trial_cpus(cfg: SimRegConfig, placement: Placement, teachers: bool = True) -> float:
+    """CPUs one run holds at once: student workers + teacher actors (``teachers=False``: a sweep trial served by
+    the fleet) + view-stage tasks in flight (an elastic run counts its minimum size: it starts with what the
+    cluster has, down to that)."""
     tp = cfg.teacher_pool
     workers = 0.0 if placement.use_gpu else cfg.scaling.min_workers * cfg.scaling.cpus_per_worker
-    return workers + len(cfg.teachers) * tp.actors_per_teacher * tp.cpus_per_actor + tp.view_tasks * tp.cpus_per_view_task
+    return workers + (teacher_cpus(cfg) if teachers else 0.0) + tp.view_tasks * tp.cpus_per_view_task
 
 
-def trial_gpus(cfg: SimRegConfig, placement: Placement) -> float:
-    """GPUs one run holds at once: student workers (when on GPU) + teacher actors."""
+def trial_gpus(cfg: SimRegConfig, placement: Placement, teachers: bool = True) -> float:
+    """GPUs one run holds at once: student workers (when on GPU) + teacher actors (unless a fleet serves it)."""
     workers = cfg.scaling.min_workers if placement.use_gpu else 0
-    return workers + len(cfg.teachers) * cfg.teacher_pool.actors_per_teacher * placement.teacher_gpus
+    return workers + (teacher_gpus(cfg, placement) if teachers else 0.0)
 
 
 def resource_check(cfg: SimRegConfig, cluster: dict[str, float], placement: Placement) -> None:

@@ -13,7 +13,7 @@ from simreg.orchestrator.config import SimRegConfig
 from simreg.orchestrator.ray_compat import LOCAL_SYSTEM_CONFIG, train_controller_runtime_env
 from simreg.orchestrator.tracking.redact import redact_tree
 from simreg.orchestrator.train.builders import (
-    cache_spec,
+    requester,
     shard_plan,
     teacher_options,
     view_plan,
@@ -53,27 +53,38 @@ def private_token_file() -> None:
         pass
 
 
-def make_trainer(prep: Prepared, placement: Placement, state: Any, run_config: Any) -> tuple[Any, list[Any]]:
-    """Phase 3-4: the run-long teacher actors, the Ray Data pipeline (views -> targets) and the Ray Train V2
-    TorchTrainer it feeds. Returns (trainer, teacher actors): the caller kills the actors when done."""
+def pool_resources(cfg: SimRegConfig, placement: Placement) -> Any:
+    """The teacher actors' and view tasks' resources and options (``pipeline.actors.PoolResources``)."""
+    from simreg.orchestrator.pipeline.actors import PoolResources
+
+    tp = cfg.teacher_pool
+    options = {**teacher_options(cfg), "compile": tp.compile}
+    return PoolResources(tp.actors_per_teacher, tp.cpus_per_actor, placement.teacher_gpus, tp.threads, tp.batch_size, options,
+                         tp.view_tasks, tp.cpus_per_view_task, dict(tp.resources), dict(tp.label_selector), teacher_env(placement),
+                         tp.max_restarts, tp.call_timeout_s, tp.batch_wait_ms)
+
+
+def make_trainer(prep: Prepared, placement: Placement, state: Any, run_config: Any, fleet: Any = None) -> tuple[Any, list[Any]]:
+    """Phase 3-4: the teacher actors (the run's own, or those of a sweep's ``fleet`` that serve its teachers), the
+    Ray Data pipeline (views -> targets) and the Ray Train V2 TorchTrainer it feeds. Returns (trainer, the run's
+    own teacher actors): the caller kills those when done (a fleet outlives its trials)."""
     import ray
     import ray.train
     from ray.train.torch import TorchTrainer
 
-    from simreg.orchestrator.pipeline.actors import PoolResources, start_teachers
+    from simreg.orchestrator.pipeline.actors import start_teachers
     from simreg.orchestrator.pipeline.dataset import build_train_dataset
     from simreg.orchestrator.pipeline.warmup import ViewWarmup
     from simreg.orchestrator.train.worker import train_loop_per_worker
 
     cfg = prep.cfg
     ray.data.DataContext.get_current().enable_progress_bars = False  # the driver draws one bar per epoch
-    tp = cfg.teacher_pool
-    options = {**teacher_options(cfg, cache_spec(cfg, prep.train)), "compile": tp.compile}
-    res = PoolResources(tp.actors_per_teacher, tp.cpus_per_actor, placement.teacher_gpus, tp.threads, tp.batch_size, options,
-                        tp.view_tasks, tp.cpus_per_view_task, dict(tp.resources), dict(tp.label_selector), teacher_env(placement),
-                        tp.max_restarts, tp.call_timeout_s)
-    teachers = start_teachers(prep.specs, state, res)
-    dataset = build_train_dataset(prep.train, teachers, state, cfg.seed, view_plan(cfg), res)
+    res = pool_resources(cfg, placement)
+    served = {s.name: fleet.actors_for(s, res) for s in prep.specs} if fleet is not None else {}
+    teachers = start_teachers([s for s in prep.specs if served.get(s.name) is None], state, res)
+    own = [a for actors in teachers.values() for a in actors]
+    teachers.update({name: actors for name, actors in served.items() if actors is not None})
+    dataset = build_train_dataset(prep.train, teachers, state, cfg.seed, view_plan(cfg), res, requester(cfg, prep.train))
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config={
@@ -91,7 +102,7 @@ def make_trainer(prep: Prepared, placement: Placement, state: Any, run_config: A
         # delayed every epoch's first batch by ~2 s here; our blocks are small and mostly node-local anyway.
         dataset_config=ray.train.DataConfig(enable_shard_locality=False),
     )
-    return trainer, [a for actors in teachers.values() for a in actors]
+    return trainer, own
 
 
 def teacher_env(placement: Placement) -> dict[str, str]:

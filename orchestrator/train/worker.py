@@ -218,6 +218,9 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         due = cfg.eval.val_every > 0 and ((epoch + 1) % cfg.eval.val_every == 0 or epoch + 1 == cfg.train.epochs)
         if rank == 0 and val is not None and due:
             metrics.update(_validate(objective, val, cfg, device))
+        if rank == 0:  # this run's teacher rows so far (blocks ahead of training included): computed, cached, shared
+            rows = ray.get(state.get_teacher_rows.remote())
+            metrics.update({f"teacher/{n}/{k}_rows": float(v) for n, r in rows.items() for k, v in r.items()})
         history.append(metrics)
         if rank == 0:
             state.add_epoch_metrics.remote(metrics)

@@ -82,7 +82,7 @@ class TrialRunsCallback(tune.Callback):
         step = int(result["epoch"])
         self.backend.attach(entry["run_id"]).log_metrics({
             k: v for k, v in result.items()
-            if isinstance(v, (int, float)) and not isinstance(v, bool) and k.startswith(("train/", "val/"))
+            if isinstance(v, (int, float)) and not isinstance(v, bool) and k.startswith(("train/", "val/", "teacher/"))
         }, step)
         entry["last_epoch"] = step
         val = f", val 20-NN {result['val/top1_20nn']:.2f}" if "val/top1_20nn" in result else ""

@@ -67,10 +67,11 @@ def _sweep(
 ) -> dict[str, Any]:
     from ray.tune.schedulers import ASHAScheduler
 
-    from simreg.orchestrator.train.placement import plan_placement, trial_cpus, trial_gpus
+    from simreg.orchestrator.pipeline.fleet import start_fleet
+    from simreg.orchestrator.train.placement import plan_placement, teacher_cpus, teacher_gpus, trial_cpus, trial_gpus
     from simreg.orchestrator.train.prepare import prepare
     from simreg.orchestrator.train.rundir import publish
-    from simreg.orchestrator.train.trainer import init_ray
+    from simreg.orchestrator.train.trainer import init_ray, pool_resources
 
     tune_dir = out / "tune"
     # 1. the space, checked against the config; every trial must validate. A resumed sweep keeps the
@@ -92,18 +93,23 @@ def _sweep(
     (out / "base_config.json").write_text(json.dumps(base_tree, indent=2))
 
     # 2. data and teachers once in the driver: a bad path fails here, not in every trial
-    prepare(base_cfg)
+    prep = prepare(base_cfg)
 
-    # 3. Ray, concurrency from the cluster's resources
+    # 3. Ray, concurrency from the cluster's resources: with the teacher fleet (teacher_pool.fleet) the teachers
+    #    hold their resources once and a trial only its student workers and view tasks
     cluster = init_ray(base_cfg)
-    placement = plan_placement(base_cfg, cluster)
-    per_trial = trial_cpus(base_cfg, placement) + 0.01
-    fit_cpu = max(1, math.floor(cluster.get("CPU", 1.0) / per_trial))
-    gpu_per_trial = trial_gpus(base_cfg, placement)
-    fit_gpu = math.floor(cluster.get("GPU", 0.0) / gpu_per_trial) if gpu_per_trial else fit_cpu
+    placement = plan_placement(base_cfg, cluster)  # the fleet (or a trial's own teachers) + one trial must fit
+    use_fleet = base_cfg.teacher_pool.fleet
+    per_trial = trial_cpus(base_cfg, placement, teachers=not use_fleet) + 0.01
+    fit_cpu = max(1, math.floor((cluster.get("CPU", 1.0) - (teacher_cpus(base_cfg) if use_fleet else 0.0)) / per_trial))
+    gpu_per_trial = trial_gpus(base_cfg, placement, teachers=not use_fleet)
+    free_gpus = cluster.get("GPU", 0.0) - (teacher_gpus(base_cfg, placement) if use_fleet else 0.0)
+    fit_gpu = math.floor(free_gpus / gpu_per_trial) if gpu_per_trial else fit_cpu
     concurrent = space.search.max_concurrent_trials or max(1, min(fit_cpu, fit_gpu))
-    log.info("sweep: %d param(s) %s, %s search, %d concurrent trial(s) (%.2f CPUs each)", len(keys), keys,
-             space.search.algorithm, concurrent, per_trial)
+    log.info("sweep: %d param(s) %s, %s search, %d concurrent trial(s) (%.2f CPUs each)%s", len(keys), keys,
+             space.search.algorithm, concurrent, per_trial,
+             f"; one teacher fleet for all trials ({teacher_cpus(base_cfg):g} CPUs, {teacher_gpus(base_cfg, placement):g} GPUs)"
+             if use_fleet else "; each trial starts its own teacher actors")
 
     # 4. MLflow parent run (reused on resume)
     parent = backend_for(uri).open_run(
@@ -114,9 +120,10 @@ def _sweep(
     runs_file = out / CHILD_RUNS_FILE
     children = TrialRunsCallback(parent.run_id, base_tree, keys, epochs, runs_file.uri)
 
-    # 5. Tune
+    # 5. the teacher fleet, then Tune
+    fleet = start_fleet(prep.specs, pool_resources(base_cfg, placement)) if use_fleet else None
     trainable = tune.with_resources(
-        tune.with_parameters(run_trial, base=base_tree, keys=keys, storage=(out / "trials").uri), {"CPU": 0.01}
+        tune.with_parameters(run_trial, base=base_tree, keys=keys, storage=(out / "trials").uri, fleet=fleet), {"CPU": 0.01}
     )
     scheduler = None
     if space.search.scheduler == "asha":
@@ -159,6 +166,7 @@ def _sweep(
             status = "KILLED"
             raise
         finally:
+            fleet_rows = _close_fleet(fleet, interrupted=status != "ENDED")
             if status != "ENDED":
                 parent.end(status)
 
@@ -197,12 +205,15 @@ def _sweep(
             "failed_trials": outcome.failed,
             "artifacts": artifacts,
             "registered_model": registered,
+            "teacher_fleet": fleet_rows,  # per teacher: rows computed, from the cache, shared between trials; forwards
             "wall_s": time.perf_counter() - t0,
             "output_dir": out.uri,
         }
         parent.log_artifact(publish(out, local, "sweep_summary.json", json.dumps(summary, indent=2)))
         if best is not None:
             parent.log_metrics({f"best/{space.search.metric}": best["metrics"].get("top1_20nn", float("nan"))}, step=0)
+        if fleet_rows:
+            parent.log_metrics({f"fleet/{n}/{k}": float(v) for n, r in fleet_rows.items() for k, v in r.items()}, step=0)
         parent.end(outcome.status)
         ended = True
     finally:
@@ -211,6 +222,26 @@ def _sweep(
     if outcome.status == "FAILED":
         raise SweepFailedError(outcome.message or "")
     return summary
+
+
+def _close_fleet(fleet: Any, interrupted: bool) -> dict[str, dict[str, int]]:
+    """The fleet's counts (logged, and returned for the summary), then its actors ended (an interrupted sweep
+    waits briefly for cache uploads)."""
+    if fleet is None:
+        return {}
+    from simreg.orchestrator.pipeline.fleet import fleet_placements, fleet_stats, stop_fleet
+
+    rows: dict[str, dict[str, int]] = {}
+    try:
+        for where in fleet_placements(fleet):
+            log.info("teacher fleet: %s", where)
+        rows = fleet_stats(fleet, timeout_s=5.0 if interrupted else 30.0)
+        for name, r in rows.items():
+            log.info("teacher fleet: %s: %d rows computed, %d from the target cache, %d shared between trials, %d forwards",
+                     name, r["forward"], r["cached"], r["shared"], r["batches"])
+    finally:
+        stop_fleet(fleet, timeout_s=5.0 if interrupted else 60.0)
+    return rows
 
 
 @contextmanager

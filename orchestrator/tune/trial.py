@@ -12,7 +12,8 @@ from simreg.orchestrator.tune.space import trial_config
 log = logging.getLogger("simreg")
 
 
-def run_trial(config: dict[str, Any], *, base: dict[str, Any], keys: list[str], storage: str) -> None:
+def run_trial(config: dict[str, Any], *, base: dict[str, Any], keys: list[str], storage: str, fleet: Any = None) -> None:
+    """One trial: its config, its own RunState, the sweep's teacher ``fleet`` (None: its own teacher actors)."""
     import ray
     import ray.train
     from ray.tune.integration.ray_train import TuneReportCallback
@@ -38,7 +39,7 @@ def run_trial(config: dict[str, Any], *, base: dict[str, Any], keys: list[str], 
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=1), failure_config=failure_config(cfg),
             callbacks=[TuneReportCallback()],  # type: ignore[list-item]
             logging_config=ray.train.LoggingConfig(log_level="WARNING"),  # type: ignore[call-arg]
-        ))
+        ), fleet=fleet)
         fit(trainer, state)
     finally:
         stop_actors(state, actors)

@@ -79,7 +79,7 @@ def test_summary_contract(distilled):
     assert h1["train/loss"] < h0["train/loss"]  # the student moves towards the teachers
     assert {"train/loss/r10t", "train/loss/vit", "train/cos/r10t", "train/cos/vit"} <= set(h1)
     # the teacher actors ran each of the 300 images once; epoch 1 came from the Parquet cache
-    assert on_disk["teacher_rows"] == {"r10t": {"forward": 300, "cached": 300}, "vit": {"forward": 300, "cached": 300}}
+    assert on_disk["teacher_rows"] == {"r10t": {"forward": 300, "cached": 300, "shared": 0}, "vit": {"forward": 300, "cached": 300, "shared": 0}}
     assert all(0 < h["val/top1_20nn"] <= 100 for h in (h0, h1))  # validation k-NN every epoch
     # start-up marks, in the order they happened: the first optimizer step last, after the workers ran
     startup = on_disk["startup_s"]

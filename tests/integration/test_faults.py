@@ -255,7 +255,7 @@ def test_a_teacher_slower_than_its_timeout_is_named(ray_cluster):
 
     @ray.remote(num_cpus=0)
     class Hung:
-        def infer(self, request: dict) -> None:
+        def infer(self, request: dict, requester: object = None) -> None:
             time.sleep(120)
 
     state, hung = start_run_state(), Hung.remote()
@@ -348,7 +348,7 @@ def test_mlflow_server_down_mid_run_then_back_every_epoch_logged(ray_cluster, tm
         assert sorted(m.step for m in client.get_metric_history(run.info.run_id, "train/loss")) == list(range(epochs))
         if disk:  # the full disk: said once; the run went on, each view's targets computed once (kept in memory)
             assert text.count("the target cache in") == 1 and "No space left on device" in text, text[-3000:]
-            assert summary["teacher_rows"]["simclr_r10t"] == {"forward": 4 * N, "cached": (epochs - 4) * N}
+            assert summary["teacher_rows"]["simclr_r10t"] == {"forward": 4 * N, "cached": (epochs - 4) * N, "shared": 0}
     finally:
         if p.poll() is None:
             p.kill()
