@@ -20,6 +20,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 ROLES = ("driver", "train worker", "teacher actor", "view tasks / idle workers", "ray's own")
@@ -90,14 +91,18 @@ def _ray_processes() -> list[int]:
     return out
 
 
-def run_sampled(overrides: list[str], every: float, env: dict[str, str] | None = None, whole_cluster: bool = False) -> dict:
-    """``simreg distill *overrides`` in a temporary folder, every process of it sampled every ``every`` s:
-    wall time, the run's summary, per-role peak RSS and summed PSS, the host's peak PSS. ``whole_cluster``:
-    the run joins a cluster started apart (``ray start``), whose processes are not the driver's children:
-    every Ray process on the machine is sampled too."""
+def run_sampled(
+    overrides: list[str], every: float, env: dict[str, str] | None = None, whole_cluster: bool = False, command: str = "distill",
+    collect: Callable[[Path], dict] | None = None,
+) -> dict:
+    """``simreg COMMAND *overrides`` (distill or sweep) in a temporary folder, every process of it sampled every
+    ``every`` s: wall time, the run's summary, per-role peak RSS and summed PSS, the most processes of each role
+    alive at once, the host's peak PSS. ``whole_cluster``: the run joins a cluster started apart (``ray start``),
+    whose processes are not the driver's children: every Ray process on the machine is sampled too.
+    ``collect(folder)``: more figures read from the run's folder before it is deleted."""
     out = Path(tempfile.mkdtemp(prefix="simreg-mem-"))
     exe = str(Path(sys.executable).with_name("simreg"))
-    cmd = [exe, "distill", "--output-dir", str(out / "run"), *overrides]
+    cmd = [exe, command, "--output-dir", str(out / "run"), *overrides]
     env = {**os.environ, "RAY_AUTH_MODE": os.environ.get("RAY_AUTH_MODE", "disabled"), **(env or {})}
     t0, launched_at = time.perf_counter(), time.time()
     log_path = out / "distill.log"
@@ -105,11 +110,13 @@ def run_sampled(overrides: list[str], every: float, env: dict[str, str] | None =
     p = subprocess.Popen(cmd, stdout=log_file, stderr=subprocess.STDOUT, env=env, text=True)
     peak_rss = {r: 0 for r in ROLES}
     peak_pss_sum = {r: 0 for r in ROLES}
+    most = {r: 0 for r in ROLES}  # processes of each role alive at once
     host_peak = 0
     samples = 0
     while p.poll() is None:
         rss_by: dict[str, int] = {r: 0 for r in ROLES}
         pss_by: dict[str, int] = {r: 0 for r in ROLES}
+        count_by: dict[str, int] = {r: 0 for r in ROLES}
         for pid in set(_tree(p.pid)) | (set(_ray_processes()) if whole_cluster else set()):
             role = _role(pid, p.pid)
             if not role:
@@ -117,9 +124,11 @@ def run_sampled(overrides: list[str], every: float, env: dict[str, str] | None =
             rss, pss = _mem(pid)
             rss_by[role] = max(rss_by[role], rss)
             pss_by[role] += pss
+            count_by[role] += 1
         for r in ROLES:
             peak_rss[r] = max(peak_rss[r], rss_by[r])
             peak_pss_sum[r] = max(peak_pss_sum[r], pss_by[r])
+            most[r] = max(most[r], count_by[r])
         host_peak = max(host_peak, sum(pss_by.values()))
         samples += 1
         time.sleep(every)
@@ -127,10 +136,12 @@ def run_sampled(overrides: list[str], every: float, env: dict[str, str] | None =
     log = log_path.read_text(errors="replace")
     if p.returncode != 0:
         shutil.rmtree(out, ignore_errors=True)
-        raise SystemExit(f"simreg distill {' '.join(overrides)} failed (exit {p.returncode}):\n{log[-3000:]}")
-    summary = json.loads((out / "run" / "summary.json").read_text())
+        raise SystemExit(f"simreg {command} {' '.join(overrides)} failed (exit {p.returncode}):\n{log[-3000:]}")
+    summary = json.loads((out / "run" / ("summary.json" if command == "distill" else "sweep_summary.json")).read_text())
+    extra = collect(out / "run") if collect is not None else {}
     shutil.rmtree(out, ignore_errors=True)  # the run folder (checkpoints, MLflow store): ~120 MB
-    return {"wall_s": time.perf_counter() - t0, "launched_at": launched_at, "summary": summary, "samples": samples,
+    return {"wall_s": time.perf_counter() - t0, "launched_at": launched_at, "summary": summary, "samples": samples, **extra,
+            "most_processes": most,
             "peak_rss_gib": {r: v / GIB for r, v in peak_rss.items()},
             "peak_pss_sum_gib": {r: v / GIB for r, v in peak_pss_sum.items()}, "host_peak_gib": host_peak / GIB}
 

@@ -80,17 +80,23 @@ def _free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def two_raylet_cluster(cpus_each: int) -> tuple[str, dict[str, str], Path]:
-    """A head and a second raylet on this machine (``ray start``), token auth off, loopback only."""
+def two_raylet_cluster(
+    cpus_each: int, head_resources: dict[str, float] | None = None, node_resources: dict[str, float] | None = None,
+    node_cpus: int | None = None,
+) -> tuple[str, dict[str, str], Path]:
+    """A head and a second raylet on this machine (``ray start``), token auth off, loopback only; custom resources
+    on either node."""
     root = Path(tempfile.mkdtemp(prefix="rs-", dir="/tmp"))  # short: Ray's socket paths must fit 107 bytes
     env = {**os.environ, "RAY_AUTH_MODE": "disabled"}
     ray = str(Path(sys.executable).with_name("ray"))
     port = _free_port()
     subprocess.run([ray, "start", "--head", f"--port={port}", "--node-ip-address=127.0.0.1", "--dashboard-host=127.0.0.1",
-                    f"--num-cpus={cpus_each}", f"--temp-dir={root / 'h'}", "--disable-usage-stats"], env=env, check=True, capture_output=True)
+                    f"--num-cpus={cpus_each}", f"--temp-dir={root / 'h'}", "--disable-usage-stats",
+                    f"--resources={json.dumps(head_resources or {})}"], env=env, check=True, capture_output=True)
     address = f"127.0.0.1:{port}"
-    subprocess.run([ray, "start", f"--address={address}", "--node-ip-address=127.0.0.1", f"--num-cpus={cpus_each}",
-                    f"--temp-dir={root / 'w'}", "--disable-usage-stats"], env=env, check=True, capture_output=True)
+    subprocess.run([ray, "start", f"--address={address}", "--node-ip-address=127.0.0.1", f"--num-cpus={node_cpus or cpus_each}",
+                    f"--temp-dir={root / 'w'}", "--disable-usage-stats", f"--resources={json.dumps(node_resources or {})}"],
+                   env=env, check=True, capture_output=True)
     return address, env, root
 
 

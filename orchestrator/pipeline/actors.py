@@ -26,6 +26,7 @@ import asyncio
 import logging
 import os
 import time
+from collections import OrderedDict
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
@@ -39,6 +40,8 @@ from simreg.orchestrator.pipeline.requester import Requester
 from simreg.orchestrator.pipeline.teacher import TeacherInference, TeacherSpec
 
 log = logging.getLogger("simreg")
+
+OPEN_CACHES = 16  # target caches a fleet actor keeps in memory (one per cache key: a trial's data, views and seed)
 
 
 @dataclass
@@ -71,11 +74,12 @@ class PooledTeacher(TeacherInference):
         self.wait_s = batch_wait_ms / 1000.0
         # the forwards: one thread (torch's own threads inside it), with torch's thread count set in it
         self._forward_pool = ThreadPoolExecutor(1, "simreg-teacher", initializer=_torch_threads, initargs=(threads,))
-        self._caches: dict[str, TargetCache] = {}
+        self._caches: OrderedDict[str, TargetCache] = OrderedDict()  # the most recently used last
         self._inflight: dict[tuple[str, int, int], tuple[_Work, int]] = {}  # (views key, view index, sample id) -> (work, row)
         self._queue: list[_Work] = []
         self._wake: asyncio.Event | None = None
         self._batcher: asyncio.Task[None] | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
         self.shared_rows = 0  # rows served from another request's forward
         self.batches = 0  # forwards run
         if state is not None:
@@ -90,10 +94,15 @@ class PooledTeacher(TeacherInference):
         cid = requester.cache_id
         if cid is None or requester.cache_root is None or requester.data_fingerprint is None:
             return None
-        if cid not in self._caches:
-            spec = CacheSpec(requester.cache_root, requester.data_fingerprint, requester.views)
-            self._caches[cid] = TargetCache(spec.root, spec.key(self.fingerprint()), self.spec.name, self.teacher.feature_dim)
-        return self._caches[cid]
+        if cid in self._caches:
+            self._caches.move_to_end(cid)
+            return self._caches[cid]
+        spec = CacheSpec(requester.cache_root, requester.data_fingerprint, requester.views)
+        self._caches[cid] = cache = TargetCache(spec.root, spec.key(self.fingerprint()), self.spec.name, self.teacher.feature_dim)
+        while len(self._caches) > OPEN_CACHES:  # a long sweep's ended trials: their targets stay on disk, not in memory
+            _, old = self._caches.popitem(last=False)
+            old.flush()
+        return cache
 
     async def infer(self, batch: dict[str, np.ndarray], requester: Requester | None = None) -> tuple[np.ndarray, dict[str, int], str | None]:
         """{sample_id, view, view_index} -> ((B, d) float16 targets, {"forward", "cached", "shared"} rows, a
@@ -150,10 +159,11 @@ class PooledTeacher(TeacherInference):
         return out, counts, cache.write_error if cache is not None else None
 
     def _enqueue(self, work: _Work) -> None:
-        if self._wake is None:
-            self._wake = asyncio.Event()
+        loop = asyncio.get_running_loop()  # Ray's actor loop; a test's asyncio.run calls bring new ones
+        if self._wake is None or self._loop is not loop:
+            self._wake, self._loop, self._batcher = asyncio.Event(), loop, None
         if self._batcher is None or self._batcher.done():
-            self._batcher = asyncio.get_running_loop().create_task(self._batches())
+            self._batcher = loop.create_task(self._batches())
         self._queue.append(work)
         self._wake.set()
 

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import os
 import time
 from collections.abc import Iterator
@@ -68,7 +67,7 @@ def _sweep(
     from ray.tune.schedulers import ASHAScheduler
 
     from simreg.orchestrator.pipeline.fleet import start_fleet
-    from simreg.orchestrator.train.placement import plan_placement, teacher_cpus, teacher_gpus, trial_cpus, trial_gpus
+    from simreg.orchestrator.train.placement import concurrent_trials, plan_placement, teacher_cpus, teacher_gpus
     from simreg.orchestrator.train.prepare import prepare
     from simreg.orchestrator.train.rundir import publish
     from simreg.orchestrator.train.trainer import init_ray, pool_resources
@@ -100,12 +99,8 @@ def _sweep(
     cluster = init_ray(base_cfg)
     placement = plan_placement(base_cfg, cluster)  # the fleet (or a trial's own teachers) + one trial must fit
     use_fleet = base_cfg.teacher_pool.fleet
-    per_trial = trial_cpus(base_cfg, placement, teachers=not use_fleet) + 0.01
-    fit_cpu = max(1, math.floor((cluster.get("CPU", 1.0) - (teacher_cpus(base_cfg) if use_fleet else 0.0)) / per_trial))
-    gpu_per_trial = trial_gpus(base_cfg, placement, teachers=not use_fleet)
-    free_gpus = cluster.get("GPU", 0.0) - (teacher_gpus(base_cfg, placement) if use_fleet else 0.0)
-    fit_gpu = math.floor(free_gpus / gpu_per_trial) if gpu_per_trial else fit_cpu
-    concurrent = space.search.max_concurrent_trials or max(1, min(fit_cpu, fit_gpu))
+    fit, per_trial = concurrent_trials(base_cfg, cluster, placement, use_fleet)
+    concurrent = space.search.max_concurrent_trials or fit
     log.info("sweep: %d param(s) %s, %s search, %d concurrent trial(s) (%.2f CPUs each)%s", len(keys), keys,
              space.search.algorithm, concurrent, per_trial,
              f"; one teacher fleet for all trials ({teacher_cpus(base_cfg):g} CPUs, {teacher_gpus(base_cfg, placement):g} GPUs)"

@@ -123,3 +123,19 @@ def test_a_run_without_a_data_fingerprint_never_shares(spec, fmnist_small):
     anonymous = Requester(None, None, {"seed": 0})
     _serve(teacher, (batch, anonymous), (dict(batch), anonymous))
     assert teacher.forward_rows == 64 and teacher.shared_rows == 0
+
+
+def test_a_long_sweep_keeps_a_bounded_number_of_caches_open(spec, fmnist_small, tmp_path: Path, monkeypatch):
+    import simreg.orchestrator.pipeline.actors as actors
+
+    monkeypatch.setattr(actors, "OPEN_CACHES", 2)
+    view = ViewSpec(64)
+    teacher = PooledTeacher(spec, 1, None, {"device": "cpu"}, batch_size=64, batch_wait_ms=0)
+    batch = _request(fmnist_small, view, slice(0, 8))
+    for seed in range(4):  # four trials with other seeds: four cache keys
+        req = Requester(str(tmp_path), fmnist_small.source_fingerprint, {"seed": seed, "teacher_view": spec_dict(view)})
+        _serve(teacher, (dict(batch), req))
+    assert len(teacher._caches) == 2
+    first = Requester(str(tmp_path), fmnist_small.source_fingerprint, {"seed": 0, "teacher_view": spec_dict(view)})
+    (_, counts, _), = _serve(teacher, (dict(batch), first))  # closed, reopened: read back from its shards
+    assert counts == {"forward": 0, "cached": 8, "shared": 0}

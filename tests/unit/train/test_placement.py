@@ -6,7 +6,7 @@ from simreg.models import ConfigError
 from simreg.orchestrator.config import load_config
 from simreg.orchestrator.evaluation.final import knn_table
 from simreg.orchestrator.train.builders import build_objective, build_optimizer, shard_plan
-from simreg.orchestrator.train.placement import Placement, resource_check
+from simreg.orchestrator.train.placement import Placement, concurrent_trials, resource_check
 
 CPU_ONLY = Placement(has_gpu=False, use_gpu=False, teacher_gpus=0.0)
 
@@ -25,6 +25,19 @@ def test_resource_rule_refuses_a_plan_that_would_hang():
     with pytest.raises(ConfigError, match=r"needs 3 GPU\(s\) .* cluster has 2"):
         resource_check(load_config(), {"CPU": 8.0, "GPU": 2.0}, Placement(True, True, 1.0))
     resource_check(load_config(), {"CPU": 8.0, "GPU": 3.0}, Placement(True, True, 1.0))  # 2 students + 1 teacher
+
+
+def test_a_fleet_sweep_fits_more_trials_than_one_with_teachers_per_trial():
+    cfg = load_config(None, ["scaling.num_workers=1", "scaling.cpus_per_worker=1", "teacher_pool.cpus_per_actor=1",
+                             "teacher_pool.view_tasks=1", "teacher_pool.cpus_per_view_task=0.5"])
+    # 10 CPUs: with the fleet (1 CPU once) 9 / 1.51 -> 5 trials; a teacher per trial: 10 / 2.51 -> 3
+    assert concurrent_trials(cfg, {"CPU": 10.0}, CPU_ONLY, fleet=True) == (5, pytest.approx(1.51))
+    assert concurrent_trials(cfg, {"CPU": 10.0}, CPU_ONLY, fleet=False) == (3, pytest.approx(2.51))
+    # GPUs: 8, one per student and one per teacher actor: the fleet takes 1, then 7 trials; per trial 8 / 2 = 4
+    gpu = Placement(True, True, 1.0)
+    assert concurrent_trials(cfg, {"CPU": 64.0, "GPU": 8.0}, gpu, fleet=True)[0] == 7
+    assert concurrent_trials(cfg, {"CPU": 64.0, "GPU": 8.0}, gpu, fleet=False)[0] == 4
+    assert concurrent_trials(cfg, {"CPU": 2.0}, CPU_ONLY, fleet=True)[0] == 1  # never 0: one trial beside the fleet
 
 
 def test_cosine_schedule_reaches_zero():
