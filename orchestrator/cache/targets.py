@@ -115,7 +115,7 @@ class TargetCache:
                 body = {"key": self.key, "teacher": teacher_name, "dim": dim, "created": time.strftime("%Y-%m-%dT%H:%M:%S")}
                 meta.write_text(json.dumps(body, indent=2))
         except OSError as e:
-            self._cannot_write(e)
+            self.cannot_write(e)
         self._where: dict[int, dict[int, tuple[int, int]]] = {}  # view index -> sample id -> (chunk, row)
         self._chunks: dict[int, list[np.ndarray]] = {}  # view index -> (n, dim) fp16 arrays
         self._read: dict[int, set[str]] = {}  # view index -> shard names already indexed
@@ -124,6 +124,7 @@ class TargetCache:
         # instead of waiting for a request round trip per block; ``flush`` waits for them.
         self._uploads: ThreadPoolExecutor | None = ThreadPoolExecutor(1, "simreg-cache-upload") if self.dir.remote else None
         self._pending: list[Future[None]] = []
+        self._pending_lock = threading.Lock()
 
     def _view_dir(self, v: int) -> Store:
         return self.dir / f"v{v:05d}"
@@ -213,10 +214,13 @@ class TargetCache:
         if self._uploads is None:
             self._write(dest, buf.getvalue())
             return
-        self._pending = [f for f in self._pending if not f.done()]
-        if len(self._pending) >= MAX_PENDING_UPLOADS:  # a store slower than the teacher: wait, do not pile up bytes
-            self._pending.pop(0).result()
-        self._pending.append(self._uploads.submit(self._write, dest, buf.getvalue()))
+        with self._pending_lock:  # a fleet actor stores from its forward thread and flushes from its loop
+            self._pending = [f for f in self._pending if not f.done()]
+            oldest = self._pending.pop(0) if len(self._pending) >= MAX_PENDING_UPLOADS else None
+        if oldest is not None:  # a store slower than the teacher: wait, do not pile up bytes
+            oldest.result()
+        with self._pending_lock:
+            self._pending.append(self._uploads.submit(self._write, dest, buf.getvalue()))
 
     def _write(self, dest: Store, data: bytes) -> None:
         """One shard, whole or not at all (Store.write_bytes: a temporary name renamed locally, one object remotely)."""
@@ -227,9 +231,10 @@ class TargetCache:
         except Exception as e:  # noqa: BLE001  (the cache is optional; an object store's client raises more than OSError)
             if not (isinstance(e, OSError) or self.dir.remote):
                 raise
-            self._cannot_write(e)
+            self.cannot_write(e)
 
-    def _cannot_write(self, e: BaseException) -> None:
+    def cannot_write(self, e: BaseException) -> None:
+        """Stop writing (the first error is kept and logged once); targets stored go on being served from memory."""
         with self._write_lock:
             if self.write_error is not None:
                 return
@@ -240,9 +245,10 @@ class TargetCache:
 
     def flush(self) -> None:
         """Wait until every shard stored so far is in the store (a no-op on local disk)."""
-        for f in self._pending:
+        with self._pending_lock:
+            pending, self._pending = self._pending, []
+        for f in pending:
             f.result()
-        self._pending = []
 
 
 def spec_dict(obj: Any) -> dict[str, Any]:

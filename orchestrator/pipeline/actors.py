@@ -75,6 +75,7 @@ class PooledTeacher(TeacherInference):
         # the forwards: one thread (torch's own threads inside it), with torch's thread count set in it
         self._forward_pool = ThreadPoolExecutor(1, "simreg-teacher", initializer=_torch_threads, initargs=(threads,))
         self._caches: OrderedDict[str, TargetCache] = OrderedDict()  # the most recently used last
+        self._closing: list[TargetCache] = []  # caches closed to bound memory, maybe still uploading
         self._inflight: dict[tuple[str, int, int], tuple[_Work, int]] = {}  # (views key, view index, sample id) -> (work, row)
         self._queue: list[_Work] = []
         self._wake: asyncio.Event | None = None
@@ -101,7 +102,7 @@ class PooledTeacher(TeacherInference):
         self._caches[cid] = cache = TargetCache(spec.root, spec.key(self.fingerprint()), self.spec.name, self.teacher.feature_dim)
         while len(self._caches) > OPEN_CACHES:  # a long sweep's ended trials: their targets stay on disk, not in memory
             _, old = self._caches.popitem(last=False)
-            old.flush()
+            self._closing.append(old)  # uploads still running finish in their thread; flush_cache waits for them
         return cache
 
     async def infer(self, batch: dict[str, np.ndarray], requester: Requester | None = None) -> tuple[np.ndarray, dict[str, int], str | None]:
@@ -149,10 +150,12 @@ class PooledTeacher(TeacherInference):
             mine.append((rows, work))
             counts["forward"] += int(rows.size)
             self._enqueue(work)
+        # shielded: another request may be waiting on the same work, and Ray cancels a request whose caller went
+        # away (a trial stopped, an execution shut down); the cancellation must not reach the shared future
         for at, work in mine:
-            out[at] = await work.done
+            out[at] = await asyncio.shield(work.done)
         for at, work, rows_there in waits:
-            out[at] = (await work.done)[rows_there]
+            out[at] = (await asyncio.shield(work.done))[rows_there]
         self.forward_rows += counts["forward"]
         self.cached_rows += counts["cached"]
         self.shared_rows += counts["shared"]
@@ -186,17 +189,19 @@ class PooledTeacher(TeacherInference):
                     await asyncio.wait_for(self._wake.wait(), left)
                 except asyncio.TimeoutError:
                     break
-            take: list[_Work] = []
-            rows = 0
-            while self._queue and (not take or rows + len(self._queue[0].ids) <= self.batch_size):
-                take.append(self._queue.pop(0))
-                rows += len(take[-1].ids)
+            take = self._take()
             try:
                 parts = await loop.run_in_executor(self._forward_pool, self._forward, take)
-            except Exception as e:  # noqa: BLE001  (handed to every request of the batch)
+            except BaseException as e:  # handed to every request of the batch (a cancelled batcher: they are cancelled)
                 for w in take:
-                    if not w.done.done():
+                    if w.done.done():
+                        continue
+                    if isinstance(e, Exception):
                         w.done.set_exception(e)
+                    else:
+                        w.done.cancel()
+                if not isinstance(e, Exception):
+                    raise
             else:
                 for w, p in zip(take, parts, strict=True):
                     if not w.done.done():
@@ -206,6 +211,20 @@ class PooledTeacher(TeacherInference):
                     if w.share is not None:
                         for sid in w.ids.tolist():
                             self._inflight.pop((w.share, w.view_index, sid), None)
+
+    def _take(self) -> list[_Work]:
+        """The next batch: queued works in order, up to ``batch_size`` rows (at least one), all of the first's view
+        shape (trials may render other sizes; the teacher resizes each batch to its input)."""
+        first = self._queue.pop(0)
+        take, rows, left = [first], len(first.ids), []
+        for w in self._queue:
+            if rows + len(w.ids) <= self.batch_size and w.views.shape[1:] == first.views.shape[1:] and w.views.dtype == first.views.dtype:
+                take.append(w)
+                rows += len(w.ids)
+            else:
+                left.append(w)
+        self._queue = left
+        return take
 
     def _forward(self, works: list[_Work]) -> list[np.ndarray]:
         """One forward over the rows of several requests, then each one's rows stored in its cache (before the
@@ -218,18 +237,23 @@ class PooledTeacher(TeacherInference):
             p = tg[at:at + len(w.ids)]
             at += len(w.ids)
             if w.cache is not None:
-                w.cache.store(w.view_index, w.ids, p)
+                try:
+                    w.cache.store(w.view_index, w.ids, p)
+                except Exception as e:  # noqa: BLE001  (one run's cache: its requests are still answered, it stops caching)
+                    w.cache.cannot_write(e)
             parts.append(p)
         return parts
 
     def stats(self) -> dict[str, int]:
-        """Rows computed, served by a cache and shared between requests, and forwards run, since the actor started."""
+        """Rows computed, served by a cache and shared between requests, and forwards run, since the actor (last)
+        started: Ray's restart of an actor starts them from zero."""
         return {"forward": self.forward_rows, "cached": self.cached_rows, "shared": self.shared_rows, "batches": self.batches}
 
     def flush_cache(self) -> None:
         """Wait for the cache shards still uploading (an object store); a no-op on local disk."""
-        for c in self._caches.values():
+        for c in [*self._caches.values(), *self._closing]:
             c.flush()
+        self._closing = []
 
 
 def _torch_threads(n: int) -> None:

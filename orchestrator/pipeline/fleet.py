@@ -47,9 +47,11 @@ class Fleet:
 def start_fleet(specs: list[TeacherSpec], res: PoolResources) -> Fleet:
     from simreg.orchestrator.pipeline.state import start_run_state
 
+    by_id: dict[str, TeacherSpec] = {}
+    for s in specs:  # two names for the same teacher: one set of actors serves both
+        by_id.setdefault(teacher_identity(s, res), s)
     state = start_run_state()
-    started = start_teachers(specs, state, res)
-    by_id = {teacher_identity(s, res): s for s in specs}
+    started = start_teachers(list(by_id.values()), state, res)
     return Fleet({i: started[s.name] for i, s in by_id.items()}, {i: s.name for i, s in by_id.items()}, state)
 
 

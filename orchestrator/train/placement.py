@@ -47,13 +47,17 @@ def trial_gpus(cfg: SimRegConfig, placement: Placement, teachers: bool = True) -
     return workers + (teacher_gpus(cfg, placement) if teachers else 0.0)
 
 
-def concurrent_trials(cfg: SimRegConfig, cluster: dict[str, float], placement: Placement, fleet: bool) -> tuple[int, float]:
+def concurrent_trials(
+    cfg: SimRegConfig, cluster: dict[str, float], placement: Placement, fleet: bool, trial_teachers: bool | None = None,
+) -> tuple[int, float]:
     """(trials a sweep runs at once, CPUs each holds). With a teacher fleet the teachers hold their CPUs and GPUs
     once and a trial only its student workers and view tasks (and Tune's 0.01 CPU); without, each trial holds
-    its own teachers too. At least one: the resource check has made sure one trial fits beside the fleet."""
-    per_trial = trial_cpus(cfg, placement, teachers=not fleet) + 0.01
+    its own teachers too (``trial_teachers``: also beside a fleet, when trials may need teachers it does not run).
+    At least one: the resource check has made sure one trial fits beside the fleet."""
+    own = (not fleet) if trial_teachers is None else trial_teachers
+    per_trial = trial_cpus(cfg, placement, teachers=own) + 0.01
     fit_cpu = math.floor((cluster.get("CPU", 1.0) - (teacher_cpus(cfg) if fleet else 0.0)) / per_trial)
-    gpu_per_trial = trial_gpus(cfg, placement, teachers=not fleet)
+    gpu_per_trial = trial_gpus(cfg, placement, teachers=own)
     free_gpus = cluster.get("GPU", 0.0) - (teacher_gpus(cfg, placement) if fleet else 0.0)
     fit_gpu = math.floor(free_gpus / gpu_per_trial) if gpu_per_trial else fit_cpu
     return max(1, min(fit_cpu, fit_gpu)), per_trial

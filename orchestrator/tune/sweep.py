@@ -99,7 +99,12 @@ def _sweep(
     cluster = init_ray(base_cfg)
     placement = plan_placement(base_cfg, cluster)  # the fleet (or a trial's own teachers) + one trial must fit
     use_fleet = base_cfg.teacher_pool.fleet
-    fit, per_trial = concurrent_trials(base_cfg, cluster, placement, use_fleet)
+    res = pool_resources(base_cfg, placement)
+    unserved = _unserved_params(space, base_tree, prep.specs, res, placement) if use_fleet else []
+    if unserved:
+        log.warning("sweep: %s change(s) a teacher the fleet runs (its weights, input, precision, layout or device): trials with "
+                    "such a value start their own teacher actors, counted in each trial's resources", ", ".join(unserved))
+    fit, per_trial = concurrent_trials(base_cfg, cluster, placement, use_fleet, trial_teachers=not use_fleet or bool(unserved))
     concurrent = space.search.max_concurrent_trials or fit
     log.info("sweep: %d param(s) %s, %s search, %d concurrent trial(s) (%.2f CPUs each)%s", len(keys), keys,
              space.search.algorithm, concurrent, per_trial,
@@ -116,27 +121,28 @@ def _sweep(
     children = TrialRunsCallback(parent.run_id, base_tree, keys, epochs, runs_file.uri)
 
     # 5. the teacher fleet, then Tune
-    fleet = start_fleet(prep.specs, pool_resources(base_cfg, placement)) if use_fleet else None
-    trainable = tune.with_resources(
-        tune.with_parameters(run_trial, base=base_tree, keys=keys, storage=(out / "trials").uri, fleet=fleet), {"CPU": 0.01}
-    )
-    scheduler = None
-    if space.search.scheduler == "asha":
-        scheduler = ASHAScheduler(time_attr="training_iteration", max_t=epochs, grace_period=space.search.grace_period,
-                                  reduction_factor=space.search.reduction_factor)
-    search_alg = None
-    if space.search.algorithm == "optuna":
-        from ray.tune.search.optuna import OptunaSearch
-
-        search_alg = OptunaSearch(seed=cfg.seed)
     # Save Tune's experiment state at most every second (default: adaptive, >= 10 s), so a sweep killed
     # right after a trial ends does not restart that trial on --resume (its Train run would restore the
     # final checkpoint and train no further, but would still pay a start-up).
     os.environ.setdefault("TUNE_GLOBAL_CHECKPOINT_S", "1")
     status = "FAILED"
+    fleet = None
     tune_path, tune_fs = tune_dir.ray_storage()
     with _tracking_uri_env(uri):
         try:
+            fleet = start_fleet(prep.specs, res) if use_fleet else None
+            trainable = tune.with_resources(
+                tune.with_parameters(run_trial, base=base_tree, keys=keys, storage=(out / "trials").uri, fleet=fleet), {"CPU": 0.01}
+            )
+            scheduler = None
+            if space.search.scheduler == "asha":
+                scheduler = ASHAScheduler(time_attr="training_iteration", max_t=epochs, grace_period=space.search.grace_period,
+                                          reduction_factor=space.search.reduction_factor)
+            search_alg = None
+            if space.search.algorithm == "optuna":
+                from ray.tune.search.optuna import OptunaSearch
+
+                search_alg = OptunaSearch(seed=cfg.seed)
             if resume:
                 tuner = tune.Tuner.restore(
                     (tune_dir / "sweep").ray_storage()[0], trainable, resume_unfinished=True, resume_errored=True, storage_filesystem=tune_fs,
@@ -217,6 +223,29 @@ def _sweep(
     if outcome.status == "FAILED":
         raise SweepFailedError(outcome.message or "")
     return summary
+
+
+def _unserved_params(space: SearchSpace, base_tree: dict[str, Any], specs: list[Any], res: Any, placement: Any) -> list[str]:
+    """The space's params with a value (each listed value; a range's ends) that gives a trial a teacher the fleet
+    does not run."""
+    from simreg.orchestrator.pipeline.fleet import teacher_identity
+    from simreg.orchestrator.train.builders import teacher_specs
+    from simreg.orchestrator.train.trainer import pool_resources
+
+    fleet_ids = {teacher_identity(s, res) for s in specs}
+    out = []
+    for k, d in space.params.items():
+        values = d.values() or list(d.uniform or d.loguniform or d.randint or d.quniform or [])[:2]
+        for v in values:
+            try:
+                tcfg = trial_config(base_tree, {k: v})
+            except ConfigError:  # a range's exclusive end
+                continue
+            tres = pool_resources(tcfg, placement)
+            if any(teacher_identity(s, tres) not in fleet_ids for s in teacher_specs(tcfg)):
+                out.append(k)
+                break
+    return out
 
 
 def _close_fleet(fleet: Any, interrupted: bool) -> dict[str, dict[str, int]]:

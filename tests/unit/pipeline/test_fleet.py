@@ -139,3 +139,38 @@ def test_a_long_sweep_keeps_a_bounded_number_of_caches_open(spec, fmnist_small, 
     first = Requester(str(tmp_path), fmnist_small.source_fingerprint, {"seed": 0, "teacher_view": spec_dict(view)})
     (_, counts, _), = _serve(teacher, (dict(batch), first))  # closed, reopened: read back from its shards
     assert counts == {"forward": 0, "cached": 8, "shared": 0}
+
+
+def test_a_cancelled_request_does_not_fail_the_one_sharing_its_rows(spec, fmnist_small):
+    """Ray cancels a request whose caller went away (a trial stopped, an execution shut down): a trial waiting on
+    the same rows still gets them."""
+    view = ViewSpec(64)
+    teacher = PooledTeacher(spec, 1, None, {"device": "cpu"}, batch_size=64, batch_wait_ms=100)
+    req = _requester(fmnist_small, view)
+    batch = _request(fmnist_small, view, slice(0, 32))
+
+    async def go() -> tuple:
+        owner = asyncio.create_task(teacher.infer(batch, req))
+        await asyncio.sleep(0.01)  # queued, waiting for more rows
+        sharer = asyncio.create_task(teacher.infer(dict(batch), req))
+        await asyncio.sleep(0.01)
+        owner.cancel()
+        got = await sharer
+        return got, owner.cancelled()
+
+    (targets, counts, _), cancelled = asyncio.run(go())
+    assert cancelled and counts == {"forward": 0, "cached": 0, "shared": 32}
+    direct = TeacherInference(spec, threads=1, device="cpu").targets(batch["view"])
+    assert np.array_equal(targets.view(np.uint16), direct.view(np.uint16))
+
+
+def test_views_of_other_sizes_go_through_in_separate_batches(spec, fmnist_small):
+    """Trials that render other view sizes share a fleet actor (the teacher resizes to its input): their rows are
+    never stacked into one array."""
+    small, large = ViewSpec(32), ViewSpec(64)
+    teacher = PooledTeacher(spec, 1, None, {"device": "cpu"}, batch_size=64, batch_wait_ms=50)
+    bs, bl = _request(fmnist_small, small, slice(0, 8)), _request(fmnist_small, large, slice(0, 8))
+    (ts, _, _), (tl, _, _) = _serve(teacher, (bs, _requester(fmnist_small, small)), (bl, _requester(fmnist_small, large)))
+    assert teacher.batches == 2
+    direct = TeacherInference(spec, threads=1, device="cpu")
+    assert _close(ts, direct.targets(bs["view"])) and _close(tl, direct.targets(bl["view"]))
