@@ -47,6 +47,16 @@ class TeacherSpec:
         return asdict(self)
 
 
+def teacher_fingerprint(spec: TeacherSpec, bf16: bool, channels_last: bool) -> dict[str, Any]:
+    """The teacher part of a cache key (``TeacherInference.fingerprint``), without loading the teacher."""
+    return {
+        "arch": spec.arch, "weights_sha256": weights_sha256(spec.weights), "format": spec.format, "model_kwargs": spec.model_kwargs,
+        "input": {"size": spec.input_size, "mean": list(spec.mean), "std": list(spec.std)},
+        "precision": "bf16" if bf16 else "fp32",
+        "memory_format": "channels_last" if channels_last else "contiguous",  # other kernels, other low bits
+    }
+
+
 class TeacherInference:
     """One teacher in one actor: ``__call__(batch)`` adds ``target_<name>`` as float16 (B, d).
 
@@ -85,13 +95,7 @@ class TeacherInference:
 
     def fingerprint(self) -> dict[str, Any]:
         """The teacher part of a cache key: everything that decides its output for a given view."""
-        s = self.spec
-        return {
-            "arch": s.arch, "weights_sha256": weights_sha256(s.weights), "format": s.format, "model_kwargs": s.model_kwargs,
-            "input": {"size": s.input_size, "mean": list(s.mean), "std": list(s.std)},
-            "precision": "bf16" if self.bf16 else "fp32",
-            "memory_format": "channels_last" if self.channels_last else "contiguous",  # other kernels, other low bits
-        }
+        return teacher_fingerprint(self.spec, self.bf16, self.channels_last)
 
     @torch.no_grad()
     def targets(self, view: np.ndarray) -> np.ndarray:

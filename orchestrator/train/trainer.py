@@ -67,7 +67,8 @@ def pool_resources(cfg: SimRegConfig, placement: Placement) -> Any:
 def make_trainer(prep: Prepared, placement: Placement, state: Any, run_config: Any, fleet: Any = None) -> tuple[Any, list[Any]]:
     """Phase 3-4: the teacher actors (the run's own, or those of a sweep's ``fleet`` that serve its teachers), the
     Ray Data pipeline (views -> targets) and the Ray Train V2 TorchTrainer it feeds. Returns (trainer, the run's
-    own teacher actors): the caller kills those when done (a fleet outlives its trials)."""
+    own teacher actors): the caller kills those when done (a fleet outlives its trials). A run whose every target
+    is in the cache runs neither: its workers render their views and read the targets (``train/cached_data.py``)."""
     import ray
     import ray.train
     from ray.train.torch import TorchTrainer
@@ -75,16 +76,24 @@ def make_trainer(prep: Prepared, placement: Placement, state: Any, run_config: A
     from simreg.orchestrator.pipeline.actors import start_teachers
     from simreg.orchestrator.pipeline.dataset import build_train_dataset
     from simreg.orchestrator.pipeline.warmup import ViewWarmup
+    from simreg.orchestrator.train.cached_data import cached_source
     from simreg.orchestrator.train.worker import train_loop_per_worker
 
     cfg = prep.cfg
     ray.data.DataContext.get_current().enable_progress_bars = False  # the driver draws one bar per epoch
     res = pool_resources(cfg, placement)
-    served = {s.name: fleet.actors_for(s, res) for s in prep.specs} if fleet is not None else {}
-    teachers = start_teachers([s for s in prep.specs if served.get(s.name) is None], state, res)
-    own = [a for actors in teachers.values() for a in actors]
-    teachers.update({name: actors for name, actors in served.items() if actors is not None})
-    dataset = build_train_dataset(prep.train, teachers, state, cfg.seed, view_plan(cfg), res, requester(cfg, prep.train))
+    cached = cached_source(cfg, prep.train, prep.specs, prep.teacher_dims, placement.teacher_gpus)
+    own: list[Any] = []
+    datasets = None
+    if cached is not None:
+        state.note_placement.remote(f"target cache: every target of this run is cached ({', '.join(cached.caches)}); the student "
+                                    "workers render their views and read the targets (no teacher actor, no view task)")
+    else:
+        served = {s.name: fleet.actors_for(s, res) for s in prep.specs} if fleet is not None else {}
+        teachers = start_teachers([s for s in prep.specs if served.get(s.name) is None], state, res)
+        own = [a for actors in teachers.values() for a in actors]
+        teachers.update({name: actors for name, actors in served.items() if actors is not None})
+        datasets = {"train": build_train_dataset(prep.train, teachers, state, cfg.seed, view_plan(cfg), res, requester(cfg, prep.train))}
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config={
@@ -93,11 +102,12 @@ def make_trainer(prep: Prepared, placement: Placement, state: Any, run_config: A
             "n_train": len(prep.train), "val": prep.val,
             # an object store: the checkpoint uploads while the next epoch trains (a local copy is quick)
             "async_checkpoint": getattr(run_config, "storage_filesystem", None) is not None,
-            "view_warmup": ViewWarmup(res.view_tasks, res.cpus_per_view_task, train_controller_runtime_env()),
+            "view_warmup": ViewWarmup(res.view_tasks, res.cpus_per_view_task, train_controller_runtime_env()) if cached is None else None,
+            "cached": cached,
         },
         scaling_config=scaling_config(cfg, placement),
         run_config=run_config,
-        datasets={"train": dataset},
+        datasets=datasets,
         # No shard locality: with it the split holds finished blocks back to match them to nodes, which
         # delayed every epoch's first batch by ~2 s here; our blocks are small and mostly node-local anyway.
         dataset_config=ray.train.DataConfig(enable_shard_locality=False),

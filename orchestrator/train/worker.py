@@ -32,6 +32,7 @@ from simreg.orchestrator.train.builders import (
     student_layout,
     view_plan,
 )
+from simreg.orchestrator.train.cached_data import cached_batches
 from simreg.orchestrator.train.checkpoint import checkpoint_epoch, load_kept, restore, save_checkpoint
 from simreg.orchestrator.train.epoch import NonFiniteLoss, train_epoch
 
@@ -106,7 +107,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     # First: Ray Data's split coordinator (an actor: a process and its imports, seconds on a small machine) then
     # starts while the model and DDP are built, instead of delaying the first batch. Once; iterated once per epoch.
-    shard = ray.train.get_dataset_shard("train")
+    cached = config.get("cached")  # every target in the cache: this worker makes its batches (train/cached_data.py)
+    shard = ray.train.get_dataset_shard("train") if cached is None else None
     if rank == 0:
         state.mark.remote("workers_ready", time.time())
         if config.get("view_warmup") is not None:  # see pipeline/warmup.py
@@ -173,7 +175,15 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         seen = SeenIds(rows)  # this rank's rows of the epoch
         waits: list[float] = []
         t0 = time.perf_counter()
-        batches = _batches(shard, per_worker_batch, pin=cuda)
+        if cached is None:
+            batches = _batches(shard, per_worker_batch, pin=cuda)
+        else:
+            if epoch == start_epoch:
+                train_set, caches = ray.get(cached.images), cached.open()
+            batches = cached_batches(train_set, caches, view_plan(cfg), cfg.seed, epoch, rank, world, per_worker_batch, cached.block_rows, pin=cuda)
+            if rank == 0:  # every row of the epoch read from the cache, as the teacher actors would count it
+                for name in names:
+                    state.add_teacher_rows.remote(name, {"cached": config["n_train"]})
         try:
             stats = train_epoch(model, _checked(batches, epoch, seen, waits), optimizer, scheduler, names, device, on_step, view_key, amp,
                                 finite=finite)
@@ -182,7 +192,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                 ray.get(state.fail.remote(_diverged(e, finite.worst, cfg, epoch, steps, float(scheduler.get_last_lr()[0]))))
             return
         wall = time.perf_counter() - t0
-        if rank == 0 and os.environ.get("SIMREG_DATA_STATS"):  # Ray Data's per-stage timings, for tuning
+        if rank == 0 and shard is not None and os.environ.get("SIMREG_DATA_STATS"):  # Ray Data's per-stage timings, for tuning
             print(f"[simreg] epoch {epoch} Ray Data stats (rank 0):\n{shard.stats()}", flush=True)
 
         # Sum over ranks: images, skipped, per-key sums; max of wall time.
@@ -219,8 +229,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         if rank == 0 and val is not None and due:
             metrics.update(_validate(objective, val, cfg, device))
         if rank == 0:  # this run's teacher rows so far (blocks ahead of training included): computed, cached, shared
-            rows = ray.get(state.get_teacher_rows.remote())
-            metrics.update({f"teacher/{n}/{k}_rows": float(v) for n, r in rows.items() for k, v in r.items()})
+            teacher_rows = ray.get(state.get_teacher_rows.remote())
+            metrics.update({f"teacher/{n}/{k}_rows": float(v) for n, r in teacher_rows.items() for k, v in r.items()})
         history.append(metrics)
         if rank == 0:
             state.add_epoch_metrics.remote(metrics)

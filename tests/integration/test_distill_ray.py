@@ -76,6 +76,7 @@ def test_summary_contract(distilled):
     # every sample id of the 300 trained on exactly once per epoch across the 2 workers (equal split: 150 each)
     assert h0["train/images"] == 300 and h0["train/unique_ids"] == 300 and h0["train/duplicate_ids"] == 0
     assert h1["train/unique_ids"] == 300 and h1["train/duplicate_ids"] == 0
+    assert h0["train/resumed_at_epoch"] == h1["train/resumed_at_epoch"] == 0  # one attempt: no worker group restart
     assert h1["train/loss"] < h0["train/loss"]  # the student moves towards the teachers
     assert {"train/loss/r10t", "train/loss/vit", "train/cos/r10t", "train/cos/vit"} <= set(h1)
     # the teacher actors ran each of the 300 images once; epoch 1 came from the Parquet cache
@@ -126,3 +127,20 @@ def test_exported_student_loads_in_timm_with_same_features(distilled):
         assert torch.equal(exported(x), trained(x))
     card = json.loads((Path(summary["student_weights"]).with_suffix(".json")).read_text())
     assert card["arch"] == "resnet10t" and card["input"]["size"] == 32
+
+
+def test_a_rerun_on_the_warm_cache_runs_no_teacher(distilled, tmp_path_factory):
+    """The same config again: the cache holds every target, so the workers render their views and read the
+    targets themselves (no teacher actor, no view task, no Ray Data execution), every image once per epoch."""
+    from simreg.orchestrator.train.distill import distill
+
+    cfg, _, first = distilled
+    out = tmp_path_factory.mktemp("rerun")
+    summary = distill(cfg, out)
+    assert summary["teacher_rows"] == {"r10t": {"forward": 0, "cached": 600, "shared": 0}, "vit": {"forward": 0, "cached": 600, "shared": 0}}
+    assert not [p for p in summary["placements"] if p.get("role") == "teacher"]
+    assert "teacher_ready" not in summary["startup_s"]
+    for h in summary["history"]:
+        assert h["train/images"] == 300 and h["train/unique_ids"] == 300 and h["train/duplicate_ids"] == 0
+        assert h["train/resumed_at_epoch"] == 0 and h["teacher/r10t/forward_rows"] == 0
+    assert summary["history"][1]["train/loss"] < summary["history"][0]["train/loss"]  # the student moves towards the teachers

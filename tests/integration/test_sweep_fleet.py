@@ -125,6 +125,7 @@ def test_forwards_are_the_distinct_targets_and_each_trial_counts_its_rows(fleet_
         m = client.get_run(t["mlflow_run_id"]).data.metrics
         rows = {k: m[f"teacher/simclr_r10t/{k}_rows"] for k in ("forward", "cached", "shared")}
         assert sum(rows.values()) == N * EPOCHS, (t["params"], rows)  # every row of every epoch reached the trial
+        assert m["train/resumed_at_epoch"] == 0, t["params"]  # the teacher's kill cost no worker group restart
         forward += int(rows["forward"])
         served += int(rows["cached"] + rows["shared"])
     # A row computed right before the kill and stored, whose answer was lost, is read from the cache by the retried call
