@@ -5,7 +5,7 @@ from __future__ import annotations
 import queue
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from typing import Any
 
 import numpy as np
@@ -71,47 +71,54 @@ def _batches(shard: Any, batch_size: int, pin: bool, ahead: int = 2) -> Iterator
     ``iter_torch_batches(prefetch_batches=1)`` holds a block back until the worker's next block has arrived,
     so an epoch's first batch waited for ~5 teacher batches (1.4 s per epoch on 2 cores); without prefetching
     each fetch blocked the step instead. Here the first batch leaves with the first block."""
-    blocks: queue.Queue[Any] = queue.Queue(maxsize=ahead)
+    pending: list[dict[str, np.ndarray]] = []
+    rows = 0
+    blocks = shard.iter_batches(batch_size=None, batch_format="numpy", prefetch_batches=0)
+    for block in in_thread(blocks, ahead, "simreg-block-fetch"):
+        pending.append(block)
+        rows += _num_rows(block)
+        while rows >= batch_size:
+            batch, pending = _cut(pending, batch_size)
+            rows -= batch_size
+            yield _to_torch(batch, pin)
+    if rows:
+        yield _to_torch(_cut(pending, rows)[0], pin)
+
+
+def in_thread(items: Iterable[Any], ahead: int, name: str) -> Iterator[Any]:
+    """``items``, produced by a thread of their own up to ``ahead`` in advance; an error there is raised here. The
+    thread stops once the consumer does (a closed generator)."""
+    out: queue.Queue[Any] = queue.Queue(maxsize=ahead)
     stop = threading.Event()
     done = object()
 
-    def put(item: Any) -> bool:  # False once the training thread has stopped listening
+    def put(item: Any) -> bool:  # False once the consumer has stopped listening
         while not stop.is_set():
             try:
-                blocks.put(item, timeout=0.5)
+                out.put(item, timeout=0.5)
                 return True
             except queue.Full:
                 continue
         return False
 
-    def fetch() -> None:
+    def produce() -> None:
         try:
-            for block in shard.iter_batches(batch_size=None, batch_format="numpy", prefetch_batches=0):
-                if not put(block):
+            for item in items:
+                if not put(item):
                     return
             put(done)
-        except BaseException as e:  # noqa: BLE001  # re-raised in the training thread
+        except BaseException as e:  # noqa: BLE001  # re-raised in the consumer's thread
             put(e)
 
-    thread = threading.Thread(target=fetch, name="simreg-block-fetch", daemon=True)
-    thread.start()
-    pending: list[dict[str, np.ndarray]] = []
-    rows = 0
+    threading.Thread(target=produce, name=name, daemon=True).start()
     try:
         while True:
-            item = blocks.get()
+            item = out.get()
             if item is done:
-                break
+                return
             if isinstance(item, BaseException):
                 raise item
-            pending.append(item)
-            rows += _num_rows(item)
-            while rows >= batch_size:
-                batch, pending = _cut(pending, batch_size)
-                rows -= batch_size
-                yield _to_torch(batch, pin)
-        if rows:
-            yield _to_torch(_cut(pending, rows)[0], pin)
+            yield item
     finally:
         stop.set()
 

@@ -14,8 +14,6 @@ from (seed, epoch), split equally over the workers (N mod W rows left out, as Ra
 from __future__ import annotations
 
 import logging
-import queue
-import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -27,6 +25,7 @@ from simreg.models.errors import DataError
 from simreg.orchestrator.cache.targets import TargetCache
 from simreg.orchestrator.data.imageset import ImageSet
 from simreg.orchestrator.data.views import ViewPlan, add_views, view_index
+from simreg.orchestrator.train.batches import in_thread
 
 log = logging.getLogger("simreg")
 
@@ -62,50 +61,23 @@ def cached_batches(
     """This rank's batches of ``epoch`` (the last one shorter): views rendered and targets read in a thread, up to
     ``ahead`` batches in advance, as the pipeline's blocks would carry them."""
     mine = epoch_rows(len(images), block_rows, seed, epoch, rank, world)
-    out: queue.Queue[Any] = queue.Queue(maxsize=ahead)
-    stop = threading.Event()
-    done = object()
+    v = view_index(epoch, plan.bank)
 
-    def put(item: Any) -> bool:
-        while not stop.is_set():
-            try:
-                out.put(item, timeout=0.5)
-                return True
-            except queue.Full:
-                continue
-        return False
+    def make() -> Iterator[dict[str, torch.Tensor]]:
+        for i in range(0, len(mine), batch_size):
+            idx = mine[i:i + batch_size]
+            b = add_views({"sample_id": images.sample_ids[idx], "label": images.labels[idx], "image": images.images[idx]},
+                          epoch=epoch, seed=seed, plan=plan)
+            for name, cache in caches.items():
+                got, found = cache.lookup(v, b["sample_id"])
+                if not found.all():
+                    raise DataError(f"target cache {cache.dir}: {int((~found).sum())} target(s) of view {v} went missing during the run "
+                                    f"(the cache was cleared?); rerun: missing targets are then computed")
+                b[f"target_{name}"] = got
+            yield {k: torch.from_numpy(np.ascontiguousarray(a)) for k, a in b.items()}
 
-    def make() -> None:
-        try:
-            for i in range(0, len(mine), batch_size):
-                idx = mine[i:i + batch_size]
-                b = add_views({"sample_id": images.sample_ids[idx], "label": images.labels[idx], "image": images.images[idx]},
-                              epoch=epoch, seed=seed, plan=plan)
-                v = view_index(epoch, plan.bank)
-                for name, cache in caches.items():
-                    got, found = cache.lookup(v, b["sample_id"])
-                    if not found.all():
-                        raise DataError(f"target cache {cache.dir}: {int((~found).sum())} target(s) of view {v} went missing during the run "
-                                        f"(the cache was cleared?); rerun: missing targets are then computed")
-                    b[f"target_{name}"] = got
-                if not put({k: torch.from_numpy(np.ascontiguousarray(a)) for k, a in b.items()}):
-                    return
-            put(done)
-        except BaseException as e:  # noqa: BLE001  # re-raised in the training thread
-            put(e)
-
-    thread = threading.Thread(target=make, name="simreg-cached-batches", daemon=True)
-    thread.start()
-    try:
-        while True:
-            item = out.get()
-            if item is done:
-                return
-            if isinstance(item, BaseException):
-                raise item
-            yield {k: t.pin_memory() for k, t in item.items()} if pin else item
-    finally:
-        stop.set()
+    for batch in in_thread(make(), ahead, "simreg-cached-batches"):
+        yield {k: t.pin_memory() for k, t in batch.items()} if pin else batch
 
 
 def cached_source(cfg: Any, train: ImageSet, specs: list[Any], teacher_dims: dict[str, int], teacher_gpus: float) -> CachedSource | None:
