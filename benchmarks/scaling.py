@@ -1,5 +1,5 @@
-"""How the cost of ``simreg distill`` grows with the work: images, teachers, student workers; and the Ray
-pipeline against one process on the same cached targets.
+"""How the cost of ``simreg distill`` grows with the work: images, teachers, student workers; and a run on
+Ray against one process on the same cached targets.
 
     python benchmarks/scaling.py --json scaling.json --plot scaling.png      # every series (~20 min on 2 cores)
     python benchmarks/scaling.py --series data --sizes 2500,10000            # one series
@@ -14,8 +14,9 @@ process of it sampled for memory (``benchmarks/memory.py``). Series:
   each, so the count is what changes);
 - ``workers``: 1 and 2 student workers on the local cluster, and 4 on a two-raylet cluster this script starts
   (``ray start --head`` and ``ray start --address``, 2 CPUs each; the command joins it with ``ray.address``);
-- ``cached``: the target cache filled first (``simreg cache warm``), then two epochs of the Ray pipeline
-  (views rendered, targets read from the cache, students trained: no teacher forward) against the same work
+- ``cached``: the target cache filled first (``simreg cache warm``), then two epochs of ``simreg distill``
+  (every target cached: the Train workers render the views and take the targets, ``train/cached_data.py``;
+  no teacher forward, no Ray Data pipeline) against the same work
   in one process (``benchmarks/pipeline_throughput.py``'s fused loop on the same cache, 2 torch threads).
 
 Each point's parts: ``student`` = the epochs' time minus their waits for data, ``waiting`` = the students'
@@ -106,7 +107,7 @@ def stop_cluster(env: dict[str, str], root: Path) -> None:
 
 
 def cached(every: float, size: int, device: list[str]) -> list[dict]:
-    """The Ray pipeline on a warm cache (student only) against the fused in-process loop on the same cache."""
+    """A run on Ray on a warm cache (student only) against the fused in-process loop on the same cache."""
     from pipeline_throughput import inprocess
 
     from simreg.orchestrator.config import load_config
@@ -211,7 +212,7 @@ def main() -> None:
     ci = next((r for r in rows if r["series"] == "cached in-process"), None)
     if cr and ci:
         ray_rate, ip_rate = cr["steady_images_per_s"], ci["steady_images_per_s"]
-        print(f"\ncached targets, 10k images, epoch 2: Ray pipeline {ray_rate:.0f} images/s, in-process {ip_rate:.0f} images/s: "
+        print(f"\ncached targets, 10k images, epoch 2: on Ray {ray_rate:.0f} images/s, in-process {ip_rate:.0f} images/s: "
               f"{ray_rate / ip_rate:.2f}x (goal >= 0.85)")
         result |= {"cached_ray_images_per_s": ray_rate, "cached_inprocess_images_per_s": ip_rate, "cached_ratio": ray_rate / ip_rate}
     if a.plot:

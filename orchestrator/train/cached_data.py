@@ -1,12 +1,14 @@
 """A run whose every teacher target is already in the target cache: the student workers make their batches
-themselves. Each renders its share of the epoch's views and reads their targets from the cache; no teacher
-actor, no view task and no Ray Data execution run (on 2 cores those took a third of the CPU of a warm-cache
-epoch: benchmarks/RESULTS.md, "How cost grows").
+themselves. Each renders its share of the epoch's views and takes their targets from one array the driver read
+from the cache; no teacher actor, no view task and no Ray Data execution run (benchmarks/RESULTS.md, "How cost
+grows", gives the rates against the pipeline).
 
 The driver decides before the run starts (``cached_source``): the cache must hold the target of every sample
 for every view index the run uses (``augment.view_bank`` views, or one per epoch), for every teacher, and the
-images must be in memory (a streamed pack goes through the Ray Data pipeline). The targets of one view index
-are read once per worker; ``DIRECT_MAX_BYTES`` bounds what a worker may hold (larger runs take the pipeline).
+images must be in memory (a streamed pack goes through the Ray Data pipeline). It reads those targets into one
+float16 array per teacher, (view indices, images, dim) in the images' order, and puts it in Ray's object store:
+workers on any node read it from there (zero-copy, one copy per node), whatever storage the cache is on.
+``DIRECT_MAX_BYTES`` bounds that array; larger runs take the pipeline, which reads the cache block by block.
 
 Each epoch's order: the images in blocks of ``teacher_pool.batch_size`` rows, the blocks in an order drawn
 from (seed, epoch), split equally over the workers (N mod W rows left out, as Ray Train's split does).
@@ -21,7 +23,6 @@ from typing import Any
 import numpy as np
 import torch
 
-from simreg.models.errors import DataError
 from simreg.orchestrator.cache.targets import TargetCache
 from simreg.orchestrator.data.imageset import ImageSet
 from simreg.orchestrator.data.views import ViewPlan, add_views, view_index
@@ -29,19 +30,17 @@ from simreg.orchestrator.train.batches import in_thread
 
 log = logging.getLogger("simreg")
 
-DIRECT_MAX_BYTES = 2 * 2**30  # targets a worker may read into memory (every view index of every teacher)
+DIRECT_MAX_BYTES = 2 * 2**30  # the targets of a run read into the object store (every view index of every teacher)
 
 
 @dataclass(frozen=True)
 class CachedSource:
-    """What the workers need to make their batches: the images (an object ref) and each teacher's cache."""
+    """What the workers need to make their batches: the images and each teacher's targets (object refs)."""
 
     images: Any  # ray.ObjectRef of the run's train ImageSet
-    caches: dict[str, tuple[str, dict[str, Any], int]]  # teacher name -> (cache root, key, target dim)
+    targets: dict[str, Any]  # teacher name -> ray.ObjectRef of a (len(views), N, dim) float16 array
+    views: tuple[int, ...]  # the view indices of the arrays' first axis
     block_rows: int
-
-    def open(self) -> dict[str, TargetCache]:
-        return {name: TargetCache(root, key, name, dim) for name, (root, key, dim) in self.caches.items()}
 
 
 def epoch_rows(n: int, block_rows: int, seed: int, epoch: int, rank: int, world: int) -> np.ndarray:
@@ -55,25 +54,22 @@ def epoch_rows(n: int, block_rows: int, seed: int, epoch: int, rank: int, world:
 
 
 def cached_batches(
-    images: ImageSet, caches: dict[str, TargetCache], plan: ViewPlan, seed: int, epoch: int, rank: int, world: int,
-    batch_size: int, block_rows: int, pin: bool = False, ahead: int = 2,
+    images: ImageSet, targets: dict[str, np.ndarray], views: tuple[int, ...], plan: ViewPlan, seed: int, epoch: int,
+    rank: int, world: int, batch_size: int, block_rows: int, pin: bool = False, ahead: int = 2,
 ) -> Iterator[dict[str, torch.Tensor]]:
-    """This rank's batches of ``epoch`` (the last one shorter): views rendered and targets read in a thread, up to
-    ``ahead`` batches in advance, as the pipeline's blocks would carry them."""
+    """This rank's batches of ``epoch`` (the last one shorter): views rendered and targets taken in a thread, up to
+    ``ahead`` batches in advance, as the pipeline's blocks would carry them. ``targets``: per teacher, the
+    (len(views), N, dim) array of ``cached_source``."""
     mine = epoch_rows(len(images), block_rows, seed, epoch, rank, world)
-    v = view_index(epoch, plan.bank)
+    at = views.index(view_index(epoch, plan.bank))
 
     def make() -> Iterator[dict[str, torch.Tensor]]:
         for i in range(0, len(mine), batch_size):
             idx = mine[i:i + batch_size]
             b = add_views({"sample_id": images.sample_ids[idx], "label": images.labels[idx], "image": images.images[idx]},
                           epoch=epoch, seed=seed, plan=plan)
-            for name, cache in caches.items():
-                got, found = cache.lookup(v, b["sample_id"])
-                if not found.all():
-                    raise DataError(f"target cache {cache.dir}: {int((~found).sum())} target(s) of view {v} went missing during the run "
-                                    f"(the cache was cleared?); rerun: missing targets are then computed")
-                b[f"target_{name}"] = got
+            for name, t in targets.items():
+                b[f"target_{name}"] = t[at, idx]  # a copy of the batch's rows (the array is read-only, shared)
             yield {k: torch.from_numpy(np.ascontiguousarray(a)) for k, a in b.items()}
 
     for batch in in_thread(make(), ahead, "simreg-cached-batches"):
@@ -84,32 +80,38 @@ def cached_source(cfg: Any, train: ImageSet, specs: list[Any], teacher_dims: dic
     """A ``CachedSource`` when the target cache holds every target of the run (see the module's docstring), else None."""
     import ray
 
-    caches = complete_caches(cfg, train, specs, teacher_dims, teacher_gpus)
-    return None if caches is None else CachedSource(ray.put(train), caches, cfg.teacher_pool.batch_size)
+    found = cached_targets(cfg, train, specs, teacher_dims, teacher_gpus)
+    if found is None:
+        return None
+    views, arrays = found
+    return CachedSource(ray.put(train), {name: ray.put(a) for name, a in arrays.items()}, views, cfg.teacher_pool.batch_size)
 
 
-def complete_caches(
+def cached_targets(
     cfg: Any, train: ImageSet, specs: list[Any], teacher_dims: dict[str, int], teacher_gpus: float,
-) -> dict[str, tuple[str, dict[str, Any], int]] | None:
-    """Each teacher's (cache root, key, dim) when its cache holds the target of every sample for every view index
-    of the run, else None."""
+) -> tuple[tuple[int, ...], dict[str, np.ndarray]] | None:
+    """(view indices, per teacher a (len(views), N, dim) float16 array in ``train``'s order) when the cache holds
+    the target of every sample for every view index of the run, else None."""
     from simreg.orchestrator.pipeline.teacher import teacher_fingerprint
     from simreg.orchestrator.train.builders import cache_spec
 
     if not cfg.cache.enabled or train.streamed or len(train) == 0:
         return None
-    views = sorted({view_index(e, cfg.augment.view_bank) for e in range(cfg.train.epochs)})
+    views = tuple(sorted({view_index(e, cfg.augment.view_bank) for e in range(cfg.train.epochs)}))
     if len(train) * len(views) * sum(teacher_dims.values()) * 2 > DIRECT_MAX_BYTES:
         return None
     spec = cache_spec(cfg, train)
     assert spec is not None
     tp = cfg.teacher_pool
-    bf16 = tp.precision == "bf16" or (tp.precision == "auto" and teacher_gpus > 0)  # as the teacher actor would run
-    caches: dict[str, tuple[str, dict[str, Any], int]] = {}
+    bf16 = tp.precision == "bf16" or (tp.precision == "auto" and teacher_gpus > 0)  # as the teacher actors run (trainer.pool_resources)
+    arrays: dict[str, np.ndarray] = {}
     for s in specs:
-        key = spec.key(teacher_fingerprint(s, bf16, tp.channels_last))
-        cache = TargetCache(spec.root, key, s.name, teacher_dims[s.name])
-        if not all(cache.contains(v, train.sample_ids) for v in views):
-            return None
-        caches[s.name] = (spec.root, key, teacher_dims[s.name])
-    return caches
+        cache = TargetCache(spec.root, spec.key(teacher_fingerprint(s, bf16, tp.channels_last)), s.name, teacher_dims[s.name])
+        out = np.empty((len(views), len(train), teacher_dims[s.name]), np.float16)
+        for j, v in enumerate(views):
+            got, found = cache.lookup(v, train.sample_ids)
+            if not found.all():
+                return None
+            out[j] = got
+        arrays[s.name] = out
+    return views, arrays

@@ -58,7 +58,9 @@ def pool_resources(cfg: SimRegConfig, placement: Placement) -> Any:
     from simreg.orchestrator.pipeline.actors import PoolResources
 
     tp = cfg.teacher_pool
-    options = {**teacher_options(cfg), "compile": tp.compile}
+    # a teacher actor without a GPU of its own runs on the CPU, even where the node has GPUs (Ray shows an actor
+    # with num_gpus=0 every GPU): its targets are then the fp32 ones its cache key says
+    options = {**teacher_options(cfg), "compile": tp.compile, "device": "cpu" if placement.teacher_gpus == 0 else "auto"}
     return PoolResources(tp.actors_per_teacher, tp.cpus_per_actor, placement.teacher_gpus, tp.threads, tp.batch_size, options,
                          tp.view_tasks, tp.cpus_per_view_task, dict(tp.resources), dict(tp.label_selector), teacher_env(placement),
                          tp.max_restarts, tp.call_timeout_s, tp.batch_wait_ms)
@@ -86,7 +88,7 @@ def make_trainer(prep: Prepared, placement: Placement, state: Any, run_config: A
     own: list[Any] = []
     datasets = None
     if cached is not None:
-        state.note_placement.remote(f"target cache: every target of this run is cached ({', '.join(cached.caches)}); the student "
+        state.note_placement.remote(f"target cache: every target of this run is cached ({', '.join(cached.targets)}); the student "
                                     "workers render their views and read the targets (no teacher actor, no view task)")
     else:
         served = {s.name: fleet.actors_for(s, res) for s in prep.specs} if fleet is not None else {}

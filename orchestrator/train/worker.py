@@ -164,6 +164,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         if rank == 0 and steps_done[0] % PROGRESS_EVERY == 0:  # fire-and-forget ping for the driver's bar
             state.add_images.remote(n * world * PROGRESS_EVERY)
 
+    if cached is not None:  # the images and targets from the object store (zero-copy, shared by the node's workers)
+        train_set, targets = ray.get(cached.images), {name: ray.get(ref) for name, ref in cached.targets.items()}
     finite = _AllFinite(device)
     redo = f"-r{int(time.time())}"  # see checkpoint.CHECKPOINT_NAME
     for epoch in range(start_epoch, cfg.train.epochs):
@@ -178,9 +180,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         if cached is None:
             batches = _batches(shard, per_worker_batch, pin=cuda)
         else:
-            if epoch == start_epoch:
-                train_set, caches = ray.get(cached.images), cached.open()
-            batches = cached_batches(train_set, caches, view_plan(cfg), cfg.seed, epoch, rank, world, per_worker_batch, cached.block_rows, pin=cuda)
+            batches = cached_batches(train_set, targets, cached.views, view_plan(cfg), cfg.seed, epoch, rank, world, per_worker_batch,
+                                     cached.block_rows, pin=cuda)
             if rank == 0:  # every row of the epoch read from the cache, as the teacher actors would count it
                 for name in names:
                     state.add_teacher_rows.remote(name, {"cached": config["n_train"]})

@@ -10,7 +10,7 @@ from simreg.orchestrator.config import load_config
 from simreg.orchestrator.data.views import add_views
 from simreg.orchestrator.pipeline.teacher import TeacherInference
 from simreg.orchestrator.train.builders import cache_spec, teacher_options, teacher_specs, view_plan
-from simreg.orchestrator.train.cached_data import CachedSource, cached_batches, complete_caches, epoch_rows
+from simreg.orchestrator.train.cached_data import cached_batches, cached_targets, epoch_rows
 
 
 def test_epoch_rows_split_every_image_once_in_a_per_epoch_block_order():
@@ -37,15 +37,16 @@ def test_a_warm_cache_feeds_the_workers_the_views_and_targets_of_the_pipeline(fm
     train = fmnist_small
     spec = teacher_specs(cfg)[0]
     dims = {spec.name: 512}
-    assert complete_caches(cfg, train, [spec], dims, 0.0) is None  # a cold cache: the pipeline computes the targets
+    assert cached_targets(cfg, train, [spec], dims, 0.0) is None  # a cold cache: the pipeline computes the targets
     _warm(cfg, train, tmp_path)
-    caches = complete_caches(cfg, train, [spec], dims, 0.0)
-    assert caches is not None
-    src = CachedSource(None, caches, 16)
+    found = cached_targets(cfg, train, [spec], dims, 0.0)
+    assert found is not None
+    views, arrays = found
+    assert views == (0, 1) and arrays[spec.name].shape == (2, len(train), 512)
     online = TeacherInference(spec, threads=1, device="cpu", **teacher_options(cfg))
     seen = []
     for rank in range(2):
-        for b in cached_batches(train, src.open(), view_plan(cfg), cfg.seed, 1, rank, 2, batch_size=24, block_rows=16):
+        for b in cached_batches(train, arrays, views, view_plan(cfg), cfg.seed, 1, rank, 2, batch_size=24, block_rows=16):
             assert set(b) >= {"view", "sample_id", "label", "epoch", f"target_{spec.name}"} and (b["epoch"] == 1).all()
             idx = np.searchsorted(train.sample_ids, b["sample_id"].numpy()) if np.all(np.diff(train.sample_ids) > 0) else \
                 np.array([int(np.flatnonzero(train.sample_ids == s)[0]) for s in b["sample_id"].tolist()])
@@ -57,5 +58,5 @@ def test_a_warm_cache_feeds_the_workers_the_views_and_targets_of_the_pipeline(fm
             seen += b["sample_id"].tolist()
     assert sorted(seen) == sorted(train.sample_ids.tolist())  # 64 images, 32 per rank, each once
     other = load_config(None, ["cache.enabled=true", f"cache.dir={tmp_path}", "train.epochs=3", "augment.view_bank=null"])
-    assert complete_caches(other, train, [spec], dims, 0.0) is None  # epoch 2's views are not cached
-    assert complete_caches(cfg, train, [spec], dims, 1.0) is None  # a GPU teacher runs in bf16: other targets
+    assert cached_targets(other, train, [spec], dims, 0.0) is None  # epoch 2's views are not cached
+    assert cached_targets(cfg, train, [spec], dims, 1.0) is None  # a GPU teacher runs in bf16: other targets
