@@ -68,8 +68,7 @@ class PooledTeacher(TeacherInference):
         self, spec: TeacherSpec, threads: int, state: ray.actor.ActorHandle | None, options: dict[str, Any],
         batch_size: int = 128, batch_wait_ms: float = 5.0,
     ) -> None:
-        options = {k: v for k, v in options.items() if k != "cache"}  # caches come with each request
-        super().__init__(spec, threads, **options)
+        super().__init__(spec, threads, **options)  # no cache of its own: each request brings its run's
         self.batch_size = batch_size
         self.wait_s = batch_wait_ms / 1000.0
         # the forwards: one thread (torch's own threads inside it), with torch's thread count set in it
@@ -286,7 +285,7 @@ class PoolResources:
     gpus_per_actor: float
     threads: int
     batch_size: int
-    teacher_options: dict[str, Any] = field(default_factory=dict)  # precision, channels_last, compile
+    teacher_options: dict[str, Any] = field(default_factory=dict)  # precision, channels_last, compile, device
     view_tasks: int = 2
     cpus_per_view_task: float = 0.25
     resources: dict[str, float] = field(default_factory=dict)  # custom resources per teacher actor

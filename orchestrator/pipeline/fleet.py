@@ -5,8 +5,6 @@ does not run (a space that varies a teacher's weights, precision, ...) gets the 
 """
 from __future__ import annotations
 
-import hashlib
-import json
 import logging
 from dataclasses import dataclass
 from typing import Any
@@ -15,6 +13,7 @@ import ray
 
 from simreg.models.errors import first_line
 from simreg.orchestrator.pipeline.actors import PoolResources, start_teachers, stop_actors
+from simreg.orchestrator.pipeline.requester import digest
 from simreg.orchestrator.pipeline.teacher import TeacherSpec
 
 log = logging.getLogger("simreg")
@@ -24,8 +23,7 @@ def teacher_identity(spec: TeacherSpec, res: PoolResources) -> str:
     """Everything that decides a teacher's targets: its spec (not its name in the config) and how it runs
     (precision, memory layout, compile, on a GPU or not)."""
     body = {k: v for k, v in spec.to_dict().items() if k not in ("name", "key")}
-    runs = {k: v for k, v in res.teacher_options.items() if k != "cache"} | {"gpu": res.gpus_per_actor > 0}
-    return hashlib.sha256(json.dumps({"spec": body, "runs": runs}, sort_keys=True, default=str).encode()).hexdigest()[:20]
+    return digest({"spec": body, "runs": {**res.teacher_options, "gpu": res.gpus_per_actor > 0}})
 
 
 @dataclass(frozen=True)

@@ -8,7 +8,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 
-def _digest(obj: Any) -> str:
+def digest(obj: Any) -> str:
+    """A short stable hash of a JSON-able value (the form of the cache's key digests)."""
     return hashlib.sha256(json.dumps(obj, sort_keys=True).encode()).hexdigest()[:20]
 
 
@@ -27,11 +28,11 @@ class Requester:
 
     @property
     def views_key(self) -> str | None:
-        return _digest({"data": self.data_fingerprint, "views": self.views}) if self.data_fingerprint else None
+        return digest({"data": self.data_fingerprint, "views": self.views}) if self.data_fingerprint else None
 
     @property
     def cache_id(self) -> str | None:
         """The cache's identity without its teacher part (the actor adds its own fingerprint)."""
         if self.cache_root is None or not self.data_fingerprint:
             return None
-        return _digest({"root": self.cache_root, "data": self.data_fingerprint, "views": self.views})
+        return digest({"root": self.cache_root, "data": self.data_fingerprint, "views": self.views})

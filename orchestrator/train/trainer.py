@@ -60,7 +60,8 @@ def pool_resources(cfg: SimRegConfig, placement: Placement) -> Any:
     tp = cfg.teacher_pool
     # a teacher actor without a GPU of its own runs on the CPU, even where the node has GPUs (Ray shows an actor
     # with num_gpus=0 every GPU): its targets are then the fp32 ones its cache key says
-    options = {**teacher_options(cfg), "compile": tp.compile, "device": "cpu" if placement.teacher_gpus == 0 else "auto"}
+    options = {k: v for k, v in teacher_options(cfg).items() if k != "cache"}  # caches come with each request
+    options |= {"compile": tp.compile, "device": "cpu" if placement.teacher_gpus == 0 else "auto"}
     return PoolResources(tp.actors_per_teacher, tp.cpus_per_actor, placement.teacher_gpus, tp.threads, tp.batch_size, options,
                          tp.view_tasks, tp.cpus_per_view_task, dict(tp.resources), dict(tp.label_selector), teacher_env(placement),
                          tp.max_restarts, tp.call_timeout_s, tp.batch_wait_ms)
