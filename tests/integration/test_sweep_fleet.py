@@ -1,9 +1,10 @@
 """The sweep's teacher fleet on a real multi-raylet cluster on this machine (``ray.cluster_utils.Cluster``): the
 head node offers a ``teacher`` resource (the fleet lands there), a second node the ``student`` resource and the
 CPUs of four concurrent trials. A 4-trial sweep (head depth x augmentation strength, real images, the real
-teacher) runs on one teacher process whatever the trial count; that process is SIGKILLed mid-sweep, Ray restarts
-it and retries its calls, and every trial still finishes. Trials with the same views share forwards, trials with
-other views get the targets of their own views, and each child run counts its rows."""
+teacher) runs on one teacher process whatever the trial count; that process is SIGKILLed once the trials have
+trained two epochs between them, Ray restarts it and retries its calls, and every trial still finishes. Trials
+with the same views share forwards, trials with other views get the targets of their own views, and each child
+run counts its rows."""
 from __future__ import annotations
 
 import os
@@ -71,12 +72,13 @@ def fleet_sweep(cluster, tmp_path_factory, teachers_dir):
     stop = threading.Event()
 
     def watch() -> None:  # sample the teacher processes; SIGKILL the fleet's one once trials have trained a while
-        t0 = time.time()
         while not stop.is_set():
             pids = _teacher_pids()
             seen.append(len(pids))
             reported = _epochs_reported(out)
-            if not killed and pids and reported[0] >= TRIALS and time.time() - t0 > 5:
+            # Early (2 of the sweep's 12 trial epochs): on a loaded machine trials start far apart, and a kill that
+            # waits for the last one to report lands when the others have finished
+            if not killed and pids and reported[1] >= 2:
                 os.kill(pids[0], signal.SIGKILL)
                 killed.append(pids[0])
                 trained.append(reported[1])
@@ -108,8 +110,10 @@ def _epochs_reported(out: Path) -> tuple[int, int]:
 def test_one_teacher_process_serves_every_trial_and_survives_a_kill(fleet_sweep):
     _, summary, seen, killed, _ = fleet_sweep
     assert len(summary["trials"]) == TRIALS and summary["failed_trials"] == 0
-    assert killed, f"the fleet's teacher was never seen with every trial training; samples: {seen[-20:]}"
+    assert killed, f"the fleet's teacher was never seen after two trial epochs; samples: {seen[-20:]}"
     assert killed[1] <= TRIALS * (EPOCHS - 1), f"killed after {killed[1]} trial epochs: too late to hit live work"
+    # The restarted process computed targets: the kill landed while trials still needed forwards
+    assert summary["teacher_fleet"]["simclr_r10t"]["forward"] > 0, summary["teacher_fleet"]
     assert max(seen) == 1, f"more than one teacher process at once: {sorted(set(seen))}"
     assert all(t["status"] == "FINISHED" for t in summary["trials"]), summary["trials"]
 
