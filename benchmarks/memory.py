@@ -131,7 +131,10 @@ def run_sampled(
             most[r] = max(most[r], count_by[r])
         host_peak = max(host_peak, sum(pss_by.values()))
         samples += 1
-        time.sleep(every)
+        try:
+            p.wait(timeout=every)  # the next sample, or the run's end (not a whole ``every`` after it)
+        except subprocess.TimeoutExpired:
+            pass
     log_file.close()
     log = log_path.read_text(errors="replace")
     if p.returncode != 0:

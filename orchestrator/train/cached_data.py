@@ -57,9 +57,13 @@ def cached_batches(
     images: ImageSet, targets: dict[str, np.ndarray], views: tuple[int, ...], plan: ViewPlan, seed: int, epoch: int,
     rank: int, world: int, batch_size: int, block_rows: int, pin: bool = False, ahead: int = 2,
 ) -> Iterator[dict[str, torch.Tensor]]:
-    """This rank's batches of ``epoch`` (the last one shorter): views rendered and targets taken in a thread, up to
-    ``ahead`` batches in advance, as the pipeline's blocks would carry them. ``targets``: per teacher, the
-    (len(views), N, dim) array of ``cached_source``."""
+    """This rank's batches of ``epoch`` (the last one shorter), as the pipeline's blocks would carry them: views
+    rendered and targets taken when the loop asks for the next batch (``ahead=0``), or in a thread up to ``ahead``
+    batches in advance. ``targets``: per teacher, the (len(views), N, dim) array of ``cached_source``.
+
+    A thread pays off only when the step does not need this process's CPU (a CUDA step). On the CPU, rendering
+    is a per-image Python loop that takes the GIL from the training thread at every torch call it makes and
+    starts a second OpenMP team, so the step's threads sit idle (``benchmarks/cached_render.py``)."""
     mine = epoch_rows(len(images), block_rows, seed, epoch, rank, world)
     at = views.index(view_index(epoch, plan.bank))
 
@@ -72,7 +76,7 @@ def cached_batches(
                 b[f"target_{name}"] = t[at, idx]  # a copy of the batch's rows (the array is read-only, shared)
             yield {k: torch.from_numpy(np.ascontiguousarray(a)) for k, a in b.items()}
 
-    for batch in in_thread(make(), ahead, "simreg-cached-batches"):
+    for batch in in_thread(make(), ahead, "simreg-cached-batches") if ahead > 0 else make():
         yield {k: t.pin_memory() for k, t in batch.items()} if pin else batch
 
 

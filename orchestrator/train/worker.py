@@ -181,7 +181,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             batches = _batches(shard, per_worker_batch, pin=cuda)
         else:
             batches = cached_batches(train_set, targets, cached.views, view_plan(cfg), cfg.seed, epoch, rank, world, per_worker_batch,
-                                     cached.block_rows, pin=cuda)
+                                     cached.block_rows, pin=cuda, ahead=2 if cuda else 0)
             if rank == 0:  # every row of the epoch read from the cache, as the teacher actors would count it
                 for name in names:
                     state.add_teacher_rows.remote(name, {"cached": config["n_train"]})

@@ -46,7 +46,8 @@ def test_a_warm_cache_feeds_the_workers_the_views_and_targets_of_the_pipeline(fm
     online = TeacherInference(spec, threads=1, device="cpu", **teacher_options(cfg))
     seen = []
     for rank in range(2):
-        for b in cached_batches(train, arrays, views, view_plan(cfg), cfg.seed, 1, rank, 2, batch_size=24, block_rows=16):
+        for b in cached_batches(train, arrays, views, view_plan(cfg), cfg.seed, 1, rank, 2, batch_size=24, block_rows=16,
+                                ahead=2 * rank):  # rank 0 renders in the loop, rank 1 in a thread
             assert set(b) >= {"view", "sample_id", "label", "epoch", f"target_{spec.name}"} and (b["epoch"] == 1).all()
             idx = np.searchsorted(train.sample_ids, b["sample_id"].numpy()) if np.all(np.diff(train.sample_ids) > 0) else \
                 np.array([int(np.flatnonzero(train.sample_ids == s)[0]) for s in b["sample_id"].tolist()])
