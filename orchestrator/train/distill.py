@@ -25,7 +25,7 @@ from simreg.orchestrator.tracking.backends import backend_for, default_tracking_
 from simreg.orchestrator.tracking.base import TrackerBackend
 from simreg.orchestrator.tracking.redact import redact_text
 from simreg.orchestrator.train.checkpoint import committed_epochs, train_storage
-from simreg.orchestrator.train.placement import failure_config, plan_placement
+from simreg.orchestrator.train.placement import failure_config, plan_placement, resource_check
 from simreg.orchestrator.train.prepare import prepare
 from simreg.orchestrator.train.progress import Progress
 from simreg.orchestrator.train.rundir import check_resume, hold_output_dir, preflight, publish, safe_config_json
@@ -68,14 +68,20 @@ def _distill(cfg: SimRegConfig, out: Store, local: Path, tracking_uri: str, t_st
     with ThreadPoolExecutor(1, thread_name_prefix="simreg-start") as pool:
         warming = pool.submit(_warm_start, tracking_uri)
         cluster = init_ray(cfg)
-        placement = plan_placement(cfg, cluster)
+        from simreg.orchestrator.train.cached_data import cached_source  # torch, the target cache
+
+        placement = plan_placement(cfg, cluster, check=False)
+        # Every target in the cache: no teacher actor and no view task will start, so only the students must fit
+        cached = cached_source(cfg, prep.train, specs, teacher_dims, placement.teacher_gpus)
+        resource_check(cfg, cluster, placement, cached=cached is not None)
         backend = warming.result()
     tracker = backend.open_run(cfg.tracking.experiment, out, cfg.name, {"simreg.command": "distill", "simreg.output_dir": out.uri})
     marks["ray_ready"] = time.time()
     log.info(
-        "ray: %g CPUs, %g GPUs; %d student worker(s) on %s; teacher actors on %s",
+        "ray: %g CPUs, %g GPUs; %d student worker(s) on %s; teacher actors %s",
         cluster.get("CPU", 0), cluster.get("GPU", 0), cfg.scaling.num_workers, "GPU" if placement.use_gpu else "CPU",
-        f"{placement.teacher_gpus:g} GPU each" if placement.teacher_gpus else f"CPU ({cfg.teacher_pool.threads} threads each)",
+        "none (every target cached)" if cached is not None else
+        f"on {placement.teacher_gpus:g} GPU each" if placement.teacher_gpus else f"on CPU ({cfg.teacher_pool.threads} threads each)",
     )
     status, ended = "FAILED", False
     state: Any = None
@@ -86,7 +92,7 @@ def _distill(cfg: SimRegConfig, out: Store, local: Path, tracking_uri: str, t_st
         # 4. teacher actors + pipeline + trainer
         storage = train_storage(out)
         storage_path, storage_fs = (out / "ray").ray_storage()
-        trainer, actors = make_trainer(prep, placement, state, ray.train.RunConfig(
+        trainer, actors = make_trainer(prep, placement, state, cached, ray.train.RunConfig(
             name=storage.name, storage_path=storage_path, storage_filesystem=storage_fs,
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2),
             failure_config=failure_config(cfg),

@@ -32,13 +32,13 @@ def teacher_gpus(cfg: SimRegConfig, placement: Placement) -> float:
     return len(cfg.teachers) * cfg.teacher_pool.actors_per_teacher * placement.teacher_gpus
 
 
-def trial_cpus(cfg: SimRegConfig, placement: Placement, teachers: bool = True) -> float:
+def trial_cpus(cfg: SimRegConfig, placement: Placement, teachers: bool = True, views: bool = True) -> float:
     """CPUs one run holds at once: student workers + teacher actors (``teachers=False``: a sweep trial served by
-    the fleet) + view-stage tasks in flight (an elastic run counts its minimum size: it starts with what the
-    cluster has, down to that)."""
+    the fleet) + view-stage tasks in flight (``views=False``: every target cached, no view stage) (an elastic run
+    counts its minimum size: it starts with what the cluster has, down to that)."""
     tp = cfg.teacher_pool
     workers = 0.0 if placement.use_gpu else cfg.scaling.min_workers * cfg.scaling.cpus_per_worker
-    return workers + (teacher_cpus(cfg) if teachers else 0.0) + tp.view_tasks * tp.cpus_per_view_task
+    return workers + (teacher_cpus(cfg) if teachers else 0.0) + (tp.view_tasks * tp.cpus_per_view_task if views else 0.0)
 
 
 def trial_gpus(cfg: SimRegConfig, placement: Placement, teachers: bool = True) -> float:
@@ -49,13 +49,15 @@ def trial_gpus(cfg: SimRegConfig, placement: Placement, teachers: bool = True) -
 
 def concurrent_trials(
     cfg: SimRegConfig, cluster: dict[str, float], placement: Placement, fleet: bool, trial_teachers: bool | None = None,
+    cached: bool = False,
 ) -> tuple[int, float]:
     """(trials a sweep runs at once, CPUs each holds). With a teacher fleet the teachers hold their CPUs and GPUs
     once and a trial only its student workers and view tasks (and Tune's 0.01 CPU); without, each trial holds
     its own teachers too (``trial_teachers``: also beside a fleet, when trials may need teachers it does not run).
+    ``cached``: every trial's targets are in the cache: no fleet, and a trial holds its student workers only.
     At least one: the resource check has made sure one trial fits beside the fleet."""
-    own = (not fleet) if trial_teachers is None else trial_teachers
-    per_trial = trial_cpus(cfg, placement, teachers=own) + 0.01
+    own = False if cached else (not fleet) if trial_teachers is None else trial_teachers
+    per_trial = trial_cpus(cfg, placement, teachers=own, views=not cached) + 0.01
     fit_cpu = math.floor((cluster.get("CPU", 1.0) - (teacher_cpus(cfg) if fleet else 0.0)) / per_trial)
     gpu_per_trial = trial_gpus(cfg, placement, teachers=own)
     free_gpus = cluster.get("GPU", 0.0) - (teacher_gpus(cfg, placement) if fleet else 0.0)
@@ -63,35 +65,40 @@ def concurrent_trials(
     return max(1, min(fit_cpu, fit_gpu)), per_trial
 
 
-def resource_check(cfg: SimRegConfig, cluster: dict[str, float], placement: Placement) -> None:
-    """Refuse a plan whose requests exceed the cluster: Ray Data would wait forever, silently."""
-    cpus, need = cluster.get("CPU", 0.0), trial_cpus(cfg, placement)
+def resource_check(cfg: SimRegConfig, cluster: dict[str, float], placement: Placement, cached: bool = False) -> None:
+    """Refuse a plan whose requests exceed the cluster: Ray Data would wait forever, silently. ``cached``: every
+    target of the run is in the cache (``train/cached_data.py``): it starts no teacher actor and no view task, so
+    only its student workers count."""
+    cpus = cluster.get("CPU", 0.0)
+    need = cfg.scaling.min_workers * cfg.scaling.cpus_per_worker * (not placement.use_gpu) if cached else trial_cpus(cfg, placement)
     if need > cpus + 1e-9:
         tp = cfg.teacher_pool
-        workers = "" if placement.use_gpu else (
-            f"scaling.num_workers={cfg.scaling.min_workers} x scaling.cpus_per_worker={cfg.scaling.cpus_per_worker:g} + "
+        workers = f"scaling.num_workers={cfg.scaling.min_workers} x scaling.cpus_per_worker={cfg.scaling.cpus_per_worker:g}"
+        pipeline = "" if cached else (
+            f"{len(cfg.teachers)} teacher(s) x teacher_pool.actors_per_teacher={tp.actors_per_teacher} x "
+            f"teacher_pool.cpus_per_actor={tp.cpus_per_actor:g} + "
+            f"teacher_pool.view_tasks={tp.view_tasks} x teacher_pool.cpus_per_view_task={tp.cpus_per_view_task:g}"
         )
+        parts = pipeline if placement.use_gpu else f"{workers} + {pipeline}" if pipeline else workers
         raise ConfigError(
-            f"the plan needs {need:g} CPUs ({workers}{len(cfg.teachers)} teacher(s) x "
-            f"teacher_pool.actors_per_teacher={tp.actors_per_teacher} x teacher_pool.cpus_per_actor={tp.cpus_per_actor:g} + "
-            f"teacher_pool.view_tasks={tp.view_tasks} x teacher_pool.cpus_per_view_task={tp.cpus_per_view_task:g}) "
-            f"but the Ray cluster has {cpus:g}: lower those keys or add CPUs (ray.num_cpus)"
+            f"the plan needs {need:g} CPUs ({parts}) but the Ray cluster has {cpus:g}: lower those keys or add CPUs (ray.num_cpus)"
         )
-    gpus_needed = trial_gpus(cfg, placement)
+    gpus_needed = trial_gpus(cfg, placement, teachers=not cached)
     if gpus_needed > cluster.get("GPU", 0.0) + 1e-9:
+        who = "students" if cached else "students + teacher actors"
         raise ConfigError(
-            f"the plan needs {gpus_needed:g} GPU(s) (students + teacher actors) but the cluster has "
+            f"the plan needs {gpus_needed:g} GPU(s) ({who}) but the cluster has "
             f"{cluster.get('GPU', 0):g}: set scaling.use_gpu=false, teacher_pool.gpus_per_actor=0, or fewer workers"
         )
-    custom_check(cfg, cluster)
+    custom_check(cfg, cluster, teachers=not cached)
 
 
-def custom_check(cfg: SimRegConfig, cluster: dict[str, float]) -> None:
+def custom_check(cfg: SimRegConfig, cluster: dict[str, float], teachers: bool = True) -> None:
     """Refuse custom resources the cluster does not offer in the amount the plan needs (Ray would wait
-    forever for them, as for CPUs)."""
+    forever for them, as for CPUs). ``teachers=False``: the run starts no teacher actor (every target cached)."""
     need: dict[str, list[tuple[float, str]]] = {}
     n_actors = len(cfg.teachers) * cfg.teacher_pool.actors_per_teacher
-    for k, v in cfg.teacher_pool.resources.items():
+    for k, v in cfg.teacher_pool.resources.items() if teachers else ():
         need.setdefault(k, []).append((v * n_actors, f"{n_actors} teacher actor(s) x teacher_pool.resources.{k}={v:g}"))
     for k, v in cfg.scaling.resources.items():
         n = cfg.scaling.min_workers

@@ -6,7 +6,7 @@ import json
 import logging
 import os
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from simreg.orchestrator import console
 from simreg.orchestrator.config import SimRegConfig
@@ -20,6 +20,9 @@ from simreg.orchestrator.train.builders import (
 )
 from simreg.orchestrator.train.placement import Placement, scaling_config
 from simreg.orchestrator.train.prepare import Prepared
+
+if TYPE_CHECKING:
+    from simreg.orchestrator.train.cached_data import CachedSource
 
 log = logging.getLogger("simreg")
 
@@ -67,11 +70,14 @@ def pool_resources(cfg: SimRegConfig, placement: Placement) -> Any:
                          tp.max_restarts, tp.call_timeout_s, tp.batch_wait_ms)
 
 
-def make_trainer(prep: Prepared, placement: Placement, state: Any, run_config: Any, fleet: Any = None) -> tuple[Any, list[Any]]:
+def make_trainer(
+    prep: Prepared, placement: Placement, state: Any, cached: CachedSource | None, run_config: Any, fleet: Any = None,
+) -> tuple[Any, list[Any]]:
     """Phase 3-4: the teacher actors (the run's own, or those of a sweep's ``fleet`` that serve its teachers), the
     Ray Data pipeline (views -> targets) and the Ray Train V2 TorchTrainer it feeds. Returns (trainer, the run's
     own teacher actors): the caller kills those when done (a fleet outlives its trials). A run whose every target
-    is in the cache runs neither: its workers render their views and read the targets (``train/cached_data.py``)."""
+    is in the cache (``cached``, from ``cached_data.cached_source``) runs neither: its workers render their views
+    and read the targets."""
     import ray
     import ray.train
     from ray.train.torch import TorchTrainer
@@ -79,13 +85,11 @@ def make_trainer(prep: Prepared, placement: Placement, state: Any, run_config: A
     from simreg.orchestrator.pipeline.actors import start_teachers
     from simreg.orchestrator.pipeline.dataset import build_train_dataset
     from simreg.orchestrator.pipeline.warmup import ViewWarmup
-    from simreg.orchestrator.train.cached_data import cached_source
     from simreg.orchestrator.train.worker import train_loop_per_worker
 
     cfg = prep.cfg
     ray.data.DataContext.get_current().enable_progress_bars = False  # the driver draws one bar per epoch
     res = pool_resources(cfg, placement)
-    cached = cached_source(cfg, prep.train, prep.specs, prep.teacher_dims, placement.teacher_gpus)
     own: list[Any] = []
     datasets = None
     if cached is not None:

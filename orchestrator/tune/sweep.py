@@ -67,7 +67,13 @@ def _sweep(
     from ray.tune.schedulers import ASHAScheduler
 
     from simreg.orchestrator.pipeline.fleet import start_fleet
-    from simreg.orchestrator.train.placement import concurrent_trials, plan_placement, teacher_cpus, teacher_gpus
+    from simreg.orchestrator.train.placement import (
+        concurrent_trials,
+        plan_placement,
+        resource_check,
+        teacher_cpus,
+        teacher_gpus,
+    )
     from simreg.orchestrator.train.prepare import prepare
     from simreg.orchestrator.train.rundir import publish
     from simreg.orchestrator.train.trainer import init_ray, pool_resources
@@ -97,17 +103,24 @@ def _sweep(
     # 3. Ray, concurrency from the cluster's resources: with the teacher fleet (teacher_pool.fleet) the teachers
     #    hold their resources once and a trial only its student workers and view tasks
     cluster = init_ray(base_cfg)
-    placement = plan_placement(base_cfg, cluster)  # the fleet (or a trial's own teachers) + one trial must fit
-    use_fleet = base_cfg.teacher_pool.fleet
+    placement = plan_placement(base_cfg, cluster, check=False)
+    # Every trial's targets already cached (a head-design sweep on a warm cache): read once, here, and shared by
+    # the trials; no fleet, and a trial holds its student workers only
+    cached = _shared_cached(space, base_tree, base_cfg, prep, placement)
+    resource_check(base_cfg, cluster, placement, cached=cached is not None)  # the fleet (or a trial's own teachers) + one trial
+    use_fleet = base_cfg.teacher_pool.fleet and cached is None
     res = pool_resources(base_cfg, placement)
     unserved = _unserved_params(space, base_tree, prep.specs, res, placement) if use_fleet else []
     if unserved:
         log.warning("sweep: %s change(s) a teacher the fleet runs (its weights, input, precision, layout or device): trials with "
                     "such a value start their own teacher actors, counted in each trial's resources", ", ".join(unserved))
-    fit, per_trial = concurrent_trials(base_cfg, cluster, placement, use_fleet, trial_teachers=not use_fleet or bool(unserved))
+    fit, per_trial = concurrent_trials(base_cfg, cluster, placement, use_fleet, trial_teachers=not use_fleet or bool(unserved),
+                                       cached=cached is not None)
     concurrent = space.search.max_concurrent_trials or fit
     log.info("sweep: %d param(s) %s, %s search, %d concurrent trial(s) (%.2f CPUs each)%s", len(keys), keys,
              space.search.algorithm, concurrent, per_trial,
+             "; every trial's targets are in the target cache: no teacher actor, the trials share one copy of them"
+             if cached is not None else
              f"; one teacher fleet for all trials ({teacher_cpus(base_cfg):g} CPUs, {teacher_gpus(base_cfg, placement):g} GPUs)"
              if use_fleet else "; each trial starts its own teacher actors")
 
@@ -132,7 +145,8 @@ def _sweep(
         try:
             fleet = start_fleet(prep.specs, res) if use_fleet else None
             trainable = tune.with_resources(
-                tune.with_parameters(run_trial, base=base_tree, keys=keys, storage=(out / "trials").uri, fleet=fleet), {"CPU": 0.01}
+                tune.with_parameters(run_trial, base=base_tree, keys=keys, storage=(out / "trials").uri, fleet=fleet, cached=cached),
+                {"CPU": 0.01},
             )
             scheduler = None
             if space.search.scheduler == "asha":
@@ -225,6 +239,50 @@ def _sweep(
     return summary
 
 
+def _cached_identity(cfg: SimRegConfig, placement: Any) -> str:
+    """What decides the targets a run reads from the cache and how it reads them: data and seed (the images),
+    the teachers' views and their indices (epochs, view bank), the teachers (names and identities), the cache."""
+    from simreg.orchestrator.pipeline.fleet import teacher_identity
+    from simreg.orchestrator.pipeline.requester import digest
+    from simreg.orchestrator.train.builders import target_views, teacher_specs
+    from simreg.orchestrator.train.trainer import pool_resources
+
+    res = pool_resources(cfg, placement)
+    return digest({
+        "data": cfg.data.model_dump(mode="json"), "views": target_views(cfg), "epochs": cfg.train.epochs, "bank": cfg.augment.view_bank,
+        "cache": cfg.cache.model_dump(mode="json"), "block_rows": cfg.teacher_pool.batch_size,
+        "teachers": [[s.name, teacher_identity(s, res)] for s in teacher_specs(cfg)],
+    })
+
+
+def _params_keep_cached_targets(space: SearchSpace, base_tree: dict[str, Any], base_cfg: SimRegConfig, placement: Any) -> bool:
+    """Whether no value of the space's params (each listed value; a range's ends) changes which cached targets a
+    trial reads (``_cached_identity``): heads, optimizer, student and the like do not; views, data, teachers do."""
+    base = _cached_identity(base_cfg, placement)
+    return all(_cached_identity(tcfg, placement) == base for _, tcfg in _one_param_trials(space, base_tree))
+
+
+def _one_param_trials(space: SearchSpace, base_tree: dict[str, Any]) -> Iterator[tuple[str, SimRegConfig]]:
+    """(param, the base config with that param at one of its values) for each listed value of each param, and a
+    range's ends."""
+    for k, d in space.params.items():
+        for v in d.values() or list(d.uniform or d.loguniform or d.randint or d.quniform or [])[:2]:
+            try:
+                yield k, trial_config(base_tree, {k: v})
+            except ConfigError:  # a range's exclusive end
+                continue
+
+
+def _shared_cached(space: SearchSpace, base_tree: dict[str, Any], base_cfg: SimRegConfig, prep: Any, placement: Any) -> Any:
+    """A ``CachedSource`` for every trial when the cache holds every target of the base config and no param of the
+    space changes which targets a trial reads; else None."""
+    if not base_cfg.cache.enabled or not _params_keep_cached_targets(space, base_tree, base_cfg, placement):
+        return None
+    from simreg.orchestrator.train.cached_data import cached_source
+
+    return cached_source(base_cfg, prep.train, prep.specs, prep.teacher_dims, placement.teacher_gpus)
+
+
 def _unserved_params(space: SearchSpace, base_tree: dict[str, Any], specs: list[Any], res: Any, placement: Any) -> list[str]:
     """The space's params with a value (each listed value; a range's ends) that gives a trial a teacher the fleet
     does not run."""
@@ -233,18 +291,11 @@ def _unserved_params(space: SearchSpace, base_tree: dict[str, Any], specs: list[
     from simreg.orchestrator.train.trainer import pool_resources
 
     fleet_ids = {teacher_identity(s, res) for s in specs}
-    out = []
-    for k, d in space.params.items():
-        values = d.values() or list(d.uniform or d.loguniform or d.randint or d.quniform or [])[:2]
-        for v in values:
-            try:
-                tcfg = trial_config(base_tree, {k: v})
-            except ConfigError:  # a range's exclusive end
-                continue
-            tres = pool_resources(tcfg, placement)
-            if any(teacher_identity(s, tres) not in fleet_ids for s in teacher_specs(tcfg)):
-                out.append(k)
-                break
+    out: list[str] = []
+    for k, tcfg in _one_param_trials(space, base_tree):
+        tres = pool_resources(tcfg, placement)
+        if k not in out and any(teacher_identity(s, tres) not in fleet_ids for s in teacher_specs(tcfg)):
+            out.append(k)
     return out
 
 

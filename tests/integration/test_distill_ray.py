@@ -131,12 +131,16 @@ def test_exported_student_loads_in_timm_with_same_features(distilled):
 
 def test_a_rerun_on_the_warm_cache_runs_no_teacher(distilled, tmp_path_factory):
     """The same config again: the cache holds every target, so the workers render their views and read the
-    targets themselves (no teacher actor, no view task, no Ray Data execution), every image once per epoch."""
+    targets themselves (no teacher actor, no view task, no Ray Data execution), every image once per epoch. The
+    teachers are asked for a resource no node offers: a run that starts none is not refused for it."""
+    from simreg.orchestrator.config import validate_config
     from simreg.orchestrator.train.distill import distill
 
     cfg, _, first = distilled
+    tree = cfg.model_dump()
+    tree["teacher_pool"]["resources"] = {"teacher_node": 1.0}
     out = tmp_path_factory.mktemp("rerun")
-    summary = distill(cfg, out)
+    summary = distill(validate_config(tree, "test config"), out)
     assert summary["teacher_rows"] == {"r10t": {"forward": 0, "cached": 600, "shared": 0}, "vit": {"forward": 0, "cached": 600, "shared": 0}}
     assert not [p for p in summary["placements"] if p.get("role") == "teacher"]
     assert "teacher_ready" not in summary["startup_s"]

@@ -170,3 +170,43 @@ def test_each_trial_got_the_targets_of_its_own_views(fleet_sweep):
         assert np.allclose(got.astype(np.float32), direct.astype(np.float32), atol=2e-2, rtol=2e-2), s
         targets[s] = got
     assert not np.allclose(targets[STRENGTHS[0]].astype(np.float32), targets[STRENGTHS[1]].astype(np.float32), atol=2e-2)
+
+
+@pytest.fixture(scope="module")
+def cached_sweep(fleet_sweep, tmp_path_factory):
+    """A head-depth sweep at one strength after the fleet sweep: the cache holds every target it needs."""
+    from simreg.orchestrator.tune.sweep import sweep
+    from simreg.search_spaces import SearchSpace
+
+    cfg = fleet_sweep[0]
+    space = {**SPACE, "base": {**SPACE["base"], "augment.strength": STRENGTHS[0]}, "params": {"heads.depth": {"grid": [1, 2]}}}
+    seen: list[int] = []
+    stop = threading.Event()
+
+    def watch() -> None:
+        while not stop.is_set():
+            seen.append(len(_teacher_pids()))
+            time.sleep(0.5)
+
+    w = threading.Thread(target=watch, daemon=True)
+    w.start()
+    out = tmp_path_factory.mktemp("cached") / "sweep"
+    try:
+        summary = sweep(cfg, SearchSpace.model_validate(space), "test", out)
+    finally:
+        stop.set()
+        w.join(timeout=5)
+    return summary, seen, out
+
+
+def test_a_sweep_on_a_warm_cache_starts_no_teacher_and_trains_every_trial_from_it(cached_sweep):
+    from mlflow.tracking import MlflowClient
+
+    summary, seen, out = cached_sweep
+    assert summary["failed_trials"] == 0 and len(summary["trials"]) == 2
+    assert summary["teacher_fleet"] == {} and max(seen) == 0, (summary["teacher_fleet"], sorted(set(seen)))
+    client = MlflowClient(f"sqlite:///{out / 'mlflow.db'}")
+    for t in summary["trials"]:
+        m = client.get_run(t["mlflow_run_id"]).data.metrics
+        assert m["teacher/simclr_r10t/cached_rows"] == N * EPOCHS and m["teacher/simclr_r10t/forward_rows"] == 0, t["params"]
+        assert m["train/unique_ids"] == N, t["params"]

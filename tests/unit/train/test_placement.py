@@ -27,6 +27,27 @@ def test_resource_rule_refuses_a_plan_that_would_hang():
     resource_check(load_config(), {"CPU": 8.0, "GPU": 3.0}, Placement(True, True, 1.0))  # 2 students + 1 teacher
 
 
+
+def test_a_run_whose_every_target_is_cached_needs_room_for_its_students_only():
+    """It starts no teacher actor and no view task (train/cached_data.py): neither the teacher's GPU, nor its
+    custom resources, nor the pipeline's CPUs are asked of the cluster."""
+    gpu = Placement(True, True, 1.0)
+    with pytest.raises(ConfigError, match=r"needs 3 GPU\(s\) \(students \+ teacher actors\)"):
+        resource_check(load_config(), {"CPU": 8.0, "GPU": 2.0}, gpu)
+    resource_check(load_config(), {"CPU": 8.0, "GPU": 2.0}, gpu, cached=True)  # the 2 students' GPUs
+    with pytest.raises(ConfigError, match=r"needs 2 GPU\(s\) \(students\) but the cluster has 1"):
+        resource_check(load_config(), {"CPU": 8.0, "GPU": 1.0}, gpu, cached=True)
+    on_teacher_node = load_config(None, ["teacher_pool.resources={teacher_gpu: 1}"])
+    with pytest.raises(ConfigError, match="teacher_pool.resources.teacher_gpu"):
+        resource_check(on_teacher_node, {"CPU": 2.0}, CPU_ONLY)
+    resource_check(on_teacher_node, {"CPU": 2.0}, CPU_ONLY, cached=True)
+    big = load_config(None, ["scaling.cpus_per_worker=1", "teacher_pool.cpus_per_actor=1"])
+    with pytest.raises(ConfigError, match=r"needs 3.5 CPUs"):
+        resource_check(big, {"CPU": 2.0}, CPU_ONLY)
+    resource_check(big, {"CPU": 2.0}, CPU_ONLY, cached=True)  # 2 workers x 1 CPU
+    with pytest.raises(ConfigError, match=r"needs 2 CPUs \(scaling.num_workers=2 x scaling.cpus_per_worker=1\) but the Ray cluster has 1"):
+        resource_check(big, {"CPU": 1.0}, CPU_ONLY, cached=True)
+
 def test_a_fleet_sweep_fits_more_trials_than_one_with_teachers_per_trial():
     cfg = load_config(None, ["scaling.num_workers=1", "scaling.cpus_per_worker=1", "teacher_pool.cpus_per_actor=1",
                              "teacher_pool.view_tasks=1", "teacher_pool.cpus_per_view_task=0.5"])

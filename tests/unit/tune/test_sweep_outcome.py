@@ -119,7 +119,8 @@ def _run_sweep(tmp_path: Path, monkeypatch, fails: list[bool]) -> tuple[Path, di
     monkeypatch.setattr(tune, "with_parameters", with_parameters)
     monkeypatch.setattr(tune, "Tuner", FakeTuner)
     monkeypatch.delenv(TRACKING_URI_ENV, raising=False)
-    cfg = load_config(None, [f"tracking.tracking_uri={URI}", "train.epochs=1", "teacher_pool.fleet=false"])  # no Ray: no fleet
+    cfg = load_config(None, [f"tracking.tracking_uri={URI}", "train.epochs=1", "teacher_pool.fleet=false",  # no Ray: no fleet
+                             "cache.enabled=false"])  # no data to look up in a cache
     space = SearchSpace.model_validate({"search": {"algorithm": "grid"}, "params": {"heads.depth": {"grid": [i + 1 for i in range(len(fails))]}}})
     try:
         result: Any = sweep_mod.sweep(cfg, space, "test", out)
