@@ -71,6 +71,7 @@ def _distill(cfg: SimRegConfig, out: Store, local: Path, tracking_uri: str, t_st
         from simreg.orchestrator.train.cached_data import cached_source  # torch, the target cache
 
         placement = plan_placement(cfg, cluster, check=False)
+        resource_check(cfg, cluster, placement, cached=True)  # the students, before any cache read
         # Every target in the cache: no teacher actor and no view task will start, so only the students must fit
         cached = cached_source(cfg, prep.train, specs, teacher_dims, placement.teacher_gpus)
         resource_check(cfg, cluster, placement, cached=cached is not None)

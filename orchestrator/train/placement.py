@@ -85,11 +85,10 @@ def resource_check(cfg: SimRegConfig, cluster: dict[str, float], placement: Plac
         )
     gpus_needed = trial_gpus(cfg, placement, teachers=not cached)
     if gpus_needed > cluster.get("GPU", 0.0) + 1e-9:
-        who = "students" if cached else "students + teacher actors"
-        raise ConfigError(
-            f"the plan needs {gpus_needed:g} GPU(s) ({who}) but the cluster has "
-            f"{cluster.get('GPU', 0):g}: set scaling.use_gpu=false, teacher_pool.gpus_per_actor=0, or fewer workers"
-        )
+        # every target cached: no teacher runs (and gpus_per_actor=0 would key the fp32 targets, not those cached)
+        who, keys = ("students", "scaling.use_gpu=false or fewer workers") if cached else (
+            "students + teacher actors", "scaling.use_gpu=false, teacher_pool.gpus_per_actor=0, or fewer workers")
+        raise ConfigError(f"the plan needs {gpus_needed:g} GPU(s) ({who}) but the cluster has {cluster.get('GPU', 0):g}: set {keys}")
     custom_check(cfg, cluster, teachers=not cached)
 
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import time
 from collections.abc import Iterator
@@ -104,13 +105,15 @@ def _sweep(
     #    hold their resources once and a trial only its student workers and view tasks
     cluster = init_ray(base_cfg)
     placement = plan_placement(base_cfg, cluster, check=False)
+    resource_check(base_cfg, cluster, placement, cached=True)  # one trial's students, before any cache read
     # Every trial's targets already cached (a head-design sweep on a warm cache): read once, here, and shared by
     # the trials; no fleet, and a trial holds its student workers only
-    cached = _shared_cached(space, base_tree, base_cfg, prep, placement)
+    cached = _shared_cached(space, base_tree, base_cfg, prep, cluster)
+    _check_shared_on_resume(out, resume, cached is not None)
     resource_check(base_cfg, cluster, placement, cached=cached is not None)  # the fleet (or a trial's own teachers) + one trial
     use_fleet = base_cfg.teacher_pool.fleet and cached is None
     res = pool_resources(base_cfg, placement)
-    unserved = _unserved_params(space, base_tree, prep.specs, res, placement) if use_fleet else []
+    unserved = _unserved_params(space, base_tree, prep.specs, res, cluster) if use_fleet else []
     if unserved:
         log.warning("sweep: %s change(s) a teacher the fleet runs (its weights, input, precision, layout or device): trials with "
                     "such a value start their own teacher actors, counted in each trial's resources", ", ".join(unserved))
@@ -239,15 +242,17 @@ def _sweep(
     return summary
 
 
-def _cached_identity(cfg: SimRegConfig, placement: Any) -> str:
+def _cached_identity(cfg: SimRegConfig, cluster: dict[str, float]) -> str:
     """What decides the targets a run reads from the cache and how it reads them: data and seed (the images),
-    the teachers' views and their indices (epochs, view bank), the teachers (names and identities), the cache."""
+    the teachers' views and their indices (epochs, view bank), the teachers (names and identities, with the
+    config's own placement: a GPU teacher's targets are bf16), the cache."""
     from simreg.orchestrator.pipeline.fleet import teacher_identity
     from simreg.orchestrator.pipeline.requester import digest
     from simreg.orchestrator.train.builders import target_views, teacher_specs
+    from simreg.orchestrator.train.placement import plan_placement
     from simreg.orchestrator.train.trainer import pool_resources
 
-    res = pool_resources(cfg, placement)
+    res = pool_resources(cfg, plan_placement(cfg, cluster, check=False))
     return digest({
         "data": cfg.data.model_dump(mode="json"), "views": target_views(cfg), "epochs": cfg.train.epochs, "bank": cfg.augment.view_bank,
         "cache": cfg.cache.model_dump(mode="json"), "block_rows": cfg.teacher_pool.batch_size,
@@ -255,46 +260,85 @@ def _cached_identity(cfg: SimRegConfig, placement: Any) -> str:
     })
 
 
-def _params_keep_cached_targets(space: SearchSpace, base_tree: dict[str, Any], base_cfg: SimRegConfig, placement: Any) -> bool:
-    """Whether no value of the space's params (each listed value; a range's ends) changes which cached targets a
-    trial reads (``_cached_identity``): heads, optimizer, student and the like do not; views, data, teachers do."""
-    base = _cached_identity(base_cfg, placement)
-    return all(_cached_identity(tcfg, placement) == base for _, tcfg in _one_param_trials(space, base_tree))
+def _params_keep_cached_targets(space: SearchSpace, base_tree: dict[str, Any], base_cfg: SimRegConfig, cluster: dict[str, float]) -> bool:
+    """Whether no value of the space's params changes which cached targets a trial reads (``_cached_identity``):
+    heads, optimizer, student and the like do not; views, data, teachers do. A value that does not validate
+    counts as a change (nothing is known of its trial)."""
+    base = _cached_identity(base_cfg, cluster)
+    return all(tcfg is not None and _cached_identity(tcfg, cluster) == base for _, tcfg in _one_param_trials(space, base_tree))
 
 
-def _one_param_trials(space: SearchSpace, base_tree: dict[str, Any]) -> Iterator[tuple[str, SimRegConfig]]:
-    """(param, the base config with that param at one of its values) for each listed value of each param, and a
-    range's ends."""
+def _probe_values(d: Any) -> list[Any]:
+    """A domain's values to check a sweep against: every listed value; a range's ends and middle."""
+    listed = d.values()
+    if listed is not None:
+        return list(listed)
+    if d.randint is not None:  # [lo, hi): hi excluded
+        lo, hi = d.randint
+        return sorted({lo, (lo + hi - 1) // 2, hi - 1})
+    if d.quniform is not None:
+        lo, hi, q = d.quniform
+        return [lo, round((lo + hi) / 2 / q) * q, hi]
+    lo, hi = d.uniform or d.loguniform
+    return [lo, math.sqrt(lo * hi) if d.loguniform is not None else (lo + hi) / 2, hi]
+
+
+def _one_param_trials(space: SearchSpace, base_tree: dict[str, Any]) -> Iterator[tuple[str, SimRegConfig | None]]:
+    """(param, the base config with that param at one of its probe values, or None where that value does not
+    validate) for each param of the space."""
     for k, d in space.params.items():
-        for v in d.values() or list(d.uniform or d.loguniform or d.randint or d.quniform or [])[:2]:
+        for v in _probe_values(d):
             try:
                 yield k, trial_config(base_tree, {k: v})
-            except ConfigError:  # a range's exclusive end
-                continue
+            except ConfigError:
+                yield k, None
 
 
-def _shared_cached(space: SearchSpace, base_tree: dict[str, Any], base_cfg: SimRegConfig, prep: Any, placement: Any) -> Any:
+def _shared_cached(space: SearchSpace, base_tree: dict[str, Any], base_cfg: SimRegConfig, prep: Any, cluster: dict[str, float]) -> Any:
     """A ``CachedSource`` for every trial when the cache holds every target of the base config and no param of the
     space changes which targets a trial reads; else None."""
-    if not base_cfg.cache.enabled or not _params_keep_cached_targets(space, base_tree, base_cfg, placement):
+    if not base_cfg.cache.enabled or not _params_keep_cached_targets(space, base_tree, base_cfg, cluster):
         return None
     from simreg.orchestrator.train.cached_data import cached_source
+    from simreg.orchestrator.train.placement import plan_placement
 
-    return cached_source(base_cfg, prep.train, prep.specs, prep.teacher_dims, placement.teacher_gpus)
+    teacher_gpus = plan_placement(base_cfg, cluster, check=False).teacher_gpus
+    return cached_source(base_cfg, prep.train, prep.specs, prep.teacher_dims, teacher_gpus)
 
 
-def _unserved_params(space: SearchSpace, base_tree: dict[str, Any], specs: list[Any], res: Any, placement: Any) -> list[str]:
-    """The space's params with a value (each listed value; a range's ends) that gives a trial a teacher the fleet
-    does not run."""
+SHARED_TARGETS_FILE = "shared_targets.json"
+
+
+def _check_shared_on_resume(out: Store, resume: bool, shared: bool) -> None:
+    """A sweep that started on a warm cache sized its concurrency for student workers only, and Tune restores
+    that concurrency on ``--resume``: resuming it without every target in the cache would start a fleet beside
+    as many trials as the students' CPUs hold, and no view task could ever be placed. Refused instead."""
+    f = out / SHARED_TARGETS_FILE
+    if not resume or not f.is_file():
+        f.write_text(json.dumps({"shared": shared}))
+        return
+    if json.loads(f.read_text()).get("shared") and not shared:
+        raise ConfigError(
+            f"the sweep in {out} started with every target in the target cache, which no longer holds them all: "
+            "fill it again (simreg cache warm with the sweep's base config) or start a new sweep"
+        )
+
+
+def _unserved_params(space: SearchSpace, base_tree: dict[str, Any], specs: list[Any], res: Any, cluster: dict[str, float]) -> list[str]:
+    """The space's params with a value (each listed value; a range's ends and middle) that gives a trial a teacher
+    the fleet does not run."""
     from simreg.orchestrator.pipeline.fleet import teacher_identity
     from simreg.orchestrator.train.builders import teacher_specs
+    from simreg.orchestrator.train.placement import plan_placement
     from simreg.orchestrator.train.trainer import pool_resources
 
     fleet_ids = {teacher_identity(s, res) for s in specs}
     out: list[str] = []
     for k, tcfg in _one_param_trials(space, base_tree):
-        tres = pool_resources(tcfg, placement)
-        if k not in out and any(teacher_identity(s, tres) not in fleet_ids for s in teacher_specs(tcfg)):
+        if tcfg is None or k in out:  # a value that does not validate fails its trial: it starts no teacher
+            continue
+        tres = pool_resources(tcfg, plan_placement(tcfg, cluster, check=False))
+        if any(teacher_identity(s, tres) not in fleet_ids for s in teacher_specs(tcfg)):
             out.append(k)
     return out
 

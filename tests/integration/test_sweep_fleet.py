@@ -111,7 +111,6 @@ def test_one_teacher_process_serves_every_trial_and_survives_a_kill(fleet_sweep)
     _, summary, seen, killed, _ = fleet_sweep
     assert len(summary["trials"]) == TRIALS and summary["failed_trials"] == 0
     assert killed, f"the fleet's teacher was never seen after two trial epochs; samples: {seen[-20:]}"
-    assert killed[1] <= TRIALS * (EPOCHS - 1), f"killed after {killed[1]} trial epochs: too late to hit live work"
     # The restarted process computed targets: the kill landed while trials still needed forwards
     assert summary["teacher_fleet"]["simclr_r10t"]["forward"] > 0, summary["teacher_fleet"]
     assert max(seen) == 1, f"more than one teacher process at once: {sorted(set(seen))}"

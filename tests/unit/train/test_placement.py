@@ -35,7 +35,7 @@ def test_a_run_whose_every_target_is_cached_needs_room_for_its_students_only():
     with pytest.raises(ConfigError, match=r"needs 3 GPU\(s\) \(students \+ teacher actors\)"):
         resource_check(load_config(), {"CPU": 8.0, "GPU": 2.0}, gpu)
     resource_check(load_config(), {"CPU": 8.0, "GPU": 2.0}, gpu, cached=True)  # the 2 students' GPUs
-    with pytest.raises(ConfigError, match=r"needs 2 GPU\(s\) \(students\) but the cluster has 1"):
+    with pytest.raises(ConfigError, match=r"needs 2 GPU\(s\) \(students\) but the cluster has 1: set scaling.use_gpu=false or fewer workers$"):
         resource_check(load_config(), {"CPU": 8.0, "GPU": 1.0}, gpu, cached=True)
     on_teacher_node = load_config(None, ["teacher_pool.resources={teacher_gpu: 1}"])
     with pytest.raises(ConfigError, match="teacher_pool.resources.teacher_gpu"):
@@ -59,6 +59,9 @@ def test_a_fleet_sweep_fits_more_trials_than_one_with_teachers_per_trial():
     assert concurrent_trials(cfg, {"CPU": 64.0, "GPU": 8.0}, gpu, fleet=True)[0] == 7
     assert concurrent_trials(cfg, {"CPU": 64.0, "GPU": 8.0}, gpu, fleet=False)[0] == 4
     assert concurrent_trials(cfg, {"CPU": 2.0}, CPU_ONLY, fleet=True)[0] == 1  # never 0: one trial beside the fleet
+    # every target cached: no fleet, no view tasks: 10 / 1.01 -> 9 trials; on GPUs one per student
+    assert concurrent_trials(cfg, {"CPU": 10.0}, CPU_ONLY, fleet=False, cached=True) == (9, pytest.approx(1.01))
+    assert concurrent_trials(cfg, {"CPU": 64.0, "GPU": 8.0}, gpu, fleet=False, cached=True)[0] == 8
 
 
 def test_cosine_schedule_reaches_zero():
