@@ -70,7 +70,7 @@ def resource_check(cfg: SimRegConfig, cluster: dict[str, float], placement: Plac
     target of the run is in the cache (``train/cached_data.py``): it starts no teacher actor and no view task, so
     only its student workers count."""
     cpus = cluster.get("CPU", 0.0)
-    need = cfg.scaling.min_workers * cfg.scaling.cpus_per_worker * (not placement.use_gpu) if cached else trial_cpus(cfg, placement)
+    need = trial_cpus(cfg, placement, teachers=not cached, views=not cached)
     if need > cpus + 1e-9:
         tp = cfg.teacher_pool
         workers = f"scaling.num_workers={cfg.scaling.min_workers} x scaling.cpus_per_worker={cfg.scaling.cpus_per_worker:g}"
@@ -79,7 +79,7 @@ def resource_check(cfg: SimRegConfig, cluster: dict[str, float], placement: Plac
             f"teacher_pool.cpus_per_actor={tp.cpus_per_actor:g} + "
             f"teacher_pool.view_tasks={tp.view_tasks} x teacher_pool.cpus_per_view_task={tp.cpus_per_view_task:g}"
         )
-        parts = pipeline if placement.use_gpu else f"{workers} + {pipeline}" if pipeline else workers
+        parts = " + ".join(p for p in ("" if placement.use_gpu else workers, pipeline) if p)
         raise ConfigError(
             f"the plan needs {need:g} CPUs ({parts}) but the Ray cluster has {cpus:g}: lower those keys or add CPUs (ray.num_cpus)"
         )

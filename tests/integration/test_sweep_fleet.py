@@ -67,7 +67,6 @@ def fleet_sweep(cluster, tmp_path_factory, teachers_dir):
     ])
     seen: list[int] = []  # teacher processes alive at each sample
     killed: list[int] = []
-    trained: list[int] = []  # epochs the trials had reported when the teacher was killed
     out = tmp / "sweep"
     stop = threading.Event()
 
@@ -81,7 +80,6 @@ def fleet_sweep(cluster, tmp_path_factory, teachers_dir):
             if not killed and pids and reported[1] >= 2:
                 os.kill(pids[0], signal.SIGKILL)
                 killed.append(pids[0])
-                trained.append(reported[1])
             time.sleep(0.5)
 
     w = threading.Thread(target=watch, daemon=True)
@@ -91,7 +89,7 @@ def fleet_sweep(cluster, tmp_path_factory, teachers_dir):
     finally:
         stop.set()
         w.join(timeout=5)
-    return cfg, summary, seen, killed + trained, out
+    return cfg, summary, seen, killed, out
 
 
 def _epochs_reported(out: Path) -> tuple[int, int]:
