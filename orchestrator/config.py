@@ -35,19 +35,33 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
+class SyntheticConfig(_Strict):
+    """``data.source=synthetic``: images generated from (seed, index) on demand (data/synthetic.py)."""
+
+    images: int = Field(100000, ge=2, description="images of the train split (data.train_size draws a subset of them)")
+    held_out: int = Field(10000, ge=1, description="images of the held-out split (k-NN queries)")
+    classes: int = Field(10, ge=2, description="classes, one grating orientation sector each")
+    channels: Literal[1, 3] = Field(3, description="1: grayscale (N, H, W) images; 3: RGB")
+    seed: int = Field(0, ge=0, description="the generator's seed (not the run's seed: runs of any seed see the same images)")
+
+
 class DataConfig(_Strict):
-    source: str = Field("fashion-mnist", description="a registered data source (data/sources.py): fashion-mnist, image-folder, packed")
+    source: str = Field(
+        "fashion-mnist", description="a registered data source (data/sources.py): fashion-mnist, image-folder, packed, synthetic"
+    )
     root: str | None = Field(None, description="folder of the source; null = Debian package, then download cache")
     download: bool = Field(True, description="download Fashion-MNIST when it is not installed")
     train_size: int | None = Field(10000, ge=2, description="images of the train split distilled on (null = all)")
     knn_bank_size: int | None = Field(10000, ge=1, description="labelled train images forming the k-NN bank")
     knn_query_size: int | None = Field(2000, ge=1, description="held-out images queried in the k-NN eval")
     view_size: int = Field(64, ge=8, description="resolution of the shared view (teacher input size)")
-    store_size: int = Field(96, ge=8, description="image-folder and packed images are decoded and stored at this size")
+    store_size: int = Field(96, ge=8, description="image-folder and packed images are decoded and stored at this size; synthetic ones generated at it")
     stream: bool = Field(
-        True, description="packed sources: the train split streams from the Parquet shards through Ray Data (false: decoded in memory)"
+        True, description="packed sources: the train split streams from the Parquet shards through Ray Data (false: decoded in memory); "
+        "synthetic: always streamed"
     )
     holdout_fraction: float = Field(0.1, gt=0, lt=1, description="image-folder / packed held-out share when no val/ split")
+    synthetic: SyntheticConfig = SyntheticConfig()
 
     @field_validator("source")
     @classmethod
@@ -160,6 +174,9 @@ class TrainConfig(_Strict):
 class CacheConfig(_Strict):
     enabled: bool = Field(True, description="serve teacher targets from the Parquet cache, filling it on first use")
     dir: str | None = Field(None, description="null: $SIMREG_CACHE_DIR or ~/.cache/simreg/targets (shared storage on a cluster)")
+    memory_mib: float = Field(
+        256, ge=0, description="MiB of decoded target shards each process keeps (teacher and fleet actors, the driver); the rest stays in storage"
+    )
 
 
 class ScalingConfig(_Strict):

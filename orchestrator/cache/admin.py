@@ -7,11 +7,12 @@ from __future__ import annotations
 
 import json
 import logging
+import sys
 from pathlib import Path
 from typing import Any
 
 from simreg.models.errors import DataError
-from simreg.orchestrator.cache.targets import KEY_NAME, META, default_cache_dir, key_digest
+from simreg.orchestrator.cache.targets import CACHE_VERSION, KEY_NAME, META, WRITERS, default_cache_dir, key_digest, parse_shard_name
 from simreg.orchestrator.data.pack.schema_guard import UnreadableParquet, footer_metadata
 from simreg.orchestrator.storage import Store, open_store
 
@@ -48,29 +49,89 @@ def _files(d: Store) -> list[Any]:
     return [i for i in d.fs.get_file_info(sel) if i.type == pafs.FileType.File]
 
 
-def cache_entries(root: str | Path | None = None) -> list[dict[str, Any]]:
-    """One row per key directory: digest, teacher, arch, views held, rows, bytes, created (local or object store)."""
-    base = _root(root)
-    rows: list[dict[str, Any]] = []
-    for name, meta in cache_keys(base).items():
-        d = base / name
-        files = _files(d)
-        views = {i.path[len(d.path) + 1:].split("/", 1)[0] for i in files if i.path[len(d.path) + 1:].startswith("v")}
-        n_rows = 0
-        for i in files:
-            if i.base_name.startswith("part-") and i.base_name.endswith(".parquet"):
-                try:  # the footer's row count only: nothing in the shard is deserialised
-                    n_rows += footer_metadata(d.at(i.path)).num_rows
+def _recorded(d: Store) -> dict[str, Any] | None:
+    """What the writers of key folder ``d`` recorded (``writers/``: one small file per writing process), summed:
+    {"views", "rows", "bytes", "writers"}; None when no writer left a readable record."""
+    views: set[str] = set()
+    rows = size = writers = 0
+    for name in (d / WRITERS).listdir():
+        try:
+            rec = json.loads((d / WRITERS / name).read_text())
+            r, b = rec["rows"], rec["bytes"]
+            if not (isinstance(r, dict) and isinstance(b, dict)):
+                continue
+            rows += sum(int(x) for x in r.values())
+            size += sum(int(x) for x in b.values())
+            views.update(k for k, x in r.items() if int(x) > 0)
+            writers += 1
+        except (OSError, ValueError, KeyError, TypeError, AttributeError):
+            continue
+    return {"views": len(views), "rows": rows, "bytes": size, "writers": writers} if writers else None
+
+
+def _scanned(d: Store, bar: Any | None) -> dict[str, Any]:
+    """Views, rows and bytes of key folder ``d`` counted from its shards' names and sizes (one listing per bucket
+    folder; no shard is opened). A folder of the older layout counts rows from each shard's footer."""
+    import pyarrow.fs as pafs
+
+    views = rows = size = 0
+    for vname in d.listdir(dirs_only=True):
+        if not (vname.startswith("v") and vname[1:].isdigit()):
+            continue
+        vdir, held = d / vname, 0
+        for i in vdir.fs.get_file_info(pafs.FileSelector(vdir.path, allow_not_found=True, recursive=False)):
+            if i.type == pafs.FileType.Directory:  # a bucket: its shards' names hold their row counts
+                for j in vdir.fs.get_file_info(pafs.FileSelector(i.path, allow_not_found=True, recursive=False)):
+                    e = parse_shard_name(j.base_name)
+                    if e is not None:
+                        held += e[2]
+                        size += j.size or 0
+                if bar is not None:
+                    bar.update(1)
+            elif i.base_name.startswith("part-") and i.base_name.endswith(".parquet"):
+                try:  # version 1: shards directly in the view folder; the footer's row count only
+                    held += footer_metadata(d.at(i.path)).num_rows
+                    size += i.size or 0
                 except UnreadableParquet:
                     pass
+        rows += held
+        views += held > 0
+    return {"views": views, "rows": rows, "bytes": size}
+
+
+def cache_entries(root: str | Path | None = None, scan: bool = False, progress: bool = False) -> list[dict[str, Any]]:
+    """One row per key directory: digest, teacher, arch, version, views held, rows, bytes, created (local or object
+    store). Rows, views and bytes come from what the writers recorded (``writers/``; a shard two processes both
+    wrote counts twice); ``scan``, or a key without a record, lists every bucket instead (a progress bar with
+    ``progress``)."""
+    base = _root(root)
+    out: list[dict[str, Any]] = []
+    for name, meta in cache_keys(base).items():
+        d = base / name
+        counted = None if scan else _recorded(d)
+        how = "recorded"
+        if counted is None:
+            how = "scanned"
+            bar = None
+            if progress:
+                from tqdm import tqdm
+
+                bar = tqdm(desc=f"scanning {name}", unit=" buckets", leave=False, file=sys.stderr)
+            try:
+                counted = _scanned(d, bar)
+            finally:
+                if bar is not None:
+                    bar.close()
         t = meta["key"].get("teacher")
         t = t if isinstance(t, dict) else {}
-        rows.append({
+        version = meta["key"].get("version", "?")
+        out.append({
             "key": name, "teacher": meta["teacher"], "arch": t.get("arch", "?"), "dim": meta["dim"],
-            "precision": t.get("precision", "?"), "views": len(views), "rows": n_rows, "bytes": sum(i.size or 0 for i in files),
+            "precision": t.get("precision", "?"), "version": version, "read": version in (CACHE_VERSION, "?"),
+            "views": counted["views"], "rows": counted["rows"], "bytes": counted["bytes"], "counted": how,
             "created": meta["created"], "data": meta["key"].get("data", "?"),
         })
-    return rows
+    return out
 
 
 def clear_cache(root: str | Path | None = None, keys: list[str] | None = None) -> list[str]:
@@ -102,9 +163,12 @@ def clear_cache(root: str | Path | None = None, keys: list[str] | None = None) -
 
 
 def entries_table(rows: list[dict[str, Any]]) -> str:
-    head = ("key", "teacher", "arch", "dim", "precision", "views", "rows", "MiB", "created")
+    """The table of ``simreg cache info``; a key of an older layout says it is not read and how to remove it."""
+    head = ("key", "teacher", "arch", "dim", "precision", "views", "rows", "MiB", "created", "")
     body = [(r["key"], str(r["teacher"]), str(r["arch"]), str(r["dim"]), str(r["precision"]), str(r["views"]), str(r["rows"]),
-             f"{r['bytes'] / 2**20:.1f}", str(r["created"])) for r in rows]
+             f"{r['bytes'] / 2**20:.1f}", str(r["created"]),
+             "" if r["read"] else f"cache version {r['version']}: not read by this simreg (simreg cache clear --key {r['key'][:8]})")
+            for r in rows]
     w = [max(len(x[i]) for x in (head, *body)) for i in range(len(head))]
-    line = lambda r: "  ".join(c.ljust(w[i]) for i, c in enumerate(r))  # noqa: E731
+    line = lambda r: "  ".join(c.ljust(w[i]) for i, c in enumerate(r)).rstrip()  # noqa: E731
     return "\n".join([line(head), *map(line, body)])

@@ -1,4 +1,4 @@
-"""Teacher targets computed once: Parquet shards shared by epochs, runs and sweep trials.
+"""Teacher targets computed once: Parquet shards shared by epochs, runs and sweep trials, addressed by sample id.
 
 A target is a pure function of (teacher, image, view). The key of a cache directory holds all three:
 - the teacher fingerprint: arch, sha256 of the weights file, checkpoint layout, timm model arguments,
@@ -7,14 +7,23 @@ A target is a pure function of (teacher, image, view). The key of a cache direct
   shares the cache: shards are looked up per sample id);
 - the views: the full augmentation recipe of the teachers' view and the seed of the view generator.
 Anything that changes any of them gives another directory: a cache can only miss, never serve a stale
-target. Inside, ``v<index>/part-<hash of ids>.parquet`` holds (sample_id int64, target fp16[d]) for one
-view index; the view index is the epoch, or ``epoch mod augment.view_bank`` with a bank of K views.
+target. The view index is the epoch, or ``epoch mod augment.view_bank`` with a bank of K views.
+
+Layout (``CACHE_VERSION`` 2): ``v<view>/b<id // BUCKET_ROWS>/part-<first id>-<last id>-<rows>-<hash>.parquet``,
+each shard (sample_id int64 sorted, target fp16[d]) holding rows of one bucket of ``BUCKET_ROWS`` consecutive
+sample ids. A lookup of some ids lists only the bucket folders of those ids (kept, and listed again on a miss:
+on an object store at most every ``RELIST_S`` seconds per bucket) and reads only the shards whose id range
+holds them, each in one request; nothing in a process grows with the images or views of a cache: decoded
+shards live in one LRU per process (``cache/memory.py``, ``cache.memory_mib``), listings in a bounded one.
+A folder of the older layout (version 1: every shard of a view in one folder, read whole) is never read: a
+run names it once, and its targets are computed again under the new key.
 
 ``cache.dir`` is a local folder or an object-store URI (``s3://bucket/cache``, storage.py): on a
 multi-node cluster, a bucket (or NFS) lets every node share it. A shard is written atomically (a local
 file: temporary name, fsync, rename; an object: visible only once its upload completes), so a concurrent reader
 (another trial, another actor, another node) sees a whole shard or none. Two writers of the same shard
-write the same bytes. Pure numpy/pyarrow: no Ray.
+write the same bytes. Each writing process also keeps a small record of what it wrote under ``writers/``:
+``simreg cache info`` sums those instead of listing every shard. Pure numpy/pyarrow: no Ray.
 """
 from __future__ import annotations
 
@@ -23,9 +32,13 @@ import io
 import json
 import logging
 import os
+import math
 import re
+import secrets
+import socket
 import threading
 import time
+from collections import OrderedDict
 from collections.abc import Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
@@ -38,18 +51,22 @@ import pyarrow.parquet as pq
 
 from simreg.models.errors import DataError, first_line
 from simreg.models.teachers import file_sha256
+from simreg.orchestrator.cache.memory import DEFAULT_MEMORY_MIB, SHARDS
 from simreg.orchestrator.data.pack.schema_guard import UnreadableParquet, read_checked
 from simreg.orchestrator.storage import Store, open_store
 
 log = logging.getLogger("simreg")
 
 
-CACHE_VERSION = 1
-RELIST_S = 30.0  # object stores: the least time between two listings of one view's shards
+CACHE_VERSION = 2  # 1: one folder per view, read whole (never read since)
+BUCKET_ROWS = 4096  # consecutive sample ids per bucket folder: a lookup lists the buckets of its ids, never a view
+RELIST_S = 30.0  # object stores: the least time between two listings of one bucket
 MAX_PENDING_UPLOADS = 32  # object stores: shards waiting to upload before the teacher waits for the oldest
-
+LISTINGS = 2048  # bucket listings a cache keeps (a listing: a few dozen names)
+RECORD_EVERY_S = 30.0  # a writer's record of what it wrote (writers/), rewritten at most this often and at flush
 
 META = "meta.json"
+WRITERS = "writers"
 
 
 def default_cache_dir() -> Path | str:
@@ -81,6 +98,7 @@ class CacheSpec:
     root: str
     data_fingerprint: str
     views: dict[str, Any] = field(default_factory=dict)  # the teachers' view recipe + the view seed
+    memory_mib: float = DEFAULT_MEMORY_MIB  # decoded shards a process keeps (cache.memory_mib; not part of the key)
 
     def key(self, teacher: Mapping[str, Any]) -> dict[str, Any]:
         return {"version": CACHE_VERSION, "teacher": dict(teacher), "data": self.data_fingerprint, "views": self.views}
@@ -99,27 +117,31 @@ KEY_NAME = re.compile(r"[0-9a-f]{20}")  # a key folder's name: key_digest of the
 
 
 class TargetCache:
-    """One teacher's targets under one key: ``lookup`` and ``store`` per (view index, sample ids)."""
+    """One teacher's targets under one key: ``lookup`` and ``store`` per (view index, sample ids).
 
-    def __init__(self, root: str | Path | Store, key: Mapping[str, Any], teacher_name: str, dim: int) -> None:
+    Thread-safe: a fleet actor looks up in its I/O threads while its forward thread stores. Opening one does no
+    I/O; the key folder and its meta.json are written with the first shard."""
+
+    def __init__(self, root: str | Path | Store, key: Mapping[str, Any], teacher_name: str, dim: int,
+                 memory_mib: float | None = None) -> None:
         self.key = dict(key)
         self.dim = dim
-        self.dir = open_store(root) / key_digest(self.key)
+        self.teacher_name = teacher_name
+        self.root = open_store(root)
+        self.dir = self.root / key_digest(self.key)
         self.write_error: str | None = None  # why writing stopped (disk full, no permission): the run goes on without it
-        self._write_lock = threading.Lock()
-        self._index_lock = threading.Lock()  # a fleet actor stores from its forward thread while its loop looks up
-        meta = self.dir / META
-        try:
-            self.dir.mkdir()
-            if not meta.is_file():
-                body = {"key": self.key, "teacher": teacher_name, "dim": dim, "created": time.strftime("%Y-%m-%dT%H:%M:%S")}
-                meta.write_text(json.dumps(body, indent=2))
-        except OSError as e:
-            self.cannot_write(e)
-        self._where: dict[int, dict[int, tuple[int, int]]] = {}  # view index -> sample id -> (chunk, row)
-        self._chunks: dict[int, list[np.ndarray]] = {}  # view index -> (n, dim) fp16 arrays
-        self._read: dict[int, set[str]] = {}  # view index -> shard names already indexed
-        self._listed: dict[int, float] = {}  # view index -> when its shards were last listed (object stores)
+        self.read_error: str | None = None  # the first read that failed (an unreachable store): those rows were computed
+        if memory_mib is not None:
+            SHARDS.set_limit(memory_mib)
+        self._lock = threading.Lock()  # listings, counts, the once-only steps
+        self._lists: OrderedDict[tuple[int, int], tuple[float, list[ShardEntry]]] = OrderedDict()  # (view, bucket) -> (listed at, shards)
+        self._bad: set[str] = set()  # shards found unreadable (recomputed, never read again by this process)
+        self._meta_written = False
+        self._old_checked = False
+        self._written = {"rows": {}, "shards": {}, "bytes": {}}  # per view index (str), what this process wrote
+        self._stats_dirty = False
+        self._stats_at = time.monotonic()
+        self._writer_name = f"{_safe(socket.gethostname())}-{os.getpid()}-{secrets.token_hex(4)}.json"
         # In an object store a shard uploads in the background: the teacher goes on with the next block
         # instead of waiting for a request round trip per block; ``flush`` waits for them.
         self._uploads: ThreadPoolExecutor | None = ThreadPoolExecutor(1, "simreg-cache-upload") if self.dir.remote else None
@@ -129,90 +151,200 @@ class TargetCache:
     def _view_dir(self, v: int) -> Store:
         return self.dir / f"v{v:05d}"
 
-    def _add(self, v: int, ids: np.ndarray, targets: np.ndarray) -> None:
-        with self._index_lock:
-            chunks = self._chunks.setdefault(v, [])
-            where = self._where.setdefault(v, {})
-            c = len(chunks)
-            chunks.append(targets)
-            for r, sid in enumerate(ids.tolist()):
-                where.setdefault(sid, (c, r))  # duplicates across shards hold identical targets
+    def _bucket_dir(self, v: int, b: int) -> Store:
+        return self._view_dir(v) / f"b{b:07d}"
 
-    def _refresh(self, v: int) -> None:
-        """Index shards of view ``v`` written since the last look (by this or any other process). In an object
-        store at most every ``RELIST_S`` seconds per view: a shard another process wrote since is then
-        recomputed (the same bytes), never missed for good."""
-        if self.dir.remote:
-            now = time.monotonic()
-            if now - self._listed.get(v, -RELIST_S) < RELIST_S:
-                return
-            self._listed[v] = now
-        d = self._view_dir(v)
-        seen = self._read.setdefault(v, set())
-        for name in d.listdir():  # one listing, local or remote; empty when the view has no shard yet
-            if not (name.startswith("part-") and name.endswith(".parquet")) or name in seen:
-                continue
-            seen.add(name)
-            p = d / name
-            fix = f"The cache directory is damaged or not simreg's: remove it with `simreg cache clear --key {self.dir.name}`"
-            try:  # the schema first, from the footer alone: a shard simreg did not write is never deserialised
-                t = read_checked(p, shard_schema(self.dim), "target cache shard", fix)
-                ids = t["sample_id"].to_numpy()
-                tg = np.asarray(t["target"].combine_chunks().flatten()).reshape(len(ids), -1)
-            except UnreadableParquet as e:  # an unreadable shard is recomputed, never trusted
-                log.warning("target cache: skipping unreadable shard %s (%s)", p, first_line(e, 300))
-                continue
-            except DataError:
-                raise
-            except Exception as e:  # noqa: BLE001  (a footer that parses over damaged pages: recomputed too)
-                log.warning("target cache: skipping unreadable shard %s (%s)", p, first_line(e, 300))
-                continue
-            self._add(v, ids, tg)
-
+    # ------------------------------------------------------------------ reads
     def lookup(self, v: int, sample_ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """(targets (B, dim) fp16, found mask (B,)): rows not found are zero and must be computed."""
-        out = np.zeros((len(sample_ids), self.dim), np.float16)
-        found = self._find(v, sample_ids, out)
-        if not found.all():
-            self._refresh(v)
-            found = self._find(v, sample_ids, out)
+        """(targets (B, dim) fp16, found mask (B,)): rows not found are zero and must be computed. Reads only the
+        bucket listings and shards of these ids; a store that cannot be read warns once and finds nothing."""
+        ids = np.asarray(sample_ids, dtype=np.int64)
+        out = np.zeros((len(ids), self.dim), np.float16)
+        found = np.zeros(len(ids), bool)
+        if len(ids) == 0:
+            return out, found
+        self._check_old_layout()
+        buckets = ids // BUCKET_ROWS
+        order = np.argsort(buckets, kind="stable")
+        sorted_b = buckets[order]
+        starts = np.flatnonzero(np.r_[True, sorted_b[1:] != sorted_b[:-1]])
+        for s, e in zip(starts.tolist(), [*starts[1:].tolist(), len(order)], strict=True):
+            b, rows = int(sorted_b[s]), order[s:e]
+            listed_now = self._fill(v, b, ids, rows, out, found, relist=False)
+            if not found[rows].all() and self._may_relist(v, b, listed_now):
+                self._fill(v, b, ids, rows, out, found, relist=True)
         return out, found
 
     def contains(self, v: int, sample_ids: np.ndarray) -> bool:
         """Whether every id has a stored target for view ``v``."""
         return bool(self.lookup(v, sample_ids)[1].all())
 
-    def _find(self, v: int, sample_ids: np.ndarray, out: np.ndarray) -> np.ndarray:
-        where, chunks = self._where.get(v, {}), self._chunks.get(v, [])
-        found = np.zeros(len(sample_ids), bool)
-        for i, sid in enumerate(sample_ids.tolist()):
-            hit = where.get(sid)
-            if hit is not None:
-                out[i] = chunks[hit[0]][hit[1]]
-                found[i] = True
-        return found
+    def _fill(self, v: int, b: int, ids: np.ndarray, rows: np.ndarray, out: np.ndarray, found: np.ndarray, relist: bool) -> bool:
+        """Fill ``out`` for ``rows`` (ids of bucket ``b``) from the shards holding them; whether the bucket was listed now."""
+        entries, listed_now = self._listing(v, b, relist)
+        need = rows[~found[rows]]
+        if need.size == 0 or not entries:
+            return listed_now
+        nid = ids[need]
+        lo, hi = int(nid.min()), int(nid.max())
+        for first, last, _, name in entries:
+            if last < lo or first > hi or name in self._bad:
+                continue
+            got = self._shard(v, b, name)
+            if got is None:
+                continue
+            sids, tg = got
+            pos = np.minimum(np.searchsorted(sids, nid), len(sids) - 1)
+            hit = sids[pos] == nid
+            if hit.any():
+                out[need[hit]] = tg[pos[hit]]
+                found[need[hit]] = True
+                need, nid = need[~hit], nid[~hit]
+                if need.size == 0:
+                    break
+                lo, hi = int(nid.min()), int(nid.max())
+        return listed_now
 
+    def _may_relist(self, v: int, b: int, listed_now: bool) -> bool:
+        """Whether a miss in bucket ``b`` lists it again: on local disk always (one small folder), on an object store
+        at most every ``RELIST_S`` seconds (a shard another process wrote since is then recomputed, the same bytes)."""
+        if listed_now:
+            return False
+        if not self.dir.remote:
+            return True
+        with self._lock:
+            held = self._lists.get((v, b))
+        return held is None or time.monotonic() - held[0] >= RELIST_S
+
+    def _listing(self, v: int, b: int, relist: bool) -> tuple[list[ShardEntry], bool]:
+        """The shards of bucket ``b`` of view ``v`` (first id, last id, rows, name), from the listing kept or listed now;
+        a listing adds to what this process already knows (its own shards may still be uploading)."""
+        with self._lock:
+            held = self._lists.get((v, b))
+            if held is not None:
+                self._lists.move_to_end((v, b))
+                if not relist and held[0] > -math.inf:
+                    return held[1], False
+        try:
+            names = self._bucket_dir(v, b).listdir()
+        except Exception as e:  # noqa: BLE001  (an unreachable store: its rows are computed; the run goes on)
+            self.cannot_read(e)
+            names = []
+        listed = [e for n in names if (e := parse_shard_name(n)) is not None]
+        with self._lock:
+            before = self._lists.pop((v, b), (0.0, []))[1]
+            merged = sorted({*before, *listed})
+            self._lists[(v, b)] = (time.monotonic(), merged)
+            while len(self._lists) > LISTINGS:
+                self._lists.popitem(last=False)
+        return merged, True
+
+    def _shard(self, v: int, b: int, name: str) -> tuple[np.ndarray, np.ndarray] | None:
+        """A shard's (sorted ids, targets), from this process's memory or read in one request; None when it is gone
+        or unreadable (its rows are computed). A shard of another schema is refused (DataError naming the fix)."""
+        key = (self.dir.path, v, name)
+        got = SHARDS.get(key)
+        if got is not None and got[1].shape[1:] == (self.dim,):
+            return got
+        p = self._bucket_dir(v, b) / name
+        try:
+            data = p.read_bytes()
+        except FileNotFoundError:  # removed since it was listed (`simreg cache clear`): computed again
+            self._bad.add(name)
+            return None
+        except Exception as e:  # noqa: BLE001  (an unreachable store, a 503: computed this time, read again later)
+            self.cannot_read(e)
+            return None
+        fix = f"The cache directory is damaged or not simreg's: remove it with `simreg cache clear --key {self.dir.name}`"
+        try:  # the schema first, from the footer alone: a shard simreg did not write is never deserialised
+            t = read_checked(data, shard_schema(self.dim), "target cache shard", fix, name=str(p))
+            sids = t["sample_id"].to_numpy()
+            tg = np.asarray(t["target"].combine_chunks().flatten()).reshape(len(sids), -1)
+            entry = parse_shard_name(name)
+            if entry is None or len(sids) != entry[2] or (len(sids) and (sids[0] != entry[0] or sids[-1] != entry[1])) or (
+                    np.any(np.diff(sids) < 0)):
+                raise UnreadableParquet("its rows do not match its name (ids, count or order)")
+        except DataError as e:
+            if not isinstance(e, UnreadableParquet):
+                raise
+            log.warning("target cache: skipping unreadable shard %s (%s)", p, first_line(e, 300))
+            self._bad.add(name)
+            return None
+        except Exception as e:  # noqa: BLE001  (a footer that parses over damaged pages: recomputed too)
+            log.warning("target cache: skipping unreadable shard %s (%s)", p, first_line(e, 300))
+            self._bad.add(name)
+            return None
+        SHARDS.put(key, sids, tg)
+        return sids, tg
+
+    def cannot_read(self, e: BaseException) -> None:
+        """A read from the store failed: logged once; the rows it would have served are computed by the teacher."""
+        with self._lock:
+            if self.read_error is not None:
+                return
+            self.read_error = first_line(e, 200)
+        log.warning("target cache: cannot read from %s (%s); the targets it could not read are computed by the teacher "
+                    "(this warning is shown once per cache)", self.dir, self.read_error)
+
+    def _check_old_layout(self) -> None:
+        """Once: say when the folder of this key in the older layout (version 1) exists; it is never read."""
+        with self._lock:
+            if self._old_checked:
+                return
+            self._old_checked = True
+        if self.key.get("version") != CACHE_VERSION:
+            return
+        old = key_digest({**self.key, "version": 1})
+        try:
+            there = (self.root / old / META).is_file()
+        except Exception:  # noqa: BLE001  (a read error here costs only the notice)
+            return
+        if there:
+            log.warning("target cache: %s holds these targets in the layout of cache version 1, which this simreg does not "
+                        "read: they are computed again into %s. Remove the old folder with `simreg cache clear --key %s`",
+                        self.root / old, self.dir.name, old)
+
+    # ------------------------------------------------------------------ writes
     def store(self, v: int, sample_ids: np.ndarray, targets: np.ndarray) -> None:
-        """Write one shard atomically (and index it in memory). A write that fails (disk full, no permission)
-        is logged once and writing stops: the targets stay in memory, the run goes on."""
+        """Write the rows as one shard per bucket of ids, atomically (and keep them in this process's memory). A write
+        that fails (disk full, no permission) is logged once and writing stops: the run goes on computing targets."""
         if len(sample_ids) == 0:
             return
-        sample_ids = np.ascontiguousarray(sample_ids, dtype=np.int64)
-        targets = np.ascontiguousarray(targets, dtype=np.float16)
-        name = f"part-{hashlib.sha1(sample_ids.tobytes()).hexdigest()[:16]}.parquet"
-        self._read.setdefault(v, set()).add(name)
-        self._add(v, sample_ids, targets.copy())
+        ids = np.asarray(sample_ids, dtype=np.int64)
+        order = np.argsort(ids, kind="stable")
+        ids, tg = ids[order], np.asarray(targets, dtype=np.float16)[order]  # copies: the caller's arrays stay theirs
+        buckets = ids // BUCKET_ROWS
+        starts = np.flatnonzero(np.r_[True, buckets[1:] != buckets[:-1]])
+        for s, e in zip(starts.tolist(), [*starts[1:].tolist(), len(ids)], strict=True):
+            self._store_shard(v, int(buckets[s]), ids[s:e], tg[s:e])
+        self._maybe_record()
+
+    def _store_shard(self, v: int, b: int, ids: np.ndarray, tg: np.ndarray) -> None:
+        name = f"part-{int(ids[0]):012d}-{int(ids[-1]):012d}-{len(ids):07d}-{hashlib.sha1(ids.tobytes()).hexdigest()[:16]}.parquet"
+        entry = parse_shard_name(name)
+        assert entry is not None
+        SHARDS.put((self.dir.path, v, name), ids, tg)
+        with self._lock:
+            held = self._lists.get((v, b))
+            if held is not None:
+                if entry not in held[1]:
+                    held[1].append(entry)
+                    held[1].sort()
+            else:  # listed on the next lookup, and merged with this
+                self._lists[(v, b)] = (-math.inf, [entry])
+                while len(self._lists) > LISTINGS:
+                    self._lists.popitem(last=False)
         if self.write_error is not None:
             return
         table = pa.table({
-            "sample_id": pa.array(sample_ids),
-            "target": pa.FixedSizeListArray.from_arrays(pa.array(targets.ravel()), self.dim),
+            "sample_id": pa.array(ids),
+            "target": pa.FixedSizeListArray.from_arrays(pa.array(tg.ravel()), self.dim),
         }, schema=shard_schema(self.dim))
         buf = io.BytesIO()
         pq.write_table(table, buf)
-        dest = self._view_dir(v) / name
+        dest = self._bucket_dir(v, b) / name
         if self._uploads is None:
-            self._write(dest, buf.getvalue())
+            self._write(dest, buf.getvalue(), v, len(ids))
             return
         with self._pending_lock:  # a fleet actor stores from its forward thread and flushes from its loop
             self._pending = [f for f in self._pending if not f.done()]
@@ -220,22 +352,42 @@ class TargetCache:
         if oldest is not None:  # a store slower than the teacher: wait, do not pile up bytes
             oldest.result()
         with self._pending_lock:
-            self._pending.append(self._uploads.submit(self._write, dest, buf.getvalue()))
+            self._pending.append(self._uploads.submit(self._write, dest, buf.getvalue(), v, len(ids)))
 
-    def _write(self, dest: Store, data: bytes) -> None:
+    def _ensure_meta(self) -> None:
+        """The key folder and its meta.json, before the first shard (once per process)."""
+        with self._lock:
+            if self._meta_written:
+                return
+            self._meta_written = True
+        meta = self.dir / META
+        self.dir.mkdir()
+        if not meta.is_file():
+            body = {"key": self.key, "teacher": self.teacher_name, "dim": self.dim, "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
+                    "layout": {"version": CACHE_VERSION, "bucket_rows": BUCKET_ROWS}}
+            meta.write_text(json.dumps(body, indent=2))
+
+    def _write(self, dest: Store, data: bytes, v: int, rows: int) -> None:
         """One shard, whole or not at all (Store.write_bytes: a temporary name renamed locally, one object remotely)."""
         if self.write_error is not None:
             return
         try:
+            self._ensure_meta()
             dest.write_bytes(data)
         except Exception as e:  # noqa: BLE001  (the cache is optional; an object store's client raises more than OSError)
             if not (isinstance(e, OSError) or self.dir.remote):
                 raise
             self.cannot_write(e)
+            return
+        with self._lock:
+            for what, n in (("rows", rows), ("shards", 1), ("bytes", len(data))):
+                self._written[what][str(v)] = self._written[what].get(str(v), 0) + n
+            self._stats_dirty = True
 
     def cannot_write(self, e: BaseException) -> None:
-        """Stop writing (the first error is kept and logged once); targets stored go on being served from memory."""
-        with self._write_lock:
+        """Stop writing (the first error is kept and logged once); targets stored go on being served from memory
+        while this process's ``cache.memory_mib`` holds them."""
+        with self._lock:
             if self.write_error is not None:
                 return
             self.write_error = first_line(e, 200)
@@ -243,12 +395,60 @@ class TargetCache:
                     "space there or fix its permissions, point cache.dir elsewhere, or set cache.enabled=false",
                     self.dir, self.write_error)
 
+    def _maybe_record(self) -> None:
+        if self._stats_dirty and time.monotonic() - self._stats_at >= RECORD_EVERY_S:
+            if self._uploads is None:
+                self._record()
+            else:
+                with self._pending_lock:
+                    self._pending.append(self._uploads.submit(self._record))
+
+    def _record(self) -> None:
+        """This process's record of what it wrote under this key (``writers/``): what `simreg cache info` sums."""
+        with self._lock:
+            if not self._stats_dirty or self.write_error is not None:
+                return
+            self._stats_dirty = False
+            self._stats_at = time.monotonic()
+            body = {"host": socket.gethostname(), "pid": os.getpid(), "updated": time.strftime("%Y-%m-%dT%H:%M:%S"),
+                    **{k: dict(d) for k, d in self._written.items()}}
+        try:
+            (self.dir / WRITERS / self._writer_name).write_text(json.dumps(body))
+        except Exception as e:  # noqa: BLE001
+            if not (isinstance(e, OSError) or self.dir.remote):
+                raise
+            self.cannot_write(e)
+
     def flush(self) -> None:
-        """Wait until every shard stored so far is in the store (a no-op on local disk)."""
+        """Wait until every shard stored so far is in the store, then record what this process wrote."""
         with self._pending_lock:
             pending, self._pending = self._pending, []
         for f in pending:
             f.result()
+        self._record()
+
+    def close(self) -> None:
+        """Flush, then free this cache's shards from the process's memory (a fleet actor's evicted cache)."""
+        self.flush()
+        SHARDS.drop(self.dir.path)
+        if self._uploads is not None:
+            self._uploads.shutdown(wait=True)
+
+
+ShardEntry = tuple[int, int, int, str]  # (first id, last id, rows, name)
+SHARD_NAME = re.compile(r"part-(\d{12})-(\d{12})-(\d{7})-[0-9a-f]{16}\.parquet")
+
+
+def parse_shard_name(name: str) -> ShardEntry | None:
+    """(first id, last id, rows, name) of a shard simreg names, else None (any other file is never read)."""
+    m = SHARD_NAME.fullmatch(name)
+    if m is None:
+        return None
+    return int(m.group(1)), int(m.group(2)), int(m.group(3)), name
+
+
+def _safe(s: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_.-]", "_", s)[:64]
 
 
 def spec_dict(obj: Any) -> dict[str, Any]:

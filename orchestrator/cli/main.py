@@ -7,7 +7,7 @@
     simreg sweep --space smoke --output-dir runs/smoke --resume
     simreg compare runs/smoke                             # the trials, best first
     simreg cache warm --config my.yaml                    # teacher targets computed once, before a sweep
-    simreg cache info | simreg cache clear [--key PREFIX]
+    simreg cache info [--scan] | simreg cache clear [--key PREFIX]
     simreg data scan ~/images                              # corrupt, truncated, unreadable files; modes; empty classes
     simreg data pack ~/images ~/packs/images [--strict]    # Parquet shards + manifest.json, bad files left out
     simreg distill data.source=packed data.root=~/packs/images
@@ -106,6 +106,7 @@ def _parser() -> argparse.ArgumentParser:
     dir_help = "cache folder (default: $SIMREG_CACHE_DIR or ~/.cache/simreg/targets)"
     ci = cas.add_parser("info", parents=[common], help="list cached keys: teacher, views, rows, size")
     ci.add_argument("--dir", default=None, help=dir_help)
+    ci.add_argument("--scan", action="store_true", help="count rows by listing every bucket (a progress bar) instead of the writers' records")
     cw = cas.add_parser("warm", parents=[common], help="compute a config's teacher targets once, in this process (no Ray)")
     cw.add_argument("--dir", default=None, help=dir_help + "; overrides cache.dir")
     cw.add_argument("--config", type=Path, default=None, help="the run's YAML config (default: the offline demo)")
@@ -278,12 +279,13 @@ def _run(args: argparse.Namespace) -> int:
         return _eval(args)
     if args.command == "cache" and args.action != "warm":
         from simreg.orchestrator.cache.admin import cache_entries, clear_cache, entries_table
+        from simreg.orchestrator.console import interactive
         from simreg.orchestrator.cache.targets import default_cache_dir
         from simreg.orchestrator.storage import open_store
 
         root = open_store(args.dir or default_cache_dir())  # a local folder or an object-store URI
         if args.action == "info":
-            rows = cache_entries(root)
+            rows = cache_entries(root, scan=args.scan, progress=interactive())
             print(f"target cache {root}: {len(rows)} key(s), {sum(r['bytes'] for r in rows) / 2**20:.1f} MiB")
             if rows:
                 print(entries_table(rows))

@@ -27,7 +27,7 @@ import logging
 import os
 import time
 from collections import OrderedDict
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -41,7 +41,8 @@ from simreg.orchestrator.pipeline.teacher import TeacherInference, TeacherSpec
 
 log = logging.getLogger("simreg")
 
-OPEN_CACHES = 16  # target caches a fleet actor keeps in memory (one per cache key: a trial's data, views and seed)
+OPEN_CACHES = 16  # target caches a fleet actor keeps open (one per cache key: a trial's data, views and seed)
+IO_THREADS = 4  # a fleet actor's threads for target-cache reads
 
 
 @dataclass
@@ -74,7 +75,10 @@ class PooledTeacher(TeacherInference):
         # the forwards: one thread (torch's own threads inside it), with torch's thread count set in it
         self._forward_pool = ThreadPoolExecutor(1, "simreg-teacher", initializer=_torch_threads, initargs=(threads,))
         self._caches: OrderedDict[str, TargetCache] = OrderedDict()  # the most recently used last
-        self._closing: list[TargetCache] = []  # caches closed to bound memory, maybe still uploading
+        # store I/O (bucket listings, shard reads, closing an evicted cache) runs in these threads, never on the
+        # actor's event loop: a slow store delays the rows that wait for it, not every other request
+        self._io = ThreadPoolExecutor(IO_THREADS, "simreg-cache-io")
+        self._closing: list[Future[None]] = []  # evicted caches flushing their uploads, then freed
         self._inflight: dict[tuple[str, int, int], tuple[_Work, int]] = {}  # (views key, view index, sample id) -> (work, row)
         self._queue: list[_Work] = []
         self._wake: asyncio.Event | None = None
@@ -97,11 +101,13 @@ class PooledTeacher(TeacherInference):
         if cid in self._caches:
             self._caches.move_to_end(cid)
             return self._caches[cid]
-        spec = CacheSpec(requester.cache_root, requester.data_fingerprint, requester.views)
-        self._caches[cid] = cache = TargetCache(spec.root, spec.key(self.fingerprint()), self.spec.name, self.teacher.feature_dim)
-        while len(self._caches) > OPEN_CACHES:  # a long sweep's ended trials: their targets stay on disk, not in memory
+        spec = CacheSpec(requester.cache_root, requester.data_fingerprint, requester.views, requester.memory_mib)
+        self._caches[cid] = cache = TargetCache(spec.root, spec.key(self.fingerprint()), self.spec.name, self.teacher.feature_dim,
+                                                spec.memory_mib)  # opening does no I/O
+        while len(self._caches) > OPEN_CACHES:  # a long sweep's ended trials: their targets stay in storage, not in memory
             _, old = self._caches.popitem(last=False)
-            self._closing.append(old)  # uploads still running finish in their thread; flush_cache waits for them
+            self._closing = [f for f in self._closing if not f.done()]
+            self._closing.append(self._io.submit(old.close))  # its uploads finish, then its shards leave memory
         return cache
 
     async def infer(self, batch: dict[str, np.ndarray], requester: Requester | None = None) -> tuple[np.ndarray, dict[str, int], str | None]:
@@ -118,7 +124,7 @@ class PooledTeacher(TeacherInference):
         for v in np.unique(vidx).tolist():
             rows = np.flatnonzero(vidx == v)
             if cache is not None:
-                got, found = cache.lookup(int(v), ids[rows])
+                got, found = await asyncio.get_running_loop().run_in_executor(self._io, cache.lookup, int(v), ids[rows])
                 out[rows[found]] = got[found]
                 counts["cached"] += int(found.sum())
                 rows = rows[~found]
@@ -250,9 +256,11 @@ class PooledTeacher(TeacherInference):
 
     def flush_cache(self) -> None:
         """Wait for the cache shards still uploading (an object store); a no-op on local disk."""
-        for c in [*self._caches.values(), *self._closing]:
-            c.flush()
+        for f in self._closing:
+            f.result()
         self._closing = []
+        for c in self._caches.values():
+            c.flush()
 
 
 def _torch_threads(n: int) -> None:

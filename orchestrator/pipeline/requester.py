@@ -25,6 +25,7 @@ class Requester:
     cache_root: str | None = None
     data_fingerprint: str | None = None
     views: dict[str, Any] = field(default_factory=dict)
+    memory_mib: float = 256.0  # cache.memory_mib: decoded shards the actor keeps (not part of any identity)
 
     @property
     def views_key(self) -> str | None:

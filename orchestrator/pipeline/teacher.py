@@ -89,7 +89,7 @@ class TeacherInference:
         log.info("%s, pid %d", self.placement, os.getpid())
         self.cache = None
         if cache is not None:
-            self.cache = TargetCache(cache.root, cache.key(self.fingerprint()), spec.name, self.teacher.feature_dim)
+            self.cache = TargetCache(cache.root, cache.key(self.fingerprint()), spec.name, self.teacher.feature_dim, cache.memory_mib)
         self.forward_rows = 0  # rows that went through the teacher
         self.cached_rows = 0  # rows served from the cache
 

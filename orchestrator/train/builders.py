@@ -51,7 +51,7 @@ def cache_spec(cfg: SimRegConfig, train: ImageSet) -> CacheSpec | None:
     if not train.source_fingerprint:
         raise ConfigError("cache.enabled=true needs images loaded by simreg's data loaders (no source fingerprint)")
     root = open_store(cfg.cache.dir or default_cache_dir()).uri  # a local folder (made absolute) or an object-store URI
-    return CacheSpec(root, train.source_fingerprint, target_views(cfg))
+    return CacheSpec(root, train.source_fingerprint, target_views(cfg), cfg.cache.memory_mib)
 
 
 def target_views(cfg: SimRegConfig) -> dict[str, Any]:
@@ -63,7 +63,8 @@ def requester(cfg: SimRegConfig, train: ImageSet) -> Requester:
     """What the run's view stage tells a teacher actor with each block: its target cache and the identity of its
     views (runs of a sweep with equal data, teachers' view recipe and seed share forwards)."""
     spec = cache_spec(cfg, train)
-    return Requester(spec.root if spec is not None else None, train.source_fingerprint or None, target_views(cfg))
+    return Requester(spec.root if spec is not None else None, train.source_fingerprint or None, target_views(cfg),
+                     cfg.cache.memory_mib)
 
 
 def student_transform(cfg: SimRegConfig) -> InputTransform:

@@ -110,7 +110,7 @@ def cached_targets(
     bf16 = tp.precision == "bf16" or (tp.precision == "auto" and teacher_gpus > 0)  # as the teacher actors run (trainer.pool_resources)
     arrays: dict[str, np.ndarray] = {}
     for s in specs:
-        cache = TargetCache(spec.root, spec.key(teacher_fingerprint(s, bf16, tp.channels_last)), s.name, teacher_dims[s.name])
+        cache = TargetCache(spec.root, spec.key(teacher_fingerprint(s, bf16, tp.channels_last)), s.name, teacher_dims[s.name], spec.memory_mib)
         out = np.empty((len(views), len(train), teacher_dims[s.name]), np.float16)
         for j, v in enumerate(views):
             got, found = cache.lookup(v, train.sample_ids)

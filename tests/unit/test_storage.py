@@ -165,6 +165,7 @@ def test_two_drivers_racing_for_a_folder_get_one_lease(s3, monkeypatch):
 
 def test_target_cache_in_a_bucket(s3):
     from simreg.orchestrator.cache.admin import cache_entries, clear_cache
+    from simreg.orchestrator.cache.memory import SHARDS
     from simreg.orchestrator.cache.targets import TargetCache
 
     root = _prefix()
@@ -172,11 +173,13 @@ def test_target_cache_in_a_bucket(s3):
     ids = np.arange(10, 20)
     a.store(0, ids, np.arange(40, dtype=np.float16).reshape(10, 4))  # indexed at once, uploaded in the background
     a.flush()
+    SHARDS.clear()
     b = TargetCache(root, {"k": 1}, "t", 4)  # another process (another node) reading the bucket
     got, found = b.lookup(0, np.array([12, 13, 99]))
     assert found.tolist() == [True, True, False] and got[0].tolist() == [8, 9, 10, 11]
     keys = [k for k in s3_objects(s3, "simreg-test", root.removeprefix("s3://simreg-test/")) if k.endswith(".parquet")]
-    assert len(keys) == 1 and "/v00000/part-" in keys[0] and not any(".tmp-" in k for k in keys)
+    assert len(keys) == 1 and "/v00000/b0000000/part-000000000010-000000000019-0000010-" in keys[0]
+    assert not any(".tmp-" in k for k in keys)
     rows = cache_entries(root)
     assert len(rows) == 1 and rows[0]["rows"] == 10 and rows[0]["teacher"] == "t"
     assert clear_cache(root) == [rows[0]["key"]] and cache_entries(root) == []
@@ -189,7 +192,7 @@ def test_a_shard_being_uploaded_is_invisible_to_readers(s3):
 
     root = _prefix()
     reader = TargetCache(root, {"k": 2}, "t", 4)
-    shard = reader.dir / "v00000" / "part-0000000000000000.parquet"
+    shard = reader.dir / "v00000" / "b0000000" / "part-000000000000-000000000002-0000003-0000000000000000.parquet"
     buf = io.BytesIO()
     pq.write_table(pa.table({"sample_id": pa.array(np.arange(3, dtype=np.int64)),
                              "target": pa.FixedSizeListArray.from_arrays(pa.array(np.ones(12, np.float16)), 4)}), buf)
@@ -200,7 +203,7 @@ def test_a_shard_being_uploaded_is_invisible_to_readers(s3):
     assert reader.lookup(0, np.arange(3))[1].tolist() == [False, False, False] and not shard.exists()
     f.write(data[len(data) // 2 :])
     f.close()
-    reader._listed.clear()  # its next look lists again (the 30 s rate limit of object stores aside)
+    reader._lists.clear()  # its next look lists again (the 30 s rate limit of object stores aside)
     assert reader.lookup(0, np.arange(3))[1].all()
 
 

@@ -34,8 +34,19 @@ class UnreadableParquet(DataError):
     """The file is no readable Parquet file (truncated, empty, not Parquet): its footer cannot be parsed."""
 
 
-def _footer(src: Store) -> bytes:
-    with src.fs.open_input_file(src.path) as f:
+def _open(src: str | Store | bytes) -> Any:
+    if isinstance(src, bytes):
+        return pa.BufferReader(src)
+    src = open_store(src)
+    return src.fs.open_input_file(src.path)
+
+
+def _name(src: str | Store | bytes) -> str:
+    return "the bytes read" if isinstance(src, bytes) else str(open_store(src))
+
+
+def _footer(src: str | Store | bytes) -> bytes:
+    with _open(src) as f:
         size = f.size()
         if size < 12:
             raise UnreadableParquet(f"it is {size} bytes long, no Parquet file")
@@ -54,10 +65,11 @@ def _extension_names(t: pa.DataType, meta: Any) -> list[str]:
     return own + [n for i in range(t.num_fields) for n in _extension_names(t.field(i).type, t.field(i).metadata)]
 
 
-def footer_metadata(src: str | Store) -> Any:
+def footer_metadata(src: str | Store | bytes) -> Any:
     """A Parquet file's footer (``pq.FileMetaData``: row counts, key-value metadata, the Parquet schema),
     parsed from its raw bytes without building an Arrow schema. ``UnreadableParquet`` when it cannot be."""
-    src = open_store(src)
+    if not isinstance(src, bytes):
+        src = open_store(src)
     try:
         return _reconstruct_filemetadata(pa.py_buffer(_footer(src)))
     except UnreadableParquet:
@@ -66,7 +78,7 @@ def footer_metadata(src: str | Store) -> Any:
         raise UnreadableParquet(f"its footer cannot be parsed ({first_line(e)})") from e
 
 
-def declared_columns(src: str | Store) -> tuple[dict[str, pa.DataType], dict[str, list[str]], int]:
+def declared_columns(src: str | Store | bytes) -> tuple[dict[str, pa.DataType], dict[str, list[str]], int]:
     """({column: Arrow type}, {column: extension names declared in it}, extension declarations in all)
     of a Parquet file, read from its raw footer without building any Arrow extension type. Raises
     ``UnreadableParquet`` for a file whose footer or Arrow schema cannot be parsed."""
@@ -104,25 +116,32 @@ def schema_problems(types: dict[str, pa.DataType], exts: dict[str, list[str]], n
     return out
 
 
-def check_parquet(src: str | Store, expected: pa.Schema, what: str, fix: str) -> None:
-    """Refuse (DataError naming the file, what differs and ``fix``) a file whose schema is not ``expected``."""
-    src = open_store(src)
+def check_parquet(src: str | Store | bytes, expected: pa.Schema, what: str, fix: str, name: str | None = None) -> None:
+    """Refuse (DataError naming the file, what differs and ``fix``) a file whose schema is not ``expected``.
+    ``name``: the file's name in messages when ``src`` is its bytes."""
+    shown = name or _name(src)
     try:
         problems = schema_problems(*declared_columns(src), expected)
     except UnreadableParquet as e:
-        raise UnreadableParquet(f"{what} {str(src)!r} is unreadable: {e}. {fix}") from None
+        raise UnreadableParquet(f"{what} {shown!r} is unreadable: {e}. {fix}") from None
     if problems:
-        raise DataError(f"{what} {str(src)!r} is not what simreg writes, so nothing in it is read: {'; '.join(problems)}. {fix}")
+        raise DataError(f"{what} {shown!r} is not what simreg writes, so nothing in it is read: {'; '.join(problems)}. {fix}")
 
 
-def read_checked(src: str | Store, expected: pa.Schema, what: str, fix: str,
-                 columns: Sequence[str] | None = None, **kw: Any) -> pa.Table:
-    """``columns`` of a Parquet file whose schema ``check_parquet`` accepted; the table read is checked
-    again (a file replaced in between), before any of its values reach Python."""
-    src = open_store(src)
-    check_parquet(src, expected, what, fix)
-    t = pq.read_table(src.path, filesystem=src.fs, columns=list(columns) if columns is not None else None, **kw)
+def read_checked(src: str | Store | bytes, expected: pa.Schema, what: str, fix: str,
+                 columns: Sequence[str] | None = None, name: str | None = None, **kw: Any) -> pa.Table:
+    """``columns`` of a Parquet file (or its bytes) whose schema ``check_parquet`` accepted; the table read is
+    checked again (a file replaced in between), before any of its values reach Python."""
+    if not isinstance(src, bytes):
+        src = open_store(src)
+    shown = name or _name(src)
+    check_parquet(src, expected, what, fix, shown)
+    cols = list(columns) if columns is not None else None
+    if isinstance(src, bytes):
+        t = pq.read_table(pa.BufferReader(src), columns=cols, **kw)
+    else:
+        t = pq.read_table(src.path, filesystem=src.fs, columns=cols, **kw)
     bad = [f"{f.name}: {f.type}" for f in t.schema if f.name not in expected.names or not f.type.equals(expected.field(f.name).type)]
     if bad:
-        raise DataError(f"{what} {str(src)!r} changed while it was read ({', '.join(bad)}): nothing in it is used. {fix}")
+        raise DataError(f"{what} {shown!r} changed while it was read ({', '.join(bad)}): nothing in it is used. {fix}")
     return t

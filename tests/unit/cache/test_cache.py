@@ -12,6 +12,7 @@ from safetensors.torch import load_file, save_file
 
 from simreg.models import DataError
 from simreg.orchestrator.cache.admin import cache_entries
+from simreg.orchestrator.cache.memory import SHARDS
 from simreg.orchestrator.cache.targets import CacheSpec, TargetCache, key_digest, spec_dict
 from simreg.orchestrator.cli.main import main
 from simreg.orchestrator.data.views import ViewPlan, ViewSpec, add_views, preset_spec
@@ -94,10 +95,13 @@ def test_shards_are_atomic_and_damage_is_recomputed(teachers_dir: Path, fmnist_s
     inf = TeacherInference(_spec(w), threads=1, device="cpu", cache=_cache_spec(tmp_path, fmnist_small))
     inf(dict(_batch(fmnist_small, 0)))
     vdir = inf.cache.dir.local_path / "v00000"
-    shards = list(vdir.glob("part-*.parquet"))
-    assert len(shards) == 1 and not list(vdir.glob(".tmp-*"))
-    (vdir / ".tmp-deadbeef-part-0000.parquet").write_bytes(b"PAR1 half a file")  # a writer killed mid-write
-    shards[0].write_bytes(shards[0].read_bytes()[:100])  # a truncated shard (disk full, bad copy)
+    shards = sorted(vdir.rglob("part-*.parquet"))  # one per bucket of 4096 ids the 32 rows fall in
+    buckets = sorted({int(s) // 4096 for s in _batch(fmnist_small, 0)["sample_id"]})
+    assert [s.parent.name for s in shards] == [f"b{b:07d}" for b in buckets] and not list(vdir.rglob(".tmp-*"))
+    (shards[0].parent / ".tmp-deadbeef-part-0000.parquet").write_bytes(b"PAR1 half a file")  # a writer killed mid-write
+    for s in shards:
+        s.write_bytes(s.read_bytes()[:100])  # truncated shards (disk full, bad copy)
+    SHARDS.clear()  # as another process: nothing of it in memory
     fresh = TeacherInference(_spec(w), threads=1, device="cpu", cache=_cache_spec(tmp_path, fmnist_small))
     with caplog.at_level(logging.WARNING, logger="simreg"):
         fresh(dict(_batch(fmnist_small, 0)))

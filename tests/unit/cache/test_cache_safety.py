@@ -89,7 +89,7 @@ def test_a_full_disk_warns_once_and_targets_are_still_computed(teachers_dir: Pat
     assert len(warned) == 1 and f"cannot write to {inf.cache.dir}" in warned[0] and "No space left on device" in warned[0]
     assert "cache.enabled=false" in warned[0]
     monkeypatch.undo()
-    assert sorted(p.name for p in inf.cache.dir.local_path.rglob("*")) == ["meta.json", "v00000"]  # no shard, no half file
+    assert not [p for p in inf.cache.dir.local_path.rglob("*") if p.is_file()]  # no shard, no half file
     reader = TargetCache(tmp_path, inf.cache.key, "r10t", inf.teacher.feature_dim)
     assert not reader.lookup(0, batches[0]["sample_id"])[1].any()
 

@@ -103,11 +103,12 @@ def test_schema_read_builds_no_extension_type(tmp_path: Path):
 def test_pickled_cache_shard_refused_and_never_unpickled(tmp_path: Path):
     marker = tmp_path / "pwned"
     cache = TargetCache(tmp_path / "cache", {"k": 1}, "t", 4)
-    vdir = cache.dir.local_path / "v00000"
-    vdir.mkdir()
+    vdir = cache.dir.local_path / "v00000" / "b0000000"
+    vdir.mkdir(parents=True)
     target = pa.FixedSizeListArray.from_arrays(_pickled(marker, 8), 4)  # the pickles nested in the target lists
-    pq.write_table(pa.table({"sample_id": pa.array([0, 1], pa.int64()), "target": target}), vdir / "part-0123456789abcdef.parquet")
-    with pytest.raises(DataError, match=r"part-0123456789abcdef.parquet.*column 'target' is the Arrow extension type "
+    name = "part-000000000000-000000000001-0000002-0123456789abcdef.parquet"  # named as simreg names its shards
+    pq.write_table(pa.table({"sample_id": pa.array([0, 1], pa.int64()), "target": target}), vdir / name)
+    with pytest.raises(DataError, match=r"part-000000000000-000000000001-0000002-0123456789abcdef.parquet.*column 'target' is the Arrow extension type "
                                         r"ray.data.arrow_pickled_object \(expected fixed_size_list<item: halffloat>\[4\]\)"
                                         r".*simreg cache clear --key"):
         TargetCache(tmp_path / "cache", {"k": 1}, "t", 4).lookup(0, np.arange(2))

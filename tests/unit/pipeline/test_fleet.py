@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from simreg.orchestrator.cache.memory import SHARDS
 from simreg.orchestrator.cache.targets import spec_dict
 from simreg.orchestrator.data.views import ViewPlan, ViewSpec, add_views, preset_spec
 from simreg.orchestrator.pipeline.actors import PooledTeacher
@@ -136,6 +137,9 @@ def test_a_long_sweep_keeps_a_bounded_number_of_caches_open(spec, fmnist_small, 
         req = Requester(str(tmp_path), fmnist_small.source_fingerprint, {"seed": seed, "teacher_view": spec_dict(view)})
         _serve(teacher, (dict(batch), req))
     assert len(teacher._caches) == 2
+    teacher.flush_cache()  # the evicted caches closed: their shards left this process's memory
+    open_dirs = {c.dir.path for c in teacher._caches.values()}
+    assert {k[0] for k in SHARDS._held if k[0].startswith(str(tmp_path))} == open_dirs and len(open_dirs) == 2
     first = Requester(str(tmp_path), fmnist_small.source_fingerprint, {"seed": 0, "teacher_view": spec_dict(view)})
     (_, counts, _), = _serve(teacher, (dict(batch), first))  # closed, reopened: read back from its shards
     assert counts == {"forward": 0, "cached": 8, "shared": 0}
