@@ -1,4 +1,5 @@
-"""Frozen teachers: a timm architecture plus a local weights file, loaded strictly, eval mode, no grad.
+"""Frozen teachers: a timm architecture plus a local weights file, loaded strictly, eval mode, no grad; or, with
+``weights=random[:SEED]`` (models/random_init.py), the architecture randomly initialised under SEED.
 
 The regression target is the teacher's pooled *backbone* feature (not its SSL projection head).
 """
@@ -12,11 +13,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import timm
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
 from simreg.models.errors import TeacherLoadError, first_line
+from simreg.models.random_init import random_init_seed, random_weights_ref
 from simreg.models.students import build_backbone, feature_dim
 from simreg.models.teacher_layouts import LAYOUTS, adapt
 
@@ -105,12 +108,38 @@ class Teacher(nn.Module):
         return self.backbone(self.transform(view))
 
 
+def random_init_identity(seed: int) -> str:
+    """A random teacher's identity in a cache key, where a file teacher has its sha256: the seed and the timm and
+    torch versions (their init code, and so the weights a seed gives, can change between versions)."""
+    major, minor = torch.__version__.split("+")[0].split(".")[:2]
+    return f"{random_weights_ref(seed)}:timm-{timm.__version__}:torch-{major}.{minor}"
+
+
+def random_teacher(
+    name: str, arch: str, seed: int, transform: InputTransform, *, key: str = "teachers[0]", model_kwargs: Mapping[str, Any] | None = None,
+) -> Teacher:
+    """``arch`` as timm initialises it under ``seed`` (CPU generator): the same weights in every process with the same
+    timm and torch. The caller's random state is left as it was (only the CPU generator is seeded, and restored)."""
+    with torch.random.fork_rng(devices=[]):
+        torch.default_generator.manual_seed(seed)
+        backbone = build_backbone(arch, key=f"{key}.arch", model_kwargs=model_kwargs)
+    return Teacher(name, arch, backbone, transform)
+
+
 def load_teacher(
     name: str, arch: str, weights: str | Path, transform: InputTransform, *, key: str = "teachers[0]",
     layout: str = "auto", model_kwargs: Mapping[str, Any] | None = None,
 ) -> Teacher:
     """Build ``arch`` with timm and load ``weights`` strictly in the given (or detected) checkpoint layout;
-    on mismatch, list missing and unexpected keys and the layouts tried."""
+    on mismatch, list missing and unexpected keys and the layouts tried. ``weights`` as the string ``random`` or
+    ``random:SEED``: no file, the architecture randomly initialised (``random_teacher``; ``layout`` not read)."""
+    if isinstance(weights, str):  # a Path is always a file, even one named "random"
+        try:
+            seed = random_init_seed(weights)
+        except ValueError as e:
+            raise TeacherLoadError(f"{key}.weights: {e}") from None
+        if seed is not None:
+            return random_teacher(name, arch, seed, transform, key=key, model_kwargs=model_kwargs)
     backbone = build_backbone(arch, key=f"{key}.arch", model_kwargs=model_kwargs)
     if layout != "auto" and layout not in LAYOUTS:
         raise TeacherLoadError(f"{key}.format={layout!r} is unknown: use auto or one of {sorted(LAYOUTS)}")

@@ -16,6 +16,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from simreg.models.errors import ConfigError
 from simreg.models.loss import LOSSES
+from simreg.models.random_init import names_random, random_init_seed, random_weights_ref
 from simreg.orchestrator.data.sources import SOURCES, source_names
 
 BUILTIN_PREFIX = "builtin:"
@@ -114,7 +115,9 @@ class AugmentConfig(_Strict):
 class TeacherConfig(_Strict):
     name: str = Field(pattern=r"^[A-Za-z][A-Za-z0-9_]*$", description="identifier used in metric names")
     arch: str = Field(description="timm architecture of the backbone")
-    weights: str = Field(description="safetensors / torch state dict path, or builtin:<name>")
+    weights: str = Field(
+        description="safetensors / torch state dict path, builtin:<name>, or random / random:SEED (the arch randomly initialised: no file)"
+    )
     input_size: int = Field(64, ge=8)
     mean: tuple[float, float, float] = FMNIST_MEAN
     std: tuple[float, float, float] = FMNIST_STD
@@ -124,10 +127,26 @@ class TeacherConfig(_Strict):
     )
     model_kwargs: dict[str, Any] = Field(default_factory=dict, description="extra timm.create_model arguments, e.g. {img_size: 64}")
 
+    @field_validator("weights")
+    @classmethod
+    def _random_seed(cls, v: str) -> str:
+        random_init_seed(v)  # ValueError for random:<not a seed>
+        return v
+
     def weights_path(self) -> Path:
+        """The weights file (not for a random teacher: see ``weights_ref``)."""
         if self.weights.startswith(BUILTIN_PREFIX):
             return WEIGHTS_DIR / f"{self.weights[len(BUILTIN_PREFIX):]}.safetensors"
         return Path(self.weights).expanduser()
+
+    def weights_ref(self) -> str:
+        """What a teacher is loaded from: ``random:SEED`` for a random teacher, else the weights file's path (made
+        absolute where the path alone would read as random, e.g. ``./random``)."""
+        seed = random_init_seed(self.weights)
+        if seed is not None:
+            return random_weights_ref(seed)
+        path = self.weights_path()
+        return str(path.absolute()) if names_random(path) else str(path)
 
 
 class StudentConfig(_Strict):

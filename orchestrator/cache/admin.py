@@ -12,7 +12,15 @@ from pathlib import Path
 from typing import Any
 
 from simreg.models.errors import DataError
-from simreg.orchestrator.cache.targets import CACHE_VERSION, KEY_NAME, META, WRITERS, default_cache_dir, key_digest, parse_shard_name
+from simreg.orchestrator.cache.targets import (
+    CACHE_VERSION,
+    KEY_NAME,
+    META,
+    WRITERS,
+    default_cache_dir,
+    key_digest,
+    parse_shard_name,
+)
 from simreg.orchestrator.data.pack.schema_guard import UnreadableParquet, footer_metadata
 from simreg.orchestrator.storage import Store, open_store
 

@@ -31,8 +31,8 @@ import hashlib
 import io
 import json
 import logging
-import os
 import math
+import os
 import re
 import secrets
 import socket
@@ -138,7 +138,7 @@ class TargetCache:
         self._bad: set[str] = set()  # shards found unreadable (recomputed, never read again by this process)
         self._meta_written = False
         self._old_checked = False
-        self._written = {"rows": {}, "shards": {}, "bytes": {}}  # per view index (str), what this process wrote
+        self._written: dict[str, dict[str, int]] = {"rows": {}, "shards": {}, "bytes": {}}  # per view index (str), what this process wrote
         self._stats_dirty = False
         self._stats_at = time.monotonic()
         self._writer_name = f"{_safe(socket.gethostname())}-{os.getpid()}-{secrets.token_hex(4)}.json"
@@ -230,7 +230,7 @@ class TargetCache:
         except Exception as e:  # noqa: BLE001  (an unreachable store: its rows are computed; the run goes on)
             self.cannot_read(e)
             names = []
-        listed = [e for n in names if (e := parse_shard_name(n)) is not None]
+        listed = [entry for n in names if (entry := parse_shard_name(n)) is not None]
         with self._lock:
             before = self._lists.pop((v, b), (0.0, []))[1]
             merged = sorted({*before, *listed})

@@ -83,7 +83,8 @@ def _parser() -> argparse.ArgumentParser:
     cp.add_argument("target", help="a sweep's output folder, or a parent MLflow run id (with --tracking-uri)")
     cp.add_argument("--tracking-uri", default=None)
     ev = sub.add_parser("eval", parents=[common], help="k-NN (and linear probe) of a backbone weights file; no Ray")
-    ev.add_argument("--weights", required=True, help="safetensors or torch state dict of a timm backbone (a path or an object-store URI)")
+    ev.add_argument("--weights", required=True, help="safetensors or torch state dict of a timm backbone (a path or an object-store URI), "
+                    "or random[:SEED]: the arch randomly initialised")
     ev.add_argument("--arch", required=True, help="timm architecture of the weights")
     ev.add_argument("--format", default="auto", choices=["auto", "plain", "moco", "mocov3", "swav", "dino"],
                     help="checkpoint layout (auto: detected)")
@@ -279,8 +280,8 @@ def _run(args: argparse.Namespace) -> int:
         return _eval(args)
     if args.command == "cache" and args.action != "warm":
         from simreg.orchestrator.cache.admin import cache_entries, clear_cache, entries_table
-        from simreg.orchestrator.console import interactive
         from simreg.orchestrator.cache.targets import default_cache_dir
+        from simreg.orchestrator.console import interactive
         from simreg.orchestrator.storage import open_store
 
         root = open_store(args.dir or default_cache_dir())  # a local folder or an object-store URI

@@ -1,10 +1,10 @@
 """The seam for labelled image sources: a ``DataSource`` per ``data.source`` name, in one registry.
 
-Built in: ``fashion-mnist`` (data/fashion_mnist.py), ``image-folder`` (data/image_folder.py) and
-``packed`` (data/packed.py). A new source is one class in a module of this package, registered with
-``@register_source("name")`` and imported in ``data/__init__.py``; ``data.source=name`` then selects it
-in configs, sweeps and ``simreg eval --data``. Everything downstream (the target cache, the Ray Data
-pipeline, evaluation) sees only the ``ImageSet`` it returns.
+Built in: ``fashion-mnist`` (data/fashion_mnist.py), ``image-folder`` (data/image_folder.py), ``packed``
+(data/packed.py) and ``synthetic`` (data/synthetic.py). A new source is one class in a module of this
+package, registered with ``@register_source("name")`` and imported in ``data/__init__.py``;
+``data.source=name`` then selects it in configs, sweeps and ``simreg eval --data``. Everything downstream
+(the target cache, the Ray Data pipeline, evaluation) sees only the ``ImageSet`` it returns.
 """
 from __future__ import annotations
 

@@ -34,7 +34,7 @@ def extract_features(
     """encode(view (B, C, s, s) in [0, 1]) -> (B, d) for every image, batched: returns (N, d) float32 on CPU."""
     feats = []
     for i in range(0, len(images), batch_size):
-        view = torch.from_numpy(eval_views(images[i : i + batch_size], view_size)).to(device)
+        view = torch.from_numpy(eval_views(np.asarray(images[i : i + batch_size]), view_size)).to(device)  # lazy rows: rendered here
         feats.append(encode(view).float().cpu())
     return torch.cat(feats)
 

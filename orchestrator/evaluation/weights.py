@@ -2,17 +2,20 @@
 
     simreg eval --weights runs/demo/student/student.safetensors --arch resnet10t --input-size 32
     simreg eval --weights models/weights/fmnist_simclr_resnet10t.safetensors --arch resnet10t --linear --output t.json
+    simreg eval --weights random:0 --arch resnet10t          # the architecture randomly initialised (seed 0), no file
 """
 from __future__ import annotations
 
 import json
 import time
+from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from simreg.models.errors import ModelError, first_line
+from simreg.models.random_init import names_random
 from simreg.models.teachers import InputTransform, load_teacher
 from simreg.orchestrator.config import FMNIST_MEAN, FMNIST_STD, DataConfig
 from simreg.orchestrator.data.sources import load_splits, resolve_source
@@ -35,7 +38,8 @@ def evaluate_weights(
         mean = mean * 3
     if len(std) == 1:
         std = std * 3
-    with local_copy(weights) as path:  # a local file, or a download of an object-store URI
+    is_random = isinstance(weights, str) and names_random(weights)  # random[:SEED]: the arch as initialised, no file
+    with nullcontext(weights) if is_random else local_copy(weights) as path:  # a local file, or a download of an object-store URI
         model = load_teacher("eval", arch, path, InputTransform(input_size, tuple(mean), tuple(std)), key="--weights/--arch",
                              layout=layout, model_kwargs=model_kwargs)
     source, root = resolve_source(data)

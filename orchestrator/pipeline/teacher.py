@@ -16,7 +16,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from simreg.models.teachers import InputTransform, Teacher, load_teacher
+from simreg.models.random_init import random_init_seed
+from simreg.models.teachers import InputTransform, Teacher, load_teacher, random_init_identity
 from simreg.orchestrator.cache.targets import CacheSpec, TargetCache, weights_sha256
 
 log = logging.getLogger("simreg")
@@ -48,9 +49,12 @@ class TeacherSpec:
 
 
 def teacher_fingerprint(spec: TeacherSpec, bf16: bool, channels_last: bool) -> dict[str, Any]:
-    """The teacher part of a cache key (``TeacherInference.fingerprint``), without loading the teacher."""
+    """The teacher part of a cache key (``TeacherInference.fingerprint``), without loading the teacher. A random
+    teacher (``random:SEED``) has its seed and the timm and torch versions where a file has its sha256."""
+    seed = random_init_seed(spec.weights)
+    weights = {"weights_init": random_init_identity(seed)} if seed is not None else {"weights_sha256": weights_sha256(spec.weights)}
     return {
-        "arch": spec.arch, "weights_sha256": weights_sha256(spec.weights), "format": spec.format, "model_kwargs": spec.model_kwargs,
+        "arch": spec.arch, **weights, "format": spec.format, "model_kwargs": spec.model_kwargs,
         "input": {"size": spec.input_size, "mean": list(spec.mean), "std": list(spec.std)},
         "precision": "bf16" if bf16 else "fp32",
         "memory_format": "channels_last" if channels_last else "contiguous",  # other kernels, other low bits

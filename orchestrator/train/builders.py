@@ -20,7 +20,7 @@ from simreg.orchestrator.storage import open_store
 def teacher_specs(cfg: SimRegConfig) -> list[TeacherSpec]:
     return [
         TeacherSpec(
-            t.name, t.arch, str(t.weights_path()), t.input_size, t.mean, t.std, key=f"teachers.{i}", format=t.format,
+            t.name, t.arch, t.weights_ref(), t.input_size, t.mean, t.std, key=f"teachers.{i}", format=t.format,
             model_kwargs=dict(t.model_kwargs),
         )
         for i, t in enumerate(cfg.teachers)

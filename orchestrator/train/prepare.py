@@ -39,7 +39,7 @@ class Prepared:
 def prepare(cfg: SimRegConfig, quiet: bool = False) -> Prepared:
     """Phases 1-2: load data and every teacher once, so a bad path or name fails before Ray starts."""
     train_full, held_out = load_splits(cfg.data, cfg.seed)
-    # A streamed pack: only the evaluation images are decoded here; the train images stay in their shards
+    # A streamed source (a pack, synthetic images): only the evaluation images are decoded or generated here
     train = train_full.subset(cfg.data.train_size, cfg.seed)
     final = EvalSets(
         train_full.subset(cfg.data.knn_bank_size, cfg.seed + 1).materialized(),
@@ -54,7 +54,7 @@ def prepare(cfg: SimRegConfig, quiet: bool = False) -> Prepared:
     if not quiet:
         log.info(
             "data: %s, %d images distilled on%s; k-NN bank %d, queries %d (%s)",
-            train.name, len(train), " (streamed from the pack's shards)" if train.streamed else "",
+            train.name, len(train), " (streamed: the view stage reads or generates each piece)" if train.streamed else "",
             len(final.bank), len(final.query), held_out.name,
         )
     specs = teacher_specs(cfg)

@@ -34,7 +34,7 @@ def noise_source():
 
 
 def test_unknown_source_is_refused_with_the_registered_names():
-    with pytest.raises(ConfigError, match=r"data\.source: unknown data source; use one of \['fashion-mnist', 'image-folder', 'packed'\]"):
+    with pytest.raises(ConfigError, match=r"data\.source: unknown data source; use one of \['fashion-mnist', 'image-folder', 'packed', 'synthetic'\]"):
         load_config(None, ["data.source=imagenet"])
 
 
