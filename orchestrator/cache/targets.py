@@ -50,7 +50,6 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from simreg.models.errors import DataError, first_line
-from simreg.models.teachers import file_sha256
 from simreg.orchestrator.cache.memory import DEFAULT_MEMORY_MIB, SHARDS
 from simreg.orchestrator.data.pack.schema_guard import UnreadableParquet, read_checked
 from simreg.orchestrator.storage import Store, open_store
@@ -82,6 +81,8 @@ _SHA_MEMO: dict[tuple[str, int, int], str] = {}
 
 def weights_sha256(path: str | Path) -> str:
     """``file_sha256`` of a weights file, remembered per (path, size, mtime) within a process."""
+    from simreg.models.teachers import file_sha256  # timm and torch: not for `simreg cache info|clear`
+
     p = Path(path)
     st = p.stat()
     memo = (str(p.resolve()), st.st_size, st.st_mtime_ns)

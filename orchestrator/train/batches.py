@@ -15,34 +15,48 @@ from simreg.models.errors import DataError
 
 
 class SeenIds:
-    """The sample ids one rank trained on in an epoch, copied into one int64 buffer sized up front for the
-    rank's share of the epoch (doubled should more arrive).
+    """The sample ids one rank trained on in an epoch: one bit per id of the split (a bitmap grown to the largest
+    id seen) and how many ids this rank saw again. 1M ids take 125 KB whatever the rank trains on, where a
+    buffer of the ids took 8 bytes per image, and gathering them from every rank 8 bytes per image per rank.
 
-    Not a list of each batch's ``sample_id`` tensor: every such tensor (a 64-row array, its TensorImpl and
-    StorageImpl) would stay allocated until the epoch ends, one small block per step placed by glibc malloc
-    among the step's large transient buffers (batch copies, activations, gradients). The freed large chunks
-    can then neither merge with their neighbours nor fit the next step's buffers, and a worker's heap grows
-    by ~100 KB per image trained on and never shrinks (measured: 4.4-5.1 GiB per worker after 60k images
-    against 1.1 GiB with this buffer; benchmarks/RESULTS.md, "Memory against the data size")."""
+    Nothing of a batch is kept: every batch's ``sample_id`` tensor held until the epoch ends (a 64-row array, its
+    TensorImpl and StorageImpl) would be one small block per step placed by glibc malloc among the step's large
+    transient buffers; the freed large chunks can then neither merge nor fit the next step's buffers, and a
+    worker's heap grew by ~100 KB per image trained on (measured: 4.4-5.1 GiB per worker after 60k images against
+    1.1 GiB with one buffer; benchmarks/RESULTS.md, "Memory against the data size")."""
 
-    def __init__(self, capacity: int) -> None:
-        self._ids = np.empty(max(capacity, 1), dtype=np.int64)
+    def __init__(self, capacity: int = 0) -> None:
+        self.bits = np.zeros(max(capacity, 8) // 8 + 1, dtype=np.uint8)
         self._n = 0
+        self.repeats = 0  # ids this rank saw more than once
 
     def add(self, ids: torch.Tensor) -> None:
-        k = ids.numel()
-        if self._n + k > len(self._ids):
-            grown = np.empty(max(2 * len(self._ids), self._n + k), dtype=np.int64)
-            grown[: self._n] = self._ids[: self._n]
-            self._ids = grown
-        self._ids[self._n : self._n + k] = ids.cpu().numpy()
-        self._n += k
+        a = ids.cpu().numpy().astype(np.int64, copy=False)
+        if a.size == 0:
+            return
+        top = int(a.max())
+        if top >= 8 * len(self.bits):
+            grown = np.zeros(max(2 * len(self.bits), top // 8 + 1), dtype=np.uint8)
+            grown[: len(self.bits)] = self.bits
+            self.bits = grown
+        distinct = np.unique(a)
+        byte, mask = distinct >> 3, np.left_shift(1, distinct & 7).astype(np.uint8)
+        new = int(np.count_nonzero((self.bits[byte] & mask) == 0))
+        self.repeats += a.size - new
+        np.bitwise_or.at(self.bits, byte, mask)
+        self._n += a.size
 
     def __len__(self) -> int:
         return self._n
 
-    def tensor(self) -> torch.Tensor:
-        return torch.from_numpy(self._ids[: self._n].copy())
+    def ids(self) -> np.ndarray:
+        """The distinct ids seen, sorted."""
+        return np.flatnonzero(np.unpackbits(self.bits, bitorder="little"))
+
+
+def popcount(bits: np.ndarray) -> int:
+    """Set bits of a uint8 array."""
+    return int(np.unpackbits(bits).sum(dtype=np.int64))
 
 
 def _checked(

@@ -12,6 +12,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import ray.train
 import ray.train.torch
 import torch
@@ -22,7 +23,7 @@ from simreg.models.errors import SimRegError
 from simreg.orchestrator.config import validate_config
 from simreg.orchestrator.evaluation.knn import knn_report
 from simreg.orchestrator.ray_compat import quiet_train_report_log
-from simreg.orchestrator.train.batches import SeenIds, _batches, _checked
+from simreg.orchestrator.train.batches import SeenIds, _batches, _checked, popcount
 from simreg.orchestrator.train.builders import (
     DDP_OPTIONS,
     build_objective,
@@ -39,20 +40,23 @@ from simreg.orchestrator.train.epoch import NonFiniteLoss, train_epoch
 PROGRESS_EVERY = 4  # steps between progress pings from rank 0
 
 
-def _global_id_counts(ids: torch.Tensor, world: int, device: torch.device) -> tuple[int, int]:
-    """(distinct ids, surplus occurrences) over every rank's ids of this epoch (all_gather, padded).
-    Collectives run on ``device``: nccl takes CUDA tensors only."""
-    n = torch.tensor([ids.numel()], dtype=torch.int64, device=device)
-    sizes = [torch.zeros(1, dtype=torch.int64, device=device) for _ in range(world)]
-    dist.all_gather(sizes, n)
-    longest = int(max(int(x) for x in sizes))
-    padded = torch.full((longest,), -1, dtype=torch.int64, device=device)
-    padded[: ids.numel()] = ids.to(device)
-    parts = [torch.empty(longest, dtype=torch.int64, device=device) for _ in range(world)]
+def _global_id_counts(seen: SeenIds, world: int, device: torch.device) -> tuple[int, int]:
+    """(distinct ids, surplus occurrences) over every rank's ids of this epoch: the ranks' bitmaps gathered (padded
+    to the longest) and OR-ed, one bit per id of the split. Collectives run on ``device``: nccl takes CUDA tensors only."""
+    counts = torch.tensor([len(seen), len(seen.bits)], dtype=torch.int64, device=device)
+    sizes = [torch.zeros(2, dtype=torch.int64, device=device) for _ in range(world)]
+    dist.all_gather(sizes, counts)
+    total = sum(int(s[0]) for s in sizes)
+    longest = max(int(s[1]) for s in sizes)
+    padded = torch.zeros(longest, dtype=torch.uint8, device=device)
+    padded[: len(seen.bits)] = torch.from_numpy(seen.bits).to(device)
+    parts = [torch.empty(longest, dtype=torch.uint8, device=device) for _ in range(world)]
     dist.all_gather(parts, padded)
-    everything = torch.cat([p[: int(k)].cpu() for p, k in zip(parts, sizes, strict=True)])
-    distinct = int(everything.unique().numel())
-    return distinct, int(everything.numel()) - distinct
+    union = np.zeros(longest, dtype=np.uint8)
+    for p in parts:
+        np.bitwise_or(union, p.cpu().numpy(), out=union)
+    distinct = popcount(union)
+    return distinct, total - distinct
 
 
 def _any_rank(flag: bool, device: torch.device) -> bool:
@@ -205,8 +209,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         wall_t = torch.tensor([wall, waits[0] if waits else 0.0, sum(waits)], dtype=torch.float64, device=device)
         dist.all_reduce(wall_t, op=dist.ReduceOp.MAX)
         wall_t = wall_t.cpu()
-        ids = seen.tensor()
-        unique_ids, duplicate_ids = _global_id_counts(ids, world, device)
+        unique_ids, duplicate_ids = _global_id_counts(seen, world, device)
         images = vec[0].item()
         metrics: dict[str, float] = {f"train/{k}": vec[3 + i].item() / max(images, 1) for i, k in enumerate(keys)}
         metrics.update({

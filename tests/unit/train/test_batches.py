@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from simreg.orchestrator.train.batches import SeenIds, _batches, _checked
+from simreg.orchestrator.train.batches import SeenIds, _batches, _checked, popcount
 
 
 class Split:
@@ -68,5 +68,43 @@ def test_recording_the_ids_keeps_no_batch_alive():
     del b
     gc.collect()
     assert not [r for refs in alive for r in refs if r() is not None]
-    assert seen.tensor().tolist() == list(range(6 * 128 + 20))
+    assert seen.ids().tolist() == list(range(6 * 128 + 20)) and len(seen) == 6 * 128 + 20 and seen.repeats == 0
     assert len(waits) == len(alive) + 1
+
+
+def test_seen_ids_count_repeats_and_stay_one_bit_per_id():
+    seen = SeenIds(10)
+    seen.add(torch.tensor([5, 3, 5]))  # a repeat within a batch
+    seen.add(torch.tensor([3, 999_999]))  # a repeat across batches; the bitmap grows to the largest id
+    assert seen.ids().tolist() == [3, 5, 999_999] and len(seen) == 5 and seen.repeats == 2
+    assert seen.bits.nbytes <= 2 * 1_000_000 // 8 + 1  # ~125 KB for a million ids, whatever was trained on
+    assert popcount(seen.bits) == 3
+
+
+def test_global_id_counts_over_two_ranks():
+    """Two gloo ranks with overlapping ids: the union's size and the surplus occurrences."""
+    import os
+
+    import torch.multiprocessing as mp
+
+    from tests.services import free_port
+
+    os.environ["SIMREG_TEST_PORT"] = str(free_port())
+    mp.start_processes(_two_ranks, nprocs=2, start_method="fork", join=True)
+
+
+def _two_ranks(rank: int) -> None:
+    import os
+
+    import torch.distributed as dist
+
+    from simreg.orchestrator.train.worker import _global_id_counts
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=os.environ["SIMREG_TEST_PORT"])
+    dist.init_process_group("gloo", rank=rank, world_size=2)
+    try:
+        seen = SeenIds(4)
+        seen.add(torch.tensor([0, 1, 2] if rank == 0 else [2, 3, 40_000, 40_000]))
+        assert _global_id_counts(seen, 2, torch.device("cpu")) == (5, 2)  # {0,1,2,3,40000}; 2 and 40000 twice
+    finally:
+        dist.destroy_process_group()
