@@ -90,14 +90,13 @@ def inprocess(n: int, images: int | None, extra: list[str], cache_dir: Path) -> 
     (the first computes and stores every target, the second reads them); no Ray."""
     import torch
 
-    from simreg.orchestrator.train.builders import cache_spec
-
     from simreg.orchestrator.config import load_config
     from simreg.orchestrator.data.views import add_views
     from simreg.orchestrator.pipeline.teacher import TeacherInference
     from simreg.orchestrator.train.builders import (
         build_objective,
         build_optimizer,
+        cache_spec,
         student_layout,
         teacher_options,
         view_plan,

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import os
+import secrets
 import shutil
 import signal
 import subprocess
@@ -44,7 +45,13 @@ class Cluster:
 
     def __init__(self, root: Path) -> None:
         self.root = root
-        self.env = {**os.environ, "RAY_AUTH_MODE": "token", "HF_HUB_OFFLINE": "1",
+        # the cluster's own token (as `ray get-auth-token --generate` makes one): never the user's ~/.ray/auth_token,
+        # which a fresh machine does not have
+        token = root / "auth_token"
+        root.mkdir(parents=True, exist_ok=True)
+        token.write_text(secrets.token_hex(32))
+        token.chmod(0o600)
+        self.env = {**os.environ, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": str(token), "HF_HUB_OFFLINE": "1",
                     # keep idle workers (as a cluster simreg starts itself does): see ray_compat.LOCAL_SYSTEM_CONFIG
                     "RAY_idle_worker_killing_time_threshold_ms": "600000",
                     # `ray job stop`: SIGTERM, then SIGKILL after this long (Ray's default 3 s cuts the run's clean-up short)
