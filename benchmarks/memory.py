@@ -64,18 +64,21 @@ def _role(pid: int, driver: int) -> str:
     return "ray's own"
 
 
-def _mem(pid: int) -> tuple[int, int]:
-    """(RSS, PSS) in bytes."""
-    rss = pss = 0
+def _mem(pid: int) -> tuple[int, int, int]:
+    """(RSS, PSS, anonymous) in bytes. Anonymous memory is the process's own (heap, arrays); RSS also counts every
+    page of a shared mapping it has touched, such as Ray's object store in /dev/shm."""
+    rss = pss = anon = 0
     try:
         for line in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines():
             if line.startswith("Rss:"):
                 rss = int(line.split()[1]) * 1024
             elif line.startswith("Pss:"):
                 pss = int(line.split()[1]) * 1024
+            elif line.startswith("Anonymous:"):
+                anon = int(line.split()[1]) * 1024
     except OSError:
         pass
-    return rss, pss
+    return rss, pss, anon
 
 
 def _ray_processes() -> list[int]:
@@ -109,24 +112,28 @@ def run_sampled(
     log_file = open(log_path, "w")  # noqa: SIM115  (a file, not a pipe: a full pipe would stall the run)
     p = subprocess.Popen(cmd, stdout=log_file, stderr=subprocess.STDOUT, env=env, text=True)
     peak_rss = {r: 0 for r in ROLES}
+    peak_anon = {r: 0 for r in ROLES}
     peak_pss_sum = {r: 0 for r in ROLES}
     most = {r: 0 for r in ROLES}  # processes of each role alive at once
     host_peak = 0
     samples = 0
     while p.poll() is None:
         rss_by: dict[str, int] = {r: 0 for r in ROLES}
+        anon_by: dict[str, int] = {r: 0 for r in ROLES}
         pss_by: dict[str, int] = {r: 0 for r in ROLES}
         count_by: dict[str, int] = {r: 0 for r in ROLES}
         for pid in set(_tree(p.pid)) | (set(_ray_processes()) if whole_cluster else set()):
             role = _role(pid, p.pid)
             if not role:
                 continue
-            rss, pss = _mem(pid)
+            rss, pss, anon = _mem(pid)
             rss_by[role] = max(rss_by[role], rss)
+            anon_by[role] = max(anon_by[role], anon)
             pss_by[role] += pss
             count_by[role] += 1
         for r in ROLES:
             peak_rss[r] = max(peak_rss[r], rss_by[r])
+            peak_anon[r] = max(peak_anon[r], anon_by[r])
             peak_pss_sum[r] = max(peak_pss_sum[r], pss_by[r])
             most[r] = max(most[r], count_by[r])
         host_peak = max(host_peak, sum(pss_by.values()))
@@ -146,6 +153,7 @@ def run_sampled(
     return {"wall_s": time.perf_counter() - t0, "launched_at": launched_at, "summary": summary, "samples": samples, **extra,
             "most_processes": most,
             "peak_rss_gib": {r: v / GIB for r, v in peak_rss.items()},
+            "peak_anon_gib": {r: v / GIB for r, v in peak_anon.items()},
             "peak_pss_sum_gib": {r: v / GIB for r, v in peak_pss_sum.items()}, "host_peak_gib": host_peak / GIB}
 
 

@@ -328,9 +328,8 @@ class TargetCache:
         with self._lock:
             held = self._lists.get((v, b))
             if held is not None:
-                if entry not in held[1]:
-                    held[1].append(entry)
-                    held[1].sort()
+                if entry not in held[1]:  # a new list: a lookup in another thread may be reading the old one
+                    self._lists[(v, b)] = (held[0], sorted([*held[1], entry]))
             else:  # listed on the next lookup, and merged with this
                 self._lists[(v, b)] = (-math.inf, [entry])
                 while len(self._lists) > LISTINGS:

@@ -148,3 +148,42 @@ def test_a_rerun_on_the_warm_cache_runs_no_teacher(distilled, tmp_path_factory):
         assert h["train/images"] == 300 and h["train/unique_ids"] == 300 and h["train/duplicate_ids"] == 0
         assert h["train/resumed_at_epoch"] == 0 and h["teacher/r10t/forward_rows"] == 0
     assert summary["history"][1]["train/loss"] < summary["history"][0]["train/loss"]  # the student moves towards the teachers
+
+
+@pytest.fixture(scope="module")
+def synthetic_runs(ray_cluster, tmp_path_factory):
+    """No dataset and no weights file: the synthetic source (streamed, generated in the view tasks) and a random
+    teacher; 2 epochs with one view per sample (epoch 1 computes and stores every target, epoch 2 reads them),
+    then a second run on the same cache, every target of it cached."""
+    from simreg.orchestrator.config import load_config
+    from simreg.orchestrator.train.distill import distill
+
+    out = tmp_path_factory.mktemp("synthetic")
+    teacher = [{"name": "rand", "arch": "test_resnet", "weights": "random:3", "input_size": 32}]
+    common = [
+        "data.source=synthetic", "data.synthetic.images=1500", "data.synthetic.held_out=300", "data.train_size=null",
+        "data.store_size=32", "data.view_size=32", "data.knn_bank_size=300", "data.knn_query_size=100",
+        f"teachers={json.dumps(teacher)}", "student.arch=test_resnet", "student.input_size=32", "train.epochs=2",
+        "augment.view_bank=1", "train.batch_size=64", "eval.val_every=0", "teacher_pool.batch_size=256",
+        "cache.enabled=true", f"cache.dir={out / 'cache'}",
+    ]
+    first = distill(load_config(None, [*common, "name=synthetic1"]), out / "first")
+    second = distill(load_config(None, [*common, "name=synthetic2"]), out / "second")
+    return out, first, second
+
+
+def test_a_synthetic_run_streams_through_the_pipeline_and_the_cache(synthetic_runs):
+    from simreg.orchestrator.cache.admin import cache_entries
+
+    out, first, second = synthetic_runs
+    assert first["train_images"] == 1500
+    assert first["teacher_rows"]["rand"]["forward"] == 1500 and first["teacher_rows"]["rand"]["cached"] == 1500
+    for h in (*first["history"], *second["history"]):  # every generated image trained on once per epoch
+        assert h["train/images"] == 1500 and h["train/unique_ids"] == 1500 and h["train/duplicate_ids"] == 0
+    assert second["teacher_rows"]["rand"]["forward"] == 0 and second["teacher_rows"]["rand"]["cached"] == 3000
+    shards = sorted((out / "cache").rglob("part-*.parquet"))
+    assert shards and {p.parent.name for p in shards} == {"b0000000"}  # ids 0..1499: one bucket of the one view
+    assert sum(int(p.name.split("-")[3]) for p in shards) == 1500  # every row stored once
+    (entry,) = cache_entries(out / "cache")
+    assert (entry["rows"], entry["views"], entry["counted"]) == (1500, 1, "recorded")
+    assert first["student_knn"]["top1_20nn"] > 10  # the generated classes are learnable (chance: 10)
