@@ -136,7 +136,10 @@ class TargetCache:
             SHARDS.set_limit(memory_mib)
         self._lock = threading.Lock()  # listings, counts, the once-only steps
         self._lists: OrderedDict[tuple[int, int], tuple[float, list[ShardEntry]]] = OrderedDict()  # (view, bucket) -> (listed at, shards)
-        self._bad: set[str] = set()  # shards found unreadable (recomputed, never read again by this process)
+        self._bad: set[tuple[int, str]] = set()  # (view, shard) found unreadable: recomputed, not read again by this process
+        self._read_paused_until = 0.0  # an object store that refused a read: no shard read before then (memory still serves)
+        self._record_lock = threading.Lock()  # one record written at a time, the newest last
+        self._closed = False
         self._meta_written = False
         self._old_checked = False
         self._written: dict[str, dict[str, int]] = {"rows": {}, "shards": {}, "bytes": {}}  # per view index (str), what this process wrote
@@ -189,7 +192,7 @@ class TargetCache:
         nid = ids[need]
         lo, hi = int(nid.min()), int(nid.max())
         for first, last, _, name in entries:
-            if last < lo or first > hi or name in self._bad:
+            if last < lo or first > hi or (v, name) in self._bad:
                 continue
             got = self._shard(v, b, name)
             if got is None:
@@ -226,6 +229,8 @@ class TargetCache:
                 self._lists.move_to_end((v, b))
                 if not relist and held[0] > -math.inf:
                     return held[1], False
+        if self._read_paused():
+            return (held[1] if held is not None else []), False
         try:
             names = self._bucket_dir(v, b).listdir()
         except Exception as e:  # noqa: BLE001  (an unreachable store: its rows are computed; the run goes on)
@@ -247,11 +252,13 @@ class TargetCache:
         got = SHARDS.get(key)
         if got is not None and got[1].shape[1:] == (self.dim,):
             return got
+        if self._read_paused():
+            return None
         p = self._bucket_dir(v, b) / name
         try:
             data = p.read_bytes()
-        except FileNotFoundError:  # removed since it was listed (`simreg cache clear`): computed again
-            self._bad.add(name)
+        except FileNotFoundError:  # removed since it was listed (`simreg cache clear`), or still uploading: computed
+            self._forget(v, b, name)  # a later listing brings it back if it is there
             return None
         except Exception as e:  # noqa: BLE001  (an unreachable store, a 503: computed this time, read again later)
             self.cannot_read(e)
@@ -259,8 +266,14 @@ class TargetCache:
         fix = f"The cache directory is damaged or not simreg's: remove it with `simreg cache clear --key {self.dir.name}`"
         try:  # the schema first, from the footer alone: a shard simreg did not write is never deserialised
             t = read_checked(data, shard_schema(self.dim), "target cache shard", fix, name=str(p))
+            target = t["target"].combine_chunks()
+            if t["sample_id"].null_count or target.null_count or target.values.null_count:
+                raise UnreadableParquet("it holds null ids or targets")
             sids = t["sample_id"].to_numpy()
-            tg = np.asarray(t["target"].combine_chunks().flatten()).reshape(len(sids), -1)
+            tg = np.asarray(target.flatten())
+            if tg.size != len(sids) * self.dim:
+                raise UnreadableParquet(f"it holds {tg.size} target values for {len(sids)} rows of dim {self.dim}")
+            tg = tg.reshape(len(sids), self.dim)
             entry = parse_shard_name(name)
             if entry is None or len(sids) != entry[2] or (len(sids) and (sids[0] != entry[0] or sids[-1] != entry[1])) or (
                     np.any(np.diff(sids) < 0)):
@@ -269,17 +282,30 @@ class TargetCache:
             if not isinstance(e, UnreadableParquet):
                 raise
             log.warning("target cache: skipping unreadable shard %s (%s)", p, first_line(e, 300))
-            self._bad.add(name)
+            self._bad.add((v, name))
             return None
         except Exception as e:  # noqa: BLE001  (a footer that parses over damaged pages: recomputed too)
             log.warning("target cache: skipping unreadable shard %s (%s)", p, first_line(e, 300))
-            self._bad.add(name)
+            self._bad.add((v, name))
             return None
         SHARDS.put(key, sids, tg)
         return sids, tg
 
+    def _read_paused(self) -> bool:
+        return self.dir.remote and time.monotonic() < self._read_paused_until
+
+    def _forget(self, v: int, b: int, name: str) -> None:
+        """Drop a shard from the kept listing of its bucket (gone from the store, or not there yet)."""
+        with self._lock:
+            held = self._lists.get((v, b))
+            if held is not None:
+                self._lists[(v, b)] = (held[0], [e for e in held[1] if e[3] != name])
+
     def cannot_read(self, e: BaseException) -> None:
-        """A read from the store failed: logged once; the rows it would have served are computed by the teacher."""
+        """A read from the store failed: logged once; the rows it would have served are computed by the teacher. An
+        object store is not read again for ``RELIST_S`` seconds (each read would wait out the client's retries)."""
+        if self.dir.remote:
+            self._read_paused_until = time.monotonic() + RELIST_S
         with self._lock:
             if self.read_error is not None:
                 return
@@ -317,13 +343,14 @@ class TargetCache:
         buckets = ids // BUCKET_ROWS
         starts = np.flatnonzero(np.r_[True, buckets[1:] != buckets[:-1]])
         for s, e in zip(starts.tolist(), [*starts[1:].tolist(), len(ids)], strict=True):
-            self._store_shard(v, int(buckets[s]), ids[s:e], tg[s:e])
+            self._store_shard(v, int(buckets[s]), ids[s:e].copy(), tg[s:e].copy())  # copies: memory counts what it keeps
         self._maybe_record()
 
     def _store_shard(self, v: int, b: int, ids: np.ndarray, tg: np.ndarray) -> None:
         name = f"part-{int(ids[0]):012d}-{int(ids[-1]):012d}-{len(ids):07d}-{hashlib.sha1(ids.tobytes()).hexdigest()[:16]}.parquet"
         entry = parse_shard_name(name)
         assert entry is not None
+        self._bad.discard((v, name))
         SHARDS.put((self.dir.path, v, name), ids, tg)
         with self._lock:
             held = self._lists.get((v, b))
@@ -343,16 +370,22 @@ class TargetCache:
         buf = io.BytesIO()
         pq.write_table(table, buf)
         dest = self._bucket_dir(v, b) / name
-        if self._uploads is None:
+        with self._pending_lock:
+            background = self._uploads is not None and not self._closed  # a closed cache (evicted) writes in the caller's thread
+        if not background:
             self._write(dest, buf.getvalue(), v, len(ids))
             return
+        assert self._uploads is not None
         with self._pending_lock:  # a fleet actor stores from its forward thread and flushes from its loop
             self._pending = [f for f in self._pending if not f.done()]
             oldest = self._pending.pop(0) if len(self._pending) >= MAX_PENDING_UPLOADS else None
         if oldest is not None:  # a store slower than the teacher: wait, do not pile up bytes
             oldest.result()
         with self._pending_lock:
-            self._pending.append(self._uploads.submit(self._write, dest, buf.getvalue(), v, len(ids)))
+            if not self._closed:  # close() sets the flag under this lock before it shuts the uploads down
+                self._pending.append(self._uploads.submit(self._write, dest, buf.getvalue(), v, len(ids)))
+                return
+        self._write(dest, buf.getvalue(), v, len(ids))
 
     def _ensure_meta(self) -> None:
         """The key folder and its meta.json, before the first shard (once per process)."""
@@ -396,28 +429,33 @@ class TargetCache:
                     self.dir, self.write_error)
 
     def _maybe_record(self) -> None:
-        if self._stats_dirty and time.monotonic() - self._stats_at >= RECORD_EVERY_S:
-            if self._uploads is None:
-                self._record()
-            else:
-                with self._pending_lock:
-                    self._pending.append(self._uploads.submit(self._record))
+        with self._lock:
+            if not self._stats_dirty or time.monotonic() - self._stats_at < RECORD_EVERY_S:
+                return
+            self._stats_at = time.monotonic()  # one record queued at a time
+        with self._pending_lock:
+            if self._uploads is not None and not self._closed:
+                self._pending.append(self._uploads.submit(self._record))
+                return
+        self._record()
 
     def _record(self) -> None:
-        """This process's record of what it wrote under this key (``writers/``): what `simreg cache info` sums."""
-        with self._lock:
-            if not self._stats_dirty or self.write_error is not None:
-                return
-            self._stats_dirty = False
-            self._stats_at = time.monotonic()
-            body = {"host": socket.gethostname(), "pid": os.getpid(), "updated": time.strftime("%Y-%m-%dT%H:%M:%S"),
-                    **{k: dict(d) for k, d in self._written.items()}}
-        try:
-            (self.dir / WRITERS / self._writer_name).write_text(json.dumps(body))
-        except Exception as e:  # noqa: BLE001
-            if not (isinstance(e, OSError) or self.dir.remote):
-                raise
-            self.cannot_write(e)
+        """This process's record of what it wrote under this key (``writers/``): what `simreg cache info` sums. One at
+        a time, so the newest snapshot is the one written last."""
+        with self._record_lock:
+            with self._lock:
+                if not self._stats_dirty or self.write_error is not None:
+                    return
+                self._stats_dirty = False
+                self._stats_at = time.monotonic()
+                body = {"host": socket.gethostname(), "pid": os.getpid(), "updated": time.strftime("%Y-%m-%dT%H:%M:%S"),
+                        **{k: dict(d) for k, d in self._written.items()}}
+            try:
+                (self.dir / WRITERS / self._writer_name).write_text(json.dumps(body))
+            except Exception as e:  # noqa: BLE001
+                if not (isinstance(e, OSError) or self.dir.remote):
+                    raise
+                self.cannot_write(e)
 
     def flush(self) -> None:
         """Wait until every shard stored so far is in the store, then record what this process wrote."""
@@ -427,12 +465,17 @@ class TargetCache:
             f.result()
         self._record()
 
-    def close(self) -> None:
-        """Flush, then free this cache's shards from the process's memory (a fleet actor's evicted cache)."""
-        self.flush()
-        SHARDS.drop(self.dir.path)
+    def close(self, free_memory: bool = True) -> None:
+        """Wait for every upload, record what was written, and free this cache's shards from the process's memory
+        (``free_memory``: no other open cache of the process shares its folder). A store after this writes in the
+        caller's thread (a request still queued with an evicted cache)."""
+        with self._pending_lock:
+            self._closed = True
         if self._uploads is not None:
-            self._uploads.shutdown(wait=True)
+            self._uploads.shutdown(wait=True)  # every upload submitted before the flag, done
+        self.flush()
+        if free_memory:
+            SHARDS.drop(self.dir.path)
 
 
 ShardEntry = tuple[int, int, int, str]  # (first id, last id, rows, name)

@@ -78,6 +78,7 @@ class PooledTeacher(TeacherInference):
         # store I/O (bucket listings, shard reads, closing an evicted cache) runs in these threads, never on the
         # actor's event loop: a slow store delays the rows that wait for it, not every other request
         self._io = ThreadPoolExecutor(IO_THREADS, "simreg-cache-io")
+        self._closer = ThreadPoolExecutor(1, "simreg-cache-close")  # an evicted cache's last uploads never hold up lookups
         self._closing: list[Future[None]] = []  # evicted caches flushing their uploads, then freed
         self._inflight: dict[tuple[str, int, int], tuple[_Work, int]] = {}  # (views key, view index, sample id) -> (work, row)
         self._queue: list[_Work] = []
@@ -107,7 +108,8 @@ class PooledTeacher(TeacherInference):
         while len(self._caches) > OPEN_CACHES:  # a long sweep's ended trials: their targets stay in storage, not in memory
             _, old = self._caches.popitem(last=False)
             self._closing = [f for f in self._closing if not f.done()]
-            self._closing.append(self._io.submit(old.close))  # its uploads finish, then its shards leave memory
+            free = all(c.dir.path != old.dir.path for c in self._caches.values())
+            self._closing.append(self._closer.submit(old.close, free))  # its uploads finish, then its shards leave memory
         return cache
 
     async def infer(self, batch: dict[str, np.ndarray], requester: Requester | None = None) -> tuple[np.ndarray, dict[str, int], str | None]:

@@ -189,3 +189,28 @@ def test_cache_info_sums_the_writers_records_without_opening_a_shard(tmp_path: P
     monkeypatch.setattr(Store, "read_bytes", no_shard)
     assert cache_entries(tmp_path)[0]["rows"] == 2100
     assert " 2100 " in entries_table(cache_entries(tmp_path))
+
+
+def test_a_bad_shard_of_one_view_does_not_hide_the_same_ids_in_another(tmp_path: Path):
+    """Shard names depend on the ids only: the same block stored for two views has one name in two folders."""
+    ids = np.arange(128)
+    _fill(tmp_path, 128, views=2)
+    (bad,) = (tmp_path / key_digest(KEY) / "v00000").rglob("part-*.parquet")
+    bad.write_bytes(bad.read_bytes()[:50])
+    SHARDS.clear()
+    reader = TargetCache(tmp_path, KEY, "t", DIM)
+    assert not reader.lookup(0, ids)[1].any()
+    got, found = reader.lookup(1, ids)
+    assert found.all() and np.array_equal(got, _targets(ids, 1))
+    reader.store(0, ids, _targets(ids, 0))  # computed again and stored: served from then on
+    assert reader.lookup(0, ids)[1].all()
+
+
+def test_a_closed_cache_still_stores_in_the_callers_thread(tmp_path: Path):
+    c = TargetCache(tmp_path, KEY, "t", DIM)
+    c.store(0, np.arange(4), _targets(np.arange(4)))
+    c.close()
+    c.store(0, np.arange(4, 8), _targets(np.arange(4, 8)))  # a request still queued with an evicted cache
+    c.flush()
+    SHARDS.clear()
+    assert TargetCache(tmp_path, KEY, "t", DIM).lookup(0, np.arange(8))[1].all()
