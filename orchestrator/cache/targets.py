@@ -171,8 +171,7 @@ class TargetCache:
         buckets = ids // BUCKET_ROWS
         order = np.argsort(buckets, kind="stable")
         sorted_b = buckets[order]
-        starts = np.flatnonzero(np.r_[True, sorted_b[1:] != sorted_b[:-1]])
-        for s, e in zip(starts.tolist(), [*starts[1:].tolist(), len(order)], strict=True):
+        for s, e in _runs(sorted_b):
             b, rows = int(sorted_b[s]), order[s:e]
             listed_now = self._fill(v, b, ids, rows, out, found, relist=False)
             if not found[rows].all() and self._may_relist(v, b, listed_now):
@@ -278,13 +277,9 @@ class TargetCache:
             if entry is None or len(sids) != entry[2] or (len(sids) and (sids[0] != entry[0] or sids[-1] != entry[1])) or (
                     np.any(np.diff(sids) < 0)):
                 raise UnreadableParquet("its rows do not match its name (ids, count or order)")
-        except DataError as e:
-            if not isinstance(e, UnreadableParquet):
-                raise
-            log.warning("target cache: skipping unreadable shard %s (%s)", p, first_line(e, 300))
-            self._bad.add((v, name))
-            return None
         except Exception as e:  # noqa: BLE001  (a footer that parses over damaged pages: recomputed too)
+            if isinstance(e, DataError) and not isinstance(e, UnreadableParquet):
+                raise  # a schema simreg does not write: refused, naming the fix
             log.warning("target cache: skipping unreadable shard %s (%s)", p, first_line(e, 300))
             self._bad.add((v, name))
             return None
@@ -341,15 +336,13 @@ class TargetCache:
         order = np.argsort(ids, kind="stable")
         ids, tg = ids[order], np.asarray(targets, dtype=np.float16)[order]  # copies: the caller's arrays stay theirs
         buckets = ids // BUCKET_ROWS
-        starts = np.flatnonzero(np.r_[True, buckets[1:] != buckets[:-1]])
-        for s, e in zip(starts.tolist(), [*starts[1:].tolist(), len(ids)], strict=True):
+        for s, e in _runs(buckets):
             self._store_shard(v, int(buckets[s]), ids[s:e].copy(), tg[s:e].copy())  # copies: memory counts what it keeps
         self._maybe_record()
 
     def _store_shard(self, v: int, b: int, ids: np.ndarray, tg: np.ndarray) -> None:
         name = f"part-{int(ids[0]):012d}-{int(ids[-1]):012d}-{len(ids):07d}-{hashlib.sha1(ids.tobytes()).hexdigest()[:16]}.parquet"
-        entry = parse_shard_name(name)
-        assert entry is not None
+        entry = (int(ids[0]), int(ids[-1]), len(ids), name)
         self._bad.discard((v, name))
         SHARDS.put((self.dir.path, v, name), ids, tg)
         with self._lock:
@@ -480,6 +473,12 @@ class TargetCache:
 
 ShardEntry = tuple[int, int, int, str]  # (first id, last id, rows, name)
 SHARD_NAME = re.compile(r"part-(\d{12})-(\d{12})-(\d{7})-[0-9a-f]{16}\.parquet")
+
+
+def _runs(sorted_keys: np.ndarray) -> list[tuple[int, int]]:
+    """(start, end) of each run of equal values in a sorted array."""
+    starts = np.flatnonzero(np.r_[True, sorted_keys[1:] != sorted_keys[:-1]]).tolist()
+    return list(zip(starts, [*starts[1:], len(sorted_keys)], strict=True))
 
 
 def parse_shard_name(name: str) -> ShardEntry | None:
