@@ -64,3 +64,29 @@ def train_controller_runtime_env() -> dict[str, Any] | None:
     env = dict(get_env_vars_to_propagate())
     env.setdefault(RAY_WARN_BLOCKING_GET_INSIDE_ASYNC_ENV_VAR, DEFAULT_RAY_WARN_BLOCKING_GET_INSIDE_ASYNC_VALUE)
     return {"env_vars": env}
+
+
+def keep_sigint_handler(trainer: Any) -> list[Any]:
+    """Keep Ray Train V2's SIGINT handler out of a driver (private: ``_register_sigint_handler``): it aborts the
+    controller and calls ``sys.exit(0)``, so a stopped distill would exit 0. simreg's own handler (fence.py)
+    stays in place; the returned list receives the run's controller, for ``abort_controller`` on a stop."""
+    controllers: list[Any] = []
+    if hasattr(trainer, "_register_sigint_handler"):
+        trainer._register_sigint_handler = controllers.append
+    return controllers
+
+
+def abort_controller(controllers: list[Any], timeout_s: float = 10.0) -> None:
+    """Abort a stopped driver's Train run: its workers stop training and writing checkpoints now, not when the
+    driver's process ends (Train V2's controller ``abort``; killed when it does not answer in time)."""
+    import ray
+
+    for controller in controllers:
+        try:
+            ray.get(controller.abort.remote(), timeout=timeout_s)
+        except Exception:  # noqa: BLE001  (gone already, or hung: killed below)
+            pass
+        try:
+            ray.kill(controller)
+        except Exception:  # noqa: BLE001
+            pass

@@ -33,6 +33,7 @@ from typing import Any
 from urllib.parse import parse_qsl, urlsplit
 
 from simreg.models.errors import ConfigError, first_line
+from simreg.orchestrator import fence
 
 log = logging.getLogger("simreg")
 
@@ -210,7 +211,9 @@ class Store:
 
     # ------------------------------------------------------------------ writes
     def write_bytes(self, data: bytes) -> None:
-        """Atomically: a reader sees the old file, or the whole new one."""
+        """Atomically: a reader sees the old file, or the whole new one. Never after this driver's stop
+        (``fence.check``: raises ``fence.Stopped``)."""
+        fence.check(str(self))
         if self.remote:
             with self.fs.open_output_stream(self.path) as f:  # one object, visible when complete
                 f.write(data)
@@ -230,6 +233,7 @@ class Store:
         """Copy a local file or folder here (a no-op when this store is that very local path)."""
         import pyarrow.fs as pafs
 
+        fence.check(str(self))
         if not self.remote and Path(self.path) == local.resolve():
             return
         if local.is_dir():
@@ -253,6 +257,7 @@ class Store:
         """Delete this file or folder (nothing when absent)."""
         import pyarrow.fs as pafs
 
+        fence.check(str(self))
         t = self._info().type
         if t == pafs.FileType.File:
             self.fs.delete_file(self.path)
@@ -326,35 +331,54 @@ def local_copy(uri: str | Path) -> Iterator[Path]:
 # ---------------------------------------------------------------------- one driver per folder
 
 
-def stop_driver() -> None:
-    """Stop this driver as Ctrl-C would (KeyboardInterrupt in its main thread): its run ends KILLED."""
-    import _thread
-
-    _thread.interrupt_main()
+def stop_driver(reason: str) -> None:
+    """Stop this driver: the main thread unwinds (``fence.Stopped``), no write of it goes out after this, its
+    command exits 1; the run is left to the driver that took the folder over."""
+    fence.interrupt_main(reason)
 
 
 def _code(e: Any) -> str:
-    return str(e.response.get("Error", {}).get("Code", ""))
+    return str(getattr(e, "response", {}).get("Error", {}).get("Code", ""))
 
+
+_TAKEN = ("PreconditionFailed", "ConditionalRequestConflict", "412")
 LOCK_NAME = ".simreg.lock"
-LEASE_S = 30.0  # a remote lease lapses this long after its holder's last renewal
-RENEW_S = 10.0
+
+
+def lease_times() -> tuple[float, float, float]:
+    """(lease, margin, renewal interval) in seconds. The holder renews every ``interval`` and stops itself
+    ``lease - margin`` after the last renewal that succeeded (timed from when it was sent); another driver takes
+    the folder over once the lease object has not changed for ``lease + margin`` on its own clock: 2 x margin
+    between the two. ``SIMREG_LEASE_S`` sets the lease (default 30 s; margin a third of it)."""
+    lease = float(os.environ.get("SIMREG_LEASE_S") or 30.0)
+    margin = lease / 3
+    return lease, margin, margin / 2
 
 
 class FolderLock:
     """Held while a driver owns a run folder. Local: ``flock`` (the OS drops it when the process dies).
-    S3: a lease object created with a conditional PUT (``If-None-Match: *``) and renewed every ``RENEW_S``
-    with ``If-Match`` on its ETag; a driver that dies without releasing it leaves a lease that lapses after
-    ``LEASE_S``, and the next driver waits for that instead of failing."""
+    S3: a lease object created with a conditional PUT (``If-None-Match: *``) and renewed with ``If-Match`` on
+    its ETag. Only the monotonic clock of each host counts: the holder stops itself ``lease - margin`` after
+    its last successful renewal was sent (``valid``, checked by every write of the driver: ``fence``), and a
+    contender takes over a lease unchanged for ``lease + margin`` by its own clock (a driver that died, or one
+    frozen that will stop when it wakes). A server that ignores conditional writes is refused: with it two
+    drivers could both hold the lease."""
 
     def __init__(self, store: Store) -> None:
         self.store = store
         self._file: Any = None
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
+        self._watchdog: threading.Thread | None = None
+        self._io = threading.Lock()  # one lease request at a time: a release never races a renewal in flight
         self._etag: str | None = None
         self._client: Any = None
         self._held = False
+        self._seq = 0
+        self._sent: dict[int, float] = {}  # renewal number -> when it was sent (monotonic)
+        self._valid_until = float("inf")
+        self._lost: str | None = None
+        self.lease_s, self.margin_s, self.renew_s = lease_times()
         self.holder = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
 
     def acquire(self) -> FolderLock:
@@ -376,25 +400,51 @@ class FolderLock:
             return self
         self._acquire_lease()
         self._held = True
+        fence.hold(self)
         self._thread = threading.Thread(target=self._renew, name="simreg-lease", daemon=True)
         self._thread.start()
+        self._watchdog = threading.Thread(target=self._watch, name="simreg-lease-watchdog", daemon=True)
+        self._watchdog.start()
         return self
 
     # --- S3 lease (boto3: pyarrow has no conditional writes)
     def _s3(self) -> tuple[Any, str, str]:
         if self._client is None:
             import boto3
+            from botocore.config import Config
 
             q = dict(parse_qsl(urlsplit(self.store.uri).query))
             endpoint = q.get("endpoint_override")
             if endpoint and "://" not in endpoint:
                 endpoint = f"{q.get('scheme', 'https')}://{endpoint}"
-            self._client = boto3.client("s3", endpoint_url=endpoint, region_name=q.get("region"))
+            # short: a renewal that hangs must not keep a driver writing past its lease
+            config = Config(connect_timeout=min(3.0, self.margin_s / 2), read_timeout=min(5.0, self.margin_s / 2),
+                            retries={"max_attempts": 2, "mode": "standard"})
+            self._client = boto3.client("s3", endpoint_url=endpoint, region_name=q.get("region"), config=config)
         bucket, _, prefix = self.store.path.partition("/")
         return self._client, bucket, f"{prefix}/{LOCK_NAME}" if prefix else LOCK_NAME
 
-    def _body(self) -> bytes:
-        return json.dumps({"holder": self.holder, "expires": time.time() + LEASE_S}).encode()
+    def _body(self, seq: int) -> bytes:
+        return json.dumps({"holder": self.holder, "seq": seq}).encode()
+
+    def _read(self) -> tuple[str, dict[str, Any]] | None:
+        """(ETag, body) of the lease object; None when there is none. A body that is not a JSON object reads as
+        a holder of unknown name (it is waited for like any other)."""
+        from botocore.exceptions import ClientError
+
+        client, bucket, key = self._s3()
+        try:
+            obj = client.get_object(Bucket=bucket, Key=key)
+        except ClientError as e:
+            if _code(e) in ("NoSuchKey", "404"):
+                return None
+            raise
+        raw = obj["Body"].read()
+        try:
+            body = json.loads(raw)
+        except ValueError:
+            body = None
+        return str(obj["ETag"]), body if isinstance(body, dict) else {"holder": f"an unreadable lease object ({len(raw)} bytes)"}
 
     def _acquire_lease(self) -> None:
         from botocore.exceptions import BotoCoreError, ClientError
@@ -403,80 +453,151 @@ class FolderLock:
         seen: tuple[str, float] | None = None  # (etag, when first seen on this host's monotonic clock)
         try:
             while True:
+                sent = time.monotonic()
                 try:
-                    self._etag = client.put_object(Bucket=bucket, Key=key, Body=self._body(), IfNoneMatch="*")["ETag"]
+                    self._etag = client.put_object(Bucket=bucket, Key=key, Body=self._body(0), IfNoneMatch="*")["ETag"]
+                    self._sent, self._valid_until = {0: sent}, sent + self.lease_s - self.margin_s
+                    self._check_conditional_writes()
                     return
                 except ClientError as e:
-                    if _code(e) not in ("PreconditionFailed", "ConditionalRequestConflict"):
+                    if _code(e) not in _TAKEN:
                         raise
-                try:
-                    obj = client.get_object(Bucket=bucket, Key=key)
-                except ClientError as e:
-                    if _code(e) not in ("NoSuchKey", "404"):
-                        raise
+                current = self._read()
+                if current is None:
                     continue  # released meanwhile: try again
-                etag, lease = obj["ETag"], json.loads(obj["Body"].read() or b"{}")
+                etag, lease = current
+                holder = lease.get("holder", "?")
                 if seen is not None and seen[0] != etag:  # renewed while we waited: its driver is alive
                     raise ConfigError(
-                        f"{self.store} is in use by another simreg driver ({lease.get('holder', '?')}): wait for it, or choose another --output-dir"
+                        f"{self.store} is in use by another simreg driver ({holder}): wait for it, or choose another --output-dir"
                     )
                 if seen is None:
                     seen = (etag, time.monotonic())
-                # Lapsed: unchanged for LEASE_S by this host's own clock, or expired LEASE_S ago by the holder's
-                # (a margin for clocks that differ between hosts).
-                if time.monotonic() - seen[1] >= LEASE_S or time.time() > float(lease.get("expires", 0)) + LEASE_S:
+                    log.info("%s: waiting up to %.0f s for the lease of %s (a driver that died leaves it until it lapses)",
+                             self.store, self.lease_s + self.margin_s, holder)
+                # Lapsed: unchanged for lease + margin by this host's own clock (its holder stopped itself by now)
+                if time.monotonic() - seen[1] >= self.lease_s + self.margin_s:
                     try:  # take it over, unless someone else just did
                         client.delete_object(Bucket=bucket, Key=key, IfMatch=etag)
                     except ClientError as e:
-                        if _code(e) not in ("PreconditionFailed", "NoSuchKey", "404"):
+                        if _code(e) not in (*_TAKEN, "NoSuchKey", "404"):
                             raise
+                    log.info("%s: took over the lapsed lease of %s", self.store, holder)
                     seen = None
                     continue
-                if time.monotonic() - seen[1] < 0.01:
-                    log.info("%s: waiting up to %.0f s for the lease of %s (a driver that died leaves it until it lapses)",
-                             self.store, LEASE_S, lease.get("holder", "?"))
-                time.sleep(1.0)
+                time.sleep(min(1.0, self.renew_s))
         except (ClientError, BotoCoreError) as e:
             raise ConfigError(
                 f"--output-dir {self.store}: cannot take the folder's lease ({first_line(e)}); the store must accept conditional writes "
                 "(If-None-Match / If-Match); check AWS_ENDPOINT_URL and the credentials"
             ) from None
 
-    def _renew(self) -> None:
-        """Renew every RENEW_S. A lease another driver took over, or one not renewed for LEASE_S (an outage), is
-        lost: this driver stops (KeyboardInterrupt in its main thread), so two drivers never write one run."""
+    def _check_conditional_writes(self) -> None:
+        """Prove the server enforces conditional writes: a second create (``If-None-Match: *``) of the lease
+        and an update with an ETag that is not its own (``If-Match``) must both be refused (412). A server
+        that accepts either would let two drivers hold one folder: refused for runs."""
+        from botocore.exceptions import ClientError
+
         client, bucket, key = self._s3()
-        last_ok = time.monotonic()
-        while not self._stop.wait(RENEW_S):
+        ignored = []
+        for cond, kwargs in (("If-None-Match", {"IfNoneMatch": "*"}), ("If-Match", {"IfMatch": '"00000000000000000000000000000000"'})):
             try:
-                self._etag = client.put_object(Bucket=bucket, Key=key, Body=self._body(), IfMatch=self._etag)["ETag"]
-                last_ok = time.monotonic()
-                continue
-            except Exception as e:  # noqa: BLE001  (an outage is retried at the next renewal)
-                taken = getattr(e, "response", {}).get("Error", {}).get("Code") in ("PreconditionFailed", "NoSuchKey")
-                if not taken and time.monotonic() - last_ok < LEASE_S:
-                    log.warning("%s: could not renew the folder lease (%s)", self.store, first_line(e, 200))
+                self._etag = client.put_object(Bucket=bucket, Key=key, Body=self._body(0), **kwargs)["ETag"]
+                ignored.append(cond)
+            except ClientError as e:
+                if _code(e) not in _TAKEN:
+                    raise
+        if ignored:
+            try:
+                client.delete_object(Bucket=bucket, Key=key)
+            except ClientError:
+                pass
+            raise ConfigError(
+                f"--output-dir {self.store}: this S3 server ignores conditional writes ({' and '.join(ignored)}), so two drivers "
+                "could write one run; use a store that enforces them (AWS S3, MinIO, Ceph RGW) or a local --output-dir"
+            )
+
+    # --- holding it
+    def valid(self) -> bool:
+        """Whether this driver may still write: the lease is held and its last successful renewal was sent less
+        than ``lease - margin`` ago (monotonic), so no other driver can have taken it over."""
+        return self._held and self._lost is None and time.monotonic() < self._valid_until
+
+    def describe_loss(self) -> str:
+        why = self._lost or f"not renewed for {self.lease_s - self.margin_s:.0f} s"
+        return f"lost the lease of {self.store} ({why}): this driver stops; rerun the command to resume the run"
+
+    def _renew(self) -> None:
+        """Renew every ``renew_s`` while ``valid``. A 412 may mean a renewal whose answer was lost went through:
+        the lease is read, and still naming this driver it is still held. Another holder, or no renewal that
+        succeeded for ``lease - margin``, is a lost lease: the driver stops (``stop_driver``)."""
+        client, bucket, key = self._s3()
+        while not self._stop.wait(self.renew_s):
+            with self._io:
+                if self._stop.is_set():
+                    return
+                if time.monotonic() >= self._valid_until:
+                    break
+                self._seq += 1
+                sent = self._sent[self._seq] = time.monotonic()
+                try:
+                    self._etag = client.put_object(Bucket=bucket, Key=key, Body=self._body(self._seq), IfMatch=self._etag)["ETag"]
+                    self._ok(sent)
                     continue
-            log.error("%s: lost the folder lease (%s): stopping this driver; rerun the command to resume",
-                      self.store, "another driver took it over" if taken else "not renewed in time")
-            self._thread = None
-            stop_driver()
-            return
+                except Exception as e:  # noqa: BLE001  (an outage is retried at the next renewal, until the lease runs out)
+                    if _code(e) in (*_TAKEN, "NoSuchKey", "404"):
+                        if self._still_ours():
+                            continue
+                        self._lost = "another driver took it over"
+                        break
+                    log.warning("%s: could not renew the folder lease (%s)", self.store, first_line(e, 200))
+        if not self._stop.is_set():
+            stop_driver(self.describe_loss())
+
+    def _watch(self) -> None:
+        """Stops the driver when the lease runs out on this host's clock, even while a renewal hangs."""
+        while not self._stop.wait(max(0.05, min(self.renew_s, self._valid_until - time.monotonic()))):
+            if not self.valid():
+                stop_driver(self.describe_loss())
+                return
+
+    def _ok(self, sent: float) -> None:
+        self._valid_until = max(self._valid_until, sent + self.lease_s - self.margin_s)
+
+    def _still_ours(self) -> bool:
+        """After a 412: the lease object still names this driver when one of its renewals landed (its answer
+        lost, or the retry of it refused): take its ETag and count from when that renewal was sent."""
+        try:
+            current = self._read()
+        except Exception as e:  # noqa: BLE001
+            log.warning("%s: could not read the folder lease (%s)", self.store, first_line(e, 200))
+            return True  # unknown: the next renewal tries again, the lease's clock still runs
+        if current is None or current[1].get("holder") != self.holder:
+            return False
+        self._etag = current[0]
+        sent = self._sent.get(int(current[1].get("seq", -1)))
+        if sent is not None:
+            self._ok(sent)
+        return True
 
     def release(self) -> None:
-        self._held = False
+        fence.let_go(self)
+        self._stop.set()
+        for t in (self._thread, self._watchdog):
+            if t is not None and t is not threading.current_thread():
+                t.join(timeout=self.renew_s + 10)
+        self._thread = self._watchdog = None
         if self._file is not None:
             self._file.close()
             self._file = None
-        if self._thread is not None:
-            self._stop.set()
-            self._thread.join(timeout=5)
-            self._thread = None
-            client, bucket, key = self._s3()
-            try:
-                client.delete_object(Bucket=bucket, Key=key, IfMatch=self._etag)
-            except Exception:  # noqa: BLE001  (lost already: it lapses by itself)
-                pass
+        if self._held and self._etag is not None and self._lost is None:
+            with self._io:  # after any renewal in flight: its ETag is the one to delete
+                client, bucket, key = self._s3()
+                try:
+                    client.delete_object(Bucket=bucket, Key=key, IfMatch=self._etag)
+                except Exception:  # noqa: BLE001  (lost already, or an outage: it lapses by itself)
+                    pass
+        self._held = False
 
     @property
     def held(self) -> bool:

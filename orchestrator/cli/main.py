@@ -148,21 +148,6 @@ def _yaml_mapping(raw: str, flag: str) -> dict[str, Any]:
     return val
 
 
-def _interrupt_on_sigterm() -> None:
-    """SIGTERM (``kill``, a scheduler's preemption) unwinds like Ctrl-C: runs end KILLED in MLflow and Ray
-    shuts down cleanly. Only in the main thread (signal handlers cannot be set elsewhere)."""
-    import signal
-    import threading
-
-    if threading.current_thread() is not threading.main_thread():
-        return
-
-    def handler(signum: int, frame: Any) -> None:
-        raise KeyboardInterrupt(f"signal {signum}")
-
-    signal.signal(signal.SIGTERM, handler)
-
-
 def _data(args: argparse.Namespace) -> int:
     from simreg.orchestrator.data.pack.scan import scan_image_folder
     from simreg.orchestrator.data.pack.write import manifest_summary, pack_image_folder
@@ -216,10 +201,13 @@ def _main(argv: list[str] | None = None) -> int:
         args.overrides = [*args.overrides, *extra]
     console.setup(verbose=getattr(args, "verbose", False))
     if args.command in ("distill", "sweep"):
-        _interrupt_on_sigterm()
+        fence.install_signal_handlers()  # Ctrl-C and SIGTERM stop the driver: exit 130, its runs KILLED
         console.hide_native_stderr()  # Ray's C++ lines; Python's stderr stays on the terminal
     try:
         return _run(args)
+    except fence.Stopped as e:  # a signal (130), a lost folder lease (1): never 0
+        print(f"simreg: {e.reason}" if e.exit_code != EXIT_INTERRUPTED else "simreg: interrupted", file=sys.stderr)
+        return e.exit_code
     except KeyboardInterrupt:
         print("simreg: interrupted", file=sys.stderr)
         return EXIT_INTERRUPTED

@@ -19,6 +19,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from simreg.orchestrator import fence
 from simreg.orchestrator.storage import Store, open_store
 from simreg.orchestrator.tracking.base import REAPER_URI_ENV, ChildRun
 from simreg.orchestrator.tracking.redact import install_redaction, redact, redact_text
@@ -89,16 +90,23 @@ class MlflowRun:
         self.client, self.run_id, self.uri, self.resumed = client, run_id, uri, resumed
         self._reaper = reaper
 
+    # After the driver's stop was decided (fence.py) nothing more is logged: a run is ended KILLED by the driver
+    # that owns it, and after a lost lease not at all (the driver that took the folder over owns it now).
     def log_params(self, params: Mapping[str, Any]) -> None:
-        log_params(self.client, self.run_id, params)
+        if fence.tracking_allowed():
+            log_params(self.client, self.run_id, params)
 
     def log_metrics(self, metrics: Mapping[str, float], step: int) -> None:
-        log_metrics(self.client, self.run_id, metrics, step)
+        if fence.tracking_allowed():
+            log_metrics(self.client, self.run_id, metrics, step)
 
     def log_artifact(self, path: Path, artifact_path: str | None = None) -> None:
-        self.client.log_artifact(self.run_id, str(path), artifact_path)
+        if fence.tracking_allowed():
+            self.client.log_artifact(self.run_id, str(path), artifact_path)
 
     def set_tags(self, tags: Mapping[str, str]) -> None:
+        if not fence.tracking_allowed():
+            return
         for k, v in tags.items():
             self.client.set_tag(self.run_id, k, v)
 
@@ -106,7 +114,17 @@ class MlflowRun:
         return {m.step for m in self.client.get_metric_history(self.run_id, metric)}
 
     def end(self, status: str = "FINISHED") -> None:
-        self.client.set_terminated(self.run_id, status=status)
+        """End the run as ``status``; a KILLED run's RUNNING child runs (a sweep's trials) end KILLED with it."""
+        if not fence.tracking_allowed(ending=status == "KILLED"):
+            log.info("MLflow run %s: left to the driver that took its folder over", self.run_id)
+        else:
+            if status == "KILLED":  # a stopped sweep: the trials it was running stop with it
+                exp = self.client.get_run(self.run_id).info.experiment_id
+                for child in self.client.search_runs(
+                    [exp], filter_string=f"tags.mlflow.parentRunId = '{self.run_id}' and attributes.status = 'RUNNING'",
+                ):
+                    self.client.set_terminated(child.info.run_id, status="KILLED")
+            self.client.set_terminated(self.run_id, status=status)
         if self._reaper is not None:  # the run is ended: nothing left for the reaper to do
             self._reaper.terminate()
             self._reaper.wait(timeout=10)
@@ -207,6 +225,7 @@ class MlflowBackend:
         return mark_killed(self.client, run_id, token, reason)
 
     def register_model(self, name: str, run_id: str, folder: Path, tags: Mapping[str, str]) -> str:
+        fence.check(f"model {name}")
         self.client.log_artifacts(run_id, str(folder), folder.name)
         try:
             self.client.get_registered_model(name)

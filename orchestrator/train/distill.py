@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from simreg.models.errors import SimRegError
+from simreg.orchestrator import fence
 from simreg.orchestrator.config import SimRegConfig, flatten
 from simreg.orchestrator.evaluation.final import final_knn, knn_table
 from simreg.orchestrator.storage import Store, open_store, scratch
@@ -38,6 +39,7 @@ def distill(cfg: SimRegConfig, output_dir: str | Path | Store, tracking_uri: str
     """Run one distillation; writes ``output_dir/summary.json`` and returns the summary. ``output_dir``: a
     local folder or an object-store URI (``s3://bucket/prefix``): every file of the run goes there."""
     t_start, started_at = time.perf_counter(), time.time()
+    fence.reset()  # a new driver: no stop decided yet (a notebook may run several)
     out = open_store(output_dir)
     # 0. where the run writes, checked before anything starts: one line naming the URI and the fix
     uri = tracking_uri or cfg.tracking.tracking_uri or default_tracking_uri(out)
@@ -189,18 +191,19 @@ def _distill(cfg: SimRegConfig, out: Store, local: Path, tracking_uri: str, t_st
         with tempfile.TemporaryDirectory(prefix="simreg-summary-") as d:
             (Path(d) / "summary.json").write_text(summary_text)
             tracker.log_artifact(Path(d) / "summary.json")
+        fence.check("the run's end")  # the lease still held, no stop decided: this driver may end the run
         tracker.end("FINISHED")
         status, ended = "FINISHED", True
         # summary.json last, written atomically: its presence means "finished" (a rerun refuses the folder); a
         # run that dies before it is resumed by the same command, from its last checkpoint
         publish(out, local, "summary.json", summary_text)
         return summary
-    except (KeyboardInterrupt, SystemExit):  # Ctrl-C, SIGTERM (the CLI turns it into KeyboardInterrupt)
+    except (KeyboardInterrupt, SystemExit):  # Ctrl-C, SIGTERM, a lost lease (fence.Stopped)
         status = "KILLED"
         raise
     finally:
         if not ended:
-            tracker.end(status)
+            tracker.end(status)  # after a lost lease: left to the driver that took the folder over
         if state is not None:
             stop_actors(state, actors, timeout_s=60.0 if status == "FINISHED" else 5.0)  # interrupted: `ray job stop` waits briefly
 
@@ -211,8 +214,14 @@ def fit(trainer: Any, state: Any) -> Any:
     failed (its restarts used up) and returns when the workers ended early on a recorded failure."""
     import ray
 
+    from simreg.orchestrator.ray_compat import abort_controller, keep_sigint_handler
+
+    controllers = keep_sigint_handler(trainer)  # Ctrl-C is simreg's (fence.py), not Train's sys.exit(0)
     try:
         result = trainer.fit()
+    except KeyboardInterrupt:  # a stop (fence.Stopped): the workers stop now, not when this process ends
+        abort_controller(controllers)
+        raise
     except Exception:
         failure = ray.get(state.get_failure.remote())
         if failure is not None:

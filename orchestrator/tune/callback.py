@@ -11,6 +11,7 @@ from typing import Any
 from ray import tune
 
 from simreg.models.errors import SimRegError
+from simreg.orchestrator import fence
 from simreg.orchestrator.config import flatten
 from simreg.orchestrator.storage import open_store
 from simreg.orchestrator.tracking.backends import backend_for
@@ -58,6 +59,7 @@ class TrialRunsCallback(tune.Callback):
         open_store(self.runs_file).write_text(json.dumps(runs, indent=2))  # atomic (an object appears once uploaded)
 
     def on_trial_start(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+        fence.check("the sweep's trial records")  # nothing after the driver's stop (fence.py)
         runs = self._load()
         entry = runs.get(trial.trial_id)
         name = f"trial_{trial.trial_id}"
@@ -75,6 +77,7 @@ class TrialRunsCallback(tune.Callback):
         log.info("trial %s (%s) %s", trial.trial_id, _params(runs[trial.trial_id]), "resumed" if run.resumed else "started")
 
     def on_trial_result(self, iteration: int, trials: list, trial: Any, result: dict, **info: Any) -> None:
+        fence.check("the sweep's trial records")  # nothing after the driver's stop (fence.py)
         runs = self._load()
         entry = runs.get(trial.trial_id)
         if entry is None or "epoch" not in result:
@@ -116,6 +119,7 @@ class TrialRunsCallback(tune.Callback):
         return found
 
     def _end(self, trial: Any, errored: bool) -> None:
+        fence.check("the sweep's trial records")  # nothing after the driver's stop (fence.py)
         runs = self._load()
         entry = runs.get(trial.trial_id)
         if entry is None:

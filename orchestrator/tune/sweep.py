@@ -26,7 +26,7 @@ from typing import Any
 from ray import tune
 
 from simreg.models.errors import ConfigError, first_line
-from simreg.orchestrator import console
+from simreg.orchestrator import console, fence
 from simreg.orchestrator.config import SimRegConfig
 from simreg.orchestrator.storage import Store, open_store, scratch
 from simreg.orchestrator.tracking.backends import backend_for, default_tracking_uri
@@ -50,6 +50,7 @@ def sweep(
     from simreg.orchestrator.train.rundir import hold_output_dir, preflight
 
     t0 = time.perf_counter()
+    fence.reset()  # a new driver: no stop decided yet (a notebook may run several)
     out = open_store(output_dir)
     uri = tracking_uri or cfg.tracking.tracking_uri or default_tracking_uri(out)
     preflight(cfg, out, uri)
@@ -141,6 +142,9 @@ def _sweep(
     # right after a trial ends does not restart that trial on --resume (its Train run would restore the
     # final checkpoint and train no further, but would still pay a start-up).
     os.environ.setdefault("TUNE_GLOBAL_CHECKPOINT_S", "1")
+    # Ctrl-C / SIGTERM / a lost lease stop the sweep (fence.py): Tune's own SIGINT handler would end it ENDED
+    # and let it write its comparison, summary and registered model as if it had ended
+    fence.quiet_ray_handlers()
     status = "FAILED"
     fleet = None
     tune_path, tune_fs = tune_dir.ray_storage()
@@ -179,8 +183,9 @@ def _sweep(
                     ),
                 )
             tuner.fit()  # on --resume, Tune restores the pickled callback above: same runs file, same parent
+            fence.check("the sweep's results")  # a stop decided while Tune ran ends the sweep here, KILLED
             status = "ENDED"
-        except (KeyboardInterrupt, SystemExit):  # Ctrl-C, SIGTERM (the CLI turns it into KeyboardInterrupt)
+        except (KeyboardInterrupt, SystemExit):  # Ctrl-C, SIGTERM, a lost lease (fence.Stopped)
             status = "KILLED"
             raise
         finally:
@@ -232,8 +237,13 @@ def _sweep(
             parent.log_metrics({f"best/{space.search.metric}": best["metrics"].get("top1_20nn", float("nan"))}, step=0)
         if fleet_rows:
             parent.log_metrics({f"fleet/{n}/{k}": float(v) for n, r in fleet_rows.items() for k, v in r.items()}, step=0)
+        fence.check("the sweep's end")
         parent.end(outcome.status)
         ended = True
+    except (KeyboardInterrupt, SystemExit):  # stopped while writing its results: nothing more is written
+        parent.end("KILLED")
+        ended = True
+        raise
     finally:
         if not ended:
             parent.end("FAILED")

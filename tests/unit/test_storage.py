@@ -5,8 +5,6 @@ from __future__ import annotations
 
 import io
 import json
-import threading
-import time
 import uuid
 from pathlib import Path
 
@@ -16,9 +14,8 @@ import pyarrow.parquet as pq
 import pytest
 
 from simreg.models.errors import ConfigError
-from simreg.orchestrator import storage
 from simreg.orchestrator.cli.main import main
-from simreg.orchestrator.storage import FolderLock, Store, local_copy, open_store
+from simreg.orchestrator.storage import Store, local_copy, open_store
 from tests.services import s3_objects
 
 
@@ -103,64 +100,6 @@ def test_remote_output_needs_a_tracking_server_that_answers(s3, capsys):
     err = capsys.readouterr().err
     assert "MLflow tracking server http://bob:***@127.0.0.1:9 does not answer" in err and "hunter2" not in err
     assert err.count("\n") == 1
-
-
-def test_lease_keeps_one_driver_per_folder(s3, monkeypatch):
-    monkeypatch.setattr(storage, "LEASE_S", 3.0)
-    monkeypatch.setattr(storage, "RENEW_S", 0.5)
-    folder = Store(_prefix())
-    first = FolderLock(folder).acquire()
-    with pytest.raises(ConfigError, match="in use by another simreg driver"):  # its renewals show it is alive
-        FolderLock(folder).acquire()
-    first.release()
-    assert not (folder / storage.LOCK_NAME).exists()
-    # a driver that dies keeps its lease until it lapses; the next driver waits for that, then takes over
-    dead = FolderLock(folder).acquire()
-    dead._stop.set()  # its renewals stop, as when the process is killed
-    t0 = time.time()
-    second = FolderLock(folder).acquire()
-    assert 1.0 < time.time() - t0 < 10
-    assert json.loads((folder / storage.LOCK_NAME).read_text())["holder"] == second.holder
-    second.release()
-
-
-def test_a_driver_that_loses_its_lease_stops(s3, monkeypatch, caplog):
-    """Another driver took the folder over (say, this one was paused past the lease): the next renewal fails
-    its If-Match and this driver stops (KeyboardInterrupt: the run ends KILLED), so two never write one run."""
-    import boto3
-
-    monkeypatch.setattr(storage, "RENEW_S", 0.3)
-    stopped = threading.Event()
-    monkeypatch.setattr(storage, "stop_driver", stopped.set)  # the real one interrupts the main thread, as Ctrl-C
-    folder = Store(_prefix())
-    lock = FolderLock(folder).acquire()
-    bucket, _, prefix = folder.path.partition("/")
-    boto3.session.Session().client("s3", endpoint_url=s3).put_object(
-        Bucket=bucket, Key=f"{prefix}/{storage.LOCK_NAME}", Body=b'{"holder": "other", "expires": 0}')
-    assert stopped.wait(10)
-    assert "lost the folder lease (another driver took it over)" in caplog.text
-    lock.release()
-    assert json.loads((folder / storage.LOCK_NAME).read_text())["holder"] == "other"  # not ours to delete
-
-
-def test_two_drivers_racing_for_a_folder_get_one_lease(s3, monkeypatch):
-    monkeypatch.setattr(storage, "RENEW_S", 0.5)
-    folder = Store(_prefix())
-    won, lost = [], []
-
-    def take() -> None:
-        try:
-            won.append(FolderLock(folder).acquire())
-        except ConfigError:
-            lost.append(1)
-
-    threads = [threading.Thread(target=take) for _ in range(4)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    assert len(won) == 1 and len(lost) == 3  # conditional writes: exactly one If-None-Match PUT succeeds
-    won[0].release()
 
 
 def test_target_cache_in_a_bucket(s3):

@@ -116,16 +116,21 @@ def test_redaction():
 
 
 def test_sigterm_unwinds_as_keyboard_interrupt():
-    from simreg.orchestrator.cli.main import _interrupt_on_sigterm
+    from simreg.orchestrator import fence
 
-    old = signal.getsignal(signal.SIGTERM)
+    old = signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGINT)
     try:
-        _interrupt_on_sigterm()
-        with pytest.raises(KeyboardInterrupt):
+        fence.install_signal_handlers()
+        with pytest.raises(KeyboardInterrupt) as e:
             os.kill(os.getpid(), signal.SIGTERM)
             time.sleep(5)
+        assert isinstance(e.value, fence.Stopped) and e.value.exit_code == 130 and e.value.owned
+        with pytest.raises(fence.Stopped):  # decided: no write of this driver goes out any more
+            fence.check("summary.json")
     finally:
-        signal.signal(signal.SIGTERM, old)
+        signal.signal(signal.SIGTERM, old[0])
+        signal.signal(signal.SIGINT, old[1])
+        fence.reset()
 
 
 DRIVER = textwrap.dedent("""
