@@ -90,3 +90,21 @@ def abort_controller(controllers: list[Any], timeout_s: float = 10.0) -> None:
             ray.kill(controller)
         except Exception:  # noqa: BLE001
             pass
+
+
+def fence_tune_state(check: Any) -> None:
+    """Call ``check()`` before each save of Tune's experiment state by this driver (private:
+    ``TuneController.checkpoint``, which writes the state and starts its upload): a stopped driver, or one
+    whose folder lease ran out, saves none (``check`` raises). Idempotent."""
+    from ray.tune.execution.tune_controller import TuneController
+
+    original = TuneController.checkpoint
+    if getattr(original, "_simreg_fenced", False):
+        return
+
+    def checkpoint(self: Any, *args: Any, **kwargs: Any) -> Any:
+        check()
+        return original(self, *args, **kwargs)
+
+    checkpoint._simreg_fenced = True  # type: ignore[attr-defined]
+    TuneController.checkpoint = checkpoint  # type: ignore[method-assign]

@@ -518,6 +518,11 @@ class FolderLock:
             )
 
     # --- holding it
+    def token(self) -> dict[str, str] | None:
+        """What a Train worker needs to check the lease is still this driver's (``lease_still_held``) before it
+        writes a checkpoint to the folder; None for a local folder (flock: nobody else can hold it)."""
+        return {"uri": self.store.uri, "holder": self.holder} if self._thread is not None else None
+
     def valid(self) -> bool:
         """Whether this driver may still write: the lease is held and its last successful renewal was sent less
         than ``lease - margin`` ago (monotonic), so no other driver can have taken it over."""
@@ -608,3 +613,24 @@ class FolderLock:
 
     def __exit__(self, *exc: Any) -> None:
         self.release()
+
+
+_READERS: dict[str, FolderLock] = {}  # per lease URI: a client kept between a worker's checks
+
+
+def lease_still_held(token: dict[str, str] | None) -> bool:
+    """Whether the folder lease ``token`` (``FolderLock.token``) still names its holder: checked by a Train worker
+    before it writes a checkpoint to a leased run folder (one GET), so a stale driver's workers, running on while
+    their driver was frozen, stop writing once another driver took the run over. True without a token, and when
+    the lease cannot be read now (the holder's own renewals decide then)."""
+    if token is None:
+        return True
+    lock = _READERS.get(token["uri"])
+    if lock is None:
+        lock = _READERS[token["uri"]] = FolderLock(Store(token["uri"]))
+    try:
+        current = lock._read()
+    except Exception as e:  # noqa: BLE001
+        log.warning("%s: could not read the folder lease (%s)", lock.store, first_line(e, 200))
+        return True
+    return current is not None and current[1].get("holder") == token["holder"]

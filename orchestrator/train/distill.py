@@ -44,11 +44,13 @@ def distill(cfg: SimRegConfig, output_dir: str | Path | Store, tracking_uri: str
     # 0. where the run writes, checked before anything starts: one line naming the URI and the fix
     uri = tracking_uri or cfg.tracking.tracking_uri or default_tracking_uri(out)
     preflight(cfg, out, uri)
-    with hold_output_dir(out), scratch(out) as local:
-        return _distill(cfg, out, local, uri, t_start, started_at)
+    with hold_output_dir(out) as lock, scratch(out) as local:
+        return _distill(cfg, out, local, uri, t_start, started_at, lock.token())
 
 
-def _distill(cfg: SimRegConfig, out: Store, local: Path, tracking_uri: str, t_start: float, started_at: float) -> dict[str, Any]:
+def _distill(
+    cfg: SimRegConfig, out: Store, local: Path, tracking_uri: str, t_start: float, started_at: float, lease: dict[str, str] | None,
+) -> dict[str, Any]:
     import ray
     import ray.train
 
@@ -100,7 +102,7 @@ def _distill(cfg: SimRegConfig, out: Store, local: Path, tracking_uri: str, t_st
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2),
             failure_config=failure_config(cfg),
             logging_config=ray.train.LoggingConfig(log_level="WARNING"),  # type: ignore[call-arg]
-        ))
+        ), lease=lease)
 
         # 5. fit (from the latest checkpoint when the output dir holds an interrupted run)
         if resuming:

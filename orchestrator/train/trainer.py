@@ -72,12 +72,14 @@ def pool_resources(cfg: SimRegConfig, placement: Placement) -> Any:
 
 def make_trainer(
     prep: Prepared, placement: Placement, state: Any, cached: CachedSource | None, run_config: Any, fleet: Any = None,
+    lease: dict[str, str] | None = None,
 ) -> tuple[Any, list[Any]]:
     """Phase 3-4: the teacher actors (the run's own, or those of a sweep's ``fleet`` that serve its teachers), the
     Ray Data pipeline (views -> targets) and the Ray Train V2 TorchTrainer it feeds. Returns (trainer, the run's
     own teacher actors): the caller kills those when done (a fleet outlives its trials). A run whose every target
     is in the cache (``cached``, from ``cached_data.cached_source``) runs neither: its workers render their views
-    and read the targets."""
+    and read the targets. ``lease``: the run folder's lease (``FolderLock.token``), checked by the workers before
+    each checkpoint."""
     import ray
     import ray.train
     from ray.train.torch import TorchTrainer
@@ -111,6 +113,7 @@ def make_trainer(
             "async_checkpoint": getattr(run_config, "storage_filesystem", None) is not None,
             "view_warmup": ViewWarmup(res.view_tasks, res.cpus_per_view_task, train_controller_runtime_env()) if cached is None else None,
             "cached": cached,
+            "lease": lease,
         },
         scaling_config=scaling_config(cfg, placement),
         run_config=run_config,

@@ -23,6 +23,7 @@ from simreg.models.errors import SimRegError
 from simreg.orchestrator.config import validate_config
 from simreg.orchestrator.evaluation.knn import knn_report
 from simreg.orchestrator.ray_compat import quiet_train_report_log
+from simreg.orchestrator.storage import lease_still_held
 from simreg.orchestrator.train.batches import SeenIds, _batches, _checked, popcount
 from simreg.orchestrator.train.builders import (
     DDP_OPTIONS,
@@ -228,6 +229,13 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             "train/world_size": float(world),
             "train/resumed_at_epoch": float(start_epoch),  # first epoch of this worker group's attempt
         })
+        # The run folder's lease taken over by another driver (this run's driver was frozen, or cut off, past it):
+        # no checkpoint of this run goes there any more; every rank ends, rank 0 records why
+        if _any_rank(rank == 0 and not lease_still_held(config.get("lease")), device):
+            if rank == 0:
+                ray.get(state.fail.remote(f"another driver took the run folder over: epoch {epoch} is not checkpointed, "
+                                          "and this run stops (the driver that holds the folder's lease goes on)"))
+            return
         val = config.get("val")
         due = cfg.eval.val_every > 0 and ((epoch + 1) % cfg.eval.val_every == 0 or epoch + 1 == cfg.train.epochs)
         if rank == 0 and val is not None and due:

@@ -59,12 +59,13 @@ def sweep(
         raise ConfigError(f"--resume: {out} holds no sweep to resume (no tune/sweep folder): drop --resume or fix --output-dir")
     if not resume and (tune_dir / "sweep").is_dir():
         raise ConfigError(f"{out} already holds a sweep: pass --resume to continue it, or choose another --output-dir")
-    with hold_output_dir(out), scratch(out) as local:
-        return _sweep(cfg, space, space_source, out, local, resume, uri, t0)
+    with hold_output_dir(out) as lock, scratch(out) as local:
+        return _sweep(cfg, space, space_source, out, local, resume, uri, t0, lock.token())
 
 
 def _sweep(
     cfg: SimRegConfig, space: SearchSpace, space_source: str, out: Store, local: Path, resume: bool, uri: str, t0: float,
+    lease: dict[str, str] | None,
 ) -> dict[str, Any]:
     from ray.tune.schedulers import ASHAScheduler
 
@@ -145,6 +146,9 @@ def _sweep(
     # Ctrl-C / SIGTERM / a lost lease stop the sweep (fence.py): Tune's own SIGINT handler would end it ENDED
     # and let it write its comparison, summary and registered model as if it had ended
     fence.quiet_ray_handlers()
+    from simreg.orchestrator.ray_compat import fence_tune_state
+
+    fence_tune_state(fence.check)  # nor does a stopped driver, or one past its lease, save Tune's state
     status = "FAILED"
     fleet = None
     tune_path, tune_fs = tune_dir.ray_storage()
@@ -152,7 +156,8 @@ def _sweep(
         try:
             fleet = start_fleet(prep.specs, res) if use_fleet else None
             trainable = tune.with_resources(
-                tune.with_parameters(run_trial, base=base_tree, keys=keys, storage=(out / "trials").uri, fleet=fleet, cached=cached),
+                tune.with_parameters(run_trial, base=base_tree, keys=keys, storage=(out / "trials").uri, fleet=fleet, cached=cached,
+                                     lease=lease),
                 {"CPU": 0.01},
             )
             scheduler = None

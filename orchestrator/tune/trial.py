@@ -14,10 +14,11 @@ log = logging.getLogger("simreg")
 
 def run_trial(
     config: dict[str, Any], *, base: dict[str, Any], keys: list[str], storage: str, fleet: Any = None, cached: Any = None,
+    lease: dict[str, str] | None = None,
 ) -> None:
     """One trial: its config, its own RunState, the sweep's teacher ``fleet`` (None: its own teacher actors), the
     sweep's ``cached`` targets (a ``CachedSource`` every trial of the sweep trains from; None: the trial looks in
-    the cache itself)."""
+    the cache itself), the sweep folder's ``lease`` (its workers check it before each checkpoint)."""
     import ray
     import ray.train
     from ray.tune.integration.ray_train import TuneReportCallback
@@ -46,7 +47,7 @@ def run_trial(
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=1), failure_config=failure_config(cfg),
             callbacks=[TuneReportCallback()],  # type: ignore[list-item]
             logging_config=ray.train.LoggingConfig(log_level="WARNING"),  # type: ignore[call-arg]
-        ), fleet=fleet)
+        ), fleet=fleet, lease=lease)
         fit(trainer, state)
     finally:
         stop_actors(state, actors)
