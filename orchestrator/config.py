@@ -32,6 +32,18 @@ def _registered(name: str, names: list[str], what: str, where: str = "") -> str:
     return name
 
 
+def _no_secret_kwargs(kwargs: dict[str, Any]) -> dict[str, Any]:
+    """A secret has no place in a config: simreg writes the config to the run folder, MLflow and Ray's run state
+    (masked there, so a run would get the mask, not the secret). Tokens come from the environment."""
+    from simreg.orchestrator.tracking.redact import SECRET_KEY
+
+    bad = [k for k in kwargs if SECRET_KEY.search(str(k))]
+    if bad:
+        raise ValueError(f"{bad} look like secrets: pass them through the environment (e.g. HF_TOKEN), never in a config that simreg "
+                         "writes to the run folder and MLflow")
+    return kwargs
+
+
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
@@ -127,6 +139,11 @@ class TeacherConfig(_Strict):
     )
     model_kwargs: dict[str, Any] = Field(default_factory=dict, description="extra timm.create_model arguments, e.g. {img_size: 64}")
 
+    @field_validator("model_kwargs")
+    @classmethod
+    def _no_secret(cls, v: dict[str, Any]) -> dict[str, Any]:
+        return _no_secret_kwargs(v)
+
     @field_validator("weights")
     @classmethod
     def _random_seed(cls, v: str) -> str:
@@ -152,6 +169,11 @@ class TeacherConfig(_Strict):
 class StudentConfig(_Strict):
     arch: str = "resnet10t"
     model_kwargs: dict[str, Any] = Field(default_factory=dict, description="extra timm.create_model arguments")
+
+    @field_validator("model_kwargs")
+    @classmethod
+    def _no_secret(cls, v: dict[str, Any]) -> dict[str, Any]:
+        return _no_secret_kwargs(v)
     input_size: int | None = Field(32, ge=8, description="student input resolution (null = view_size)")
     mean: tuple[float, float, float] = FMNIST_MEAN
     std: tuple[float, float, float] = FMNIST_STD

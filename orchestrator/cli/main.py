@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any, NoReturn
 
 from simreg.models.errors import ConfigError
-from simreg.orchestrator import console
+from simreg.orchestrator import console, fence
 from simreg.orchestrator.cli.errors import EXIT_BAD_INPUT, EXIT_INTERRUPTED, os_error, report
 
 
@@ -208,7 +208,11 @@ def _main(argv: list[str] | None = None) -> int:
     except fence.Stopped as e:  # a signal (130), a lost folder lease (1): never 0
         print(f"simreg: {e.reason}" if e.exit_code != EXIT_INTERRUPTED else "simreg: interrupted", file=sys.stderr)
         return e.exit_code
-    except KeyboardInterrupt:
+    except KeyboardInterrupt:  # Ray may raise its own in place of ours: the decision says why
+        stop = fence.decided()
+        if stop is not None and stop.exit_code != EXIT_INTERRUPTED:
+            print(f"simreg: {stop.reason}", file=sys.stderr)
+            return stop.exit_code
         print("simreg: interrupted", file=sys.stderr)
         return EXIT_INTERRUPTED
     except Exception as e:  # one line (the full traceback with --debug), exit status 2 for bad input, 1 for a failure

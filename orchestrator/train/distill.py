@@ -24,7 +24,7 @@ from simreg.orchestrator.evaluation.final import final_knn, knn_table
 from simreg.orchestrator.storage import Store, open_store, scratch
 from simreg.orchestrator.tracking.backends import backend_for, default_tracking_uri
 from simreg.orchestrator.tracking.base import TrackerBackend
-from simreg.orchestrator.tracking.redact import redact_text
+from simreg.orchestrator.tracking.redact import redact_json_text, redact_tree
 from simreg.orchestrator.train.checkpoint import committed_epochs, train_storage
 from simreg.orchestrator.train.placement import failure_config, plan_placement, resource_check
 from simreg.orchestrator.train.prepare import prepare
@@ -129,7 +129,7 @@ def _distill(
         # 6. evaluate: k-NN of teachers, student, random-init student, in a Ray task (GPU when there is one)
         eval_remote = ray.remote(final_knn).options(num_cpus=min(1.0, cluster.get("CPU", 1.0)), num_gpus=1 if placement.has_gpu else 0)
         ev = ray.get(eval_remote.remote(
-            json.loads(cfg.model_dump_json()), [s.to_dict() for s in specs], teacher_dims, final["backbone"], final["heads"], evals.bank, evals.query,
+            redact_tree(json.loads(cfg.model_dump_json())), [s.to_dict() for s in specs], teacher_dims, final["backbone"], final["heads"], evals.bank, evals.query,
         ))
 
         # 7. export
@@ -189,7 +189,7 @@ def _distill(
         tracker.log_artifact(config_file)
         tracker.log_artifact(weights, "student")
         tracker.log_artifact(weights.with_suffix(".json"), "student")
-        summary_text = redact_text(json.dumps(summary, indent=2))  # as publish() writes it
+        summary_text = redact_json_text(json.dumps(summary, indent=2))  # as publish() writes it
         with tempfile.TemporaryDirectory(prefix="simreg-summary-") as d:
             (Path(d) / "summary.json").write_text(summary_text)
             tracker.log_artifact(Path(d) / "summary.json")
@@ -202,6 +202,7 @@ def _distill(
         return summary
     except (KeyboardInterrupt, SystemExit):  # Ctrl-C, SIGTERM, a lost lease (fence.Stopped)
         status = "KILLED"
+        _workers_stop_reason(state)
         raise
     finally:
         if not ended:
@@ -235,6 +236,21 @@ def fit(trainer: Any, state: Any) -> Any:
     if result.error is not None:
         raise result.error
     return result
+
+
+def _workers_stop_reason(state: Any) -> None:
+    """Log why the workers stopped on their own, if they did (the run folder taken over while this driver was
+    frozen: its workers stopped at their next checkpoint)."""
+    if state is None:
+        return
+    import ray
+
+    try:
+        failure = ray.get(state.get_failure.remote(), timeout=5)
+    except Exception:  # noqa: BLE001  (stopping: what the workers said is a courtesy)
+        return
+    if failure:
+        log.warning("the student workers stopped: %s", failure)
 
 
 def startup_phases(started_at: float, marks: dict[str, float]) -> dict[str, float]:

@@ -10,7 +10,7 @@ from pathlib import Path
 from simreg.models.errors import ConfigError
 from simreg.orchestrator.config import SimRegConfig, validate_config
 from simreg.orchestrator.storage import FolderLock, Store, open_store
-from simreg.orchestrator.tracking.redact import redact_text, redact_tree
+from simreg.orchestrator.tracking.redact import redact_json_text, redact_tree
 from simreg.orchestrator.train.checkpoint import train_storage
 
 log = logging.getLogger("simreg")
@@ -38,7 +38,7 @@ def check_resume(cfg: SimRegConfig, output_dir: Store | Path) -> bool:
     if not saved_file.is_file():
         return True
     saved = json.loads(validate_config(json.loads(saved_file.read_text()), str(saved_file)).model_dump_json())
-    now = json.loads(cfg.model_dump_json())
+    now = redact_tree(json.loads(cfg.model_dump_json()))  # as the saved file was written
     changed: list[str] = []
     for sec in sorted(set(saved) | set(now)):
         old, new = saved.get(sec), now.get(sec)
@@ -66,7 +66,7 @@ def publish(out: Store, local: Path, name: str, text: str) -> Path:
     """Write ``out/name`` atomically, redacted (tracking/redact.py), and return a local copy of it (for MLflow
     artifacts): the same file when the output folder is local, a file in the scratch folder ``local`` when it
     is in an object store."""
-    text = redact_text(text)
+    text = redact_json_text(text)
     (out / name).write_text(text)
     copy = local / name
     if out.remote:

@@ -105,3 +105,124 @@ def test_compare_names_an_unreachable_store_without_its_token(monkeypatch):
     with pytest.raises(ConfigError) as info:
         compare("abc123", "https://TOKEN42@127.0.0.1:9/x")  # nothing listens on port 9
     assert "no run 'abc123' in https://***@127.0.0.1:9/x" in str(info.value) and "TOKEN42" not in str(info.value)
+
+
+# A password as typed, unencoded: a quote, a "/", a "?" or an "@" stays inside the masked part; the host is
+# after the last "@" that a host follows, and a query or a path segment starting with "@" holds no host.
+@pytest.mark.parametrize(("raw", "want"), [
+    ("http://u:p'w@h/x", "http://u:***@h/x"),
+    ("http://u:p@ss/w@host/path", "http://u:***@host/path"),
+    ("('http://u:p'w@h:1/x')", "('http://u:***@h:1/x')"),  # the closing quote is no part of the password
+    ('{"a":"http://u:p/w@h","b":"x@y.com"}', '{"a":"http://u:***@h","b":"x@y.com"}'),  # compact JSON
+    ("http://u:p'w@h/x?email=a@b.com", "http://u:***@h/x?email=a@b.com"),  # an "@" in the query: no host
+    ("https://u:t/k@registry.corp/@scope/pkg", "https://u:***@registry.corp/@scope/pkg"),  # a "/@scope" path
+    ("https://host/login?next=http://v:p/w@h2/y", "https://host/login?next=http://v:***@h2/y"),  # a URI in a URI
+])
+def test_userinfo_with_a_quote_or_a_slash_masked(raw: str, want: str):
+    assert redact_text(raw) == want
+
+
+@pytest.mark.parametrize("clean", [
+    "s3://bucket/a@b/c",  # no "user:" in front of the "@"
+    "abfs://container@account.dfs.core.windows.net/p", "abfss://container@account.dfs.core.windows.net:443/p",
+    "mailto:bob@example.com", "see https://host/x and user@example.com",
+    "http://localhost:4873/@scope/pkg", "http://host:8080/users/bob@example.com",  # host:PORT, then a path
+    "http://host:8080?to=a@b.com", "http://[::1]:5000/a@b", "file://C:/Users/a@b/x", "https://medium.com/@user/post",
+    "'http://h:80/x','a@b.com'", '{"a":"http://h:1/x","b":"x@y.com"}',
+])
+def test_at_signs_that_are_no_credentials_unchanged(clean: str):
+    assert redact_text(clean) == clean
+
+
+@pytest.mark.parametrize(("raw", "want"), [
+    ("https://h/x?auth=abc&x=1", "https://h/x?auth=***&x=1"),
+    ("https://h/x;token=abc", "https://h/x;token=***"),  # ";" separates parameters too
+    ("db?pwd=abc", "db?pwd=***"), ("db?u=a&pass=abc", "db?u=a&pass=***"), ("k?passphrase=abc", "k?passphrase=***"),
+    ("h?authorization=Basic%20Zm9v", "h?authorization=***"), ("h?access_token=abc", "h?access_token=***"),
+])
+def test_secret_query_keys_masked(raw: str, want: str):
+    assert redact_text(raw) == want
+
+
+@pytest.mark.parametrize("clean", [
+    "https://h/x?author=x", "https://h/x?passes=3", "h?keys=2&codec=h264", "h;authority=a",
+])
+def test_harmless_query_keys_unchanged(clean: str):
+    assert redact_text(clean) == clean
+
+
+SECRET_KEYS = [
+    "hf_token", "HF_TOKEN", "token", "x.token", "teachers.0.model_kwargs.hf_token", "api_key", "apiKey", "X-Api-Key",
+    "password", "db.passwd", "pwd", "passphrase", "aws_secret_access_key", "secretAccessKey", "access_key",
+    "client_secret", "Authorization", "auth", "basic_auth", "private_key", "privateKey", "credentials", "credential",
+]
+PLAIN_KEYS = [
+    "tokens_per_s", "max_tokens", "num_tokens", "token_budget", "tokenizer", "train.max_tokens", "author", "authority",
+    "password_file", "credentials_path", "key", "sort_key", "secretary", "heads.depth", "tracking.tracking_uri",
+]
+
+
+@pytest.mark.parametrize("key", SECRET_KEYS)
+def test_secret_named_keys_masked(key: str):
+    assert redact({key: "abc"}) == {key: "***"}
+    assert redact_tree({"a": [{"b": {key: "abc"}}]}) == {"a": [{"b": {key: "***"}}]}
+    assert redact_tree({key: 12345}) == {key: "***"}  # a number too (a PIN, a numeric token)
+
+
+@pytest.mark.parametrize("key", PLAIN_KEYS)
+def test_keys_that_only_look_secret_unchanged(key: str):
+    assert redact({key: 7}) == {key: 7}
+    assert redact_tree({"a": {key: "abc"}}) == {"a": {key: "abc"}}
+
+
+def test_secret_key_values_in_a_tree():
+    tree = {
+        "teachers": [{"name": "t", "model_kwargs": {"hf_token": "hf_abc", "img_size": 64}}],
+        "x": {"password": "", "token": None, "use_auth_token": True,  # nothing to hide
+              "api_key": ["k1", "k2"], "auth": {"user": "bob", "password": "pw"},  # a dict goes by its own keys
+              "note": "http://u:pw@h"},
+        "teacher_knn": {"clip_token": {"top1_20nn": 50.0}},  # a teacher's name, not a secret's
+    }
+    assert redact_tree(tree) == {
+        "teachers": [{"name": "t", "model_kwargs": {"hf_token": "***", "img_size": 64}}],
+        "x": {"password": "", "token": None, "use_auth_token": True,
+              "api_key": ["***", "***"], "auth": {"user": "bob", "password": "***"},
+              "note": "http://u:***@h"},
+        "teacher_knn": {"clip_token": {"top1_20nn": 50.0}},
+    }
+
+
+def test_a_secret_named_model_kwarg_is_refused_and_a_saved_one_masked():
+    """A config never carries a secret (it is written to the run folder, MLflow and Ray's run state): refused with
+    one line naming the key and the fix; a config file written before holds it masked."""
+    from simreg.models.errors import ConfigError
+    from simreg.orchestrator.config import load_config
+    from simreg.orchestrator.tracking.redact import redact_tree
+
+    for key in ("teachers.0.model_kwargs.hf_token", "student.model_kwargs.api_key"):
+        with pytest.raises(ConfigError, match=r"look like secrets: pass them through the environment"):
+            load_config(None, [f"{key}=hf_abc123"])
+    tree = redact_tree({"teachers": [{"model_kwargs": {"hf_token": "hf_abc123", "img_size": 64}}]})
+    assert tree == {"teachers": [{"model_kwargs": {"hf_token": "***", "img_size": 64}}]}
+
+
+def test_redact_json_text():
+    from simreg.orchestrator.tracking.redact import redact_json_text
+
+    tree = {"cfg": {"teachers": [{"model_kwargs": {"hf_token": "hf_abc"}}]}, "uri": "https://TOK9@h/x", "n": 1}
+    text = json.dumps(tree)
+    out = redact_json_text(text)
+    assert json.loads(out) == {"cfg": {"teachers": [{"model_kwargs": {"hf_token": "***"}}]}, "uri": "https://***@h/x",
+                               "n": 1}
+    assert out == json.dumps(json.loads(out), indent=2)
+    assert redact_json_text(text + "\n").endswith("}\n")  # a trailing newline kept
+    table = "| model | top-1 |\n|---|---|\n| http://u:pw@h | 1.0 |\n"  # not JSON: masked as text
+    assert redact_json_text(table) == redact_text(table) == table.replace(":pw@", ":***@")
+    assert redact_json_text('"token=abc"') == redact_text('"token=abc"')  # a JSON scalar: text, as it was
+
+
+def test_many_uris_nested_in_one_token():
+    # each URI's run is searched again after its userinfo: a loop, not recursion, and a capped run
+    assert redact_text("http://" * 3000 + "u:p/w@h").endswith("http://u:***@h")
+    deep = "?next=http://x" * 3000
+    assert redact_text(deep + "?next=http://u:p@h") == deep + "?next=http://u:***@h"
