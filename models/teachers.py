@@ -6,6 +6,7 @@ The regression target is the teacher's pooled *backbone* feature (not its SSL pr
 from __future__ import annotations
 
 import hashlib
+import io
 import pickle
 import re
 from collections.abc import Mapping, Sequence
@@ -45,16 +46,25 @@ class InputTransform:
 
 def read_weights_file(path: str | Path) -> object:
     """The object in a safetensors or torch file (``weights_only=True``: tensors and containers only)."""
+    return read_weights(path)[0]
+
+
+def read_weights(path: str | Path) -> tuple[object, str]:
+    """(the object in a safetensors or torch file, the sha256 of the bytes it was read from). The file is read
+    once and both come from those bytes: a file replaced meanwhile cannot give one model's weights with another's
+    hash. The bytes are held while the tensors are built from them (twice the file's size, briefly)."""
     p = Path(path)
     if not p.is_file():
         raise TeacherLoadError(f"teacher weights file {str(p)!r} does not exist: check teachers[].weights")
     try:
+        data = p.read_bytes()
+        digest = hashlib.sha256(data).hexdigest()
         if p.suffix == ".safetensors":
-            from safetensors.torch import load_file
+            from safetensors.torch import load
 
-            return load_file(str(p))
-        return torch.load(str(p), map_location="cpu", weights_only=True)
-    except Exception as e:  # corrupt file, pickle with code, wrong format
+            return load(data), digest
+        return torch.load(io.BytesIO(data), map_location="cpu", weights_only=True), digest
+    except Exception as e:  # unreadable, corrupt file, pickle with code, wrong format
         fix = "Use a .safetensors file or a torch state dict saved with torch.save(model.state_dict(), path)"
         # weights_only refuses any pickled class or function (a whole nn.Module, numpy arrays, code): name it, in one line
         refused = re.search(r"Unsupported global: GLOBAL ([\w.]+)", str(e))
@@ -72,14 +82,6 @@ def load_weights_file(path: str | Path) -> dict[str, torch.Tensor]:
     return sd
 
 
-def file_sha256(path: str | Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def _describe_keys(keys: Sequence[str], limit: int = 8) -> str:
     keys = sorted(keys)
     shown = ", ".join(keys[:limit])
@@ -87,12 +89,16 @@ def _describe_keys(keys: Sequence[str], limit: int = 8) -> str:
 
 
 class Teacher(nn.Module):
-    """A frozen backbone with its own input transform. forward(view) -> (B, d) pooled feature."""
+    """A frozen backbone with its own input transform. forward(view) -> (B, d) pooled feature.
+    ``weights_sha256``: the sha256 of the file bytes its weights were loaded from (None: randomly initialised)."""
 
-    def __init__(self, name: str, arch: str, backbone: nn.Module, transform: InputTransform) -> None:
+    def __init__(
+        self, name: str, arch: str, backbone: nn.Module, transform: InputTransform, weights_sha256: str | None = None,
+    ) -> None:
         super().__init__()
         self.name = name
         self.arch = arch
+        self.weights_sha256 = weights_sha256
         self.backbone = backbone
         self.transform = transform
         self.feature_dim = feature_dim(backbone, transform.size)
@@ -143,7 +149,7 @@ def load_teacher(
     backbone = build_backbone(arch, key=f"{key}.arch", model_kwargs=model_kwargs)
     if layout != "auto" and layout not in LAYOUTS:
         raise TeacherLoadError(f"{key}.format={layout!r} is unknown: use auto or one of {sorted(LAYOUTS)}")
-    obj = read_weights_file(weights)
+    obj, digest = read_weights(weights)
     own = backbone.state_dict()
     sd, _, tried = adapt(obj, set(own), layout)
     if sd is None:
@@ -169,4 +175,4 @@ def load_teacher(
             + f" ({len(bad_shapes)} in all). Check {key}.arch"
         )
     backbone.load_state_dict({k: v.float() if v.is_floating_point() else v for k, v in sd.items()}, strict=True)
-    return Teacher(name, arch, backbone, transform)
+    return Teacher(name, arch, backbone, transform, weights_sha256=digest)

@@ -1,7 +1,7 @@
 """Teacher targets computed once: Parquet shards shared by epochs, runs and sweep trials, addressed by sample id.
 
 A target is a pure function of (teacher, image, view). The key of a cache directory holds all three:
-- the teacher fingerprint: arch, sha256 of the weights file, checkpoint layout, timm model arguments,
+- the teacher fingerprint: arch, sha256 of the weights it loaded, checkpoint layout, timm model arguments,
   input transform (size, mean, std) and the numeric precision it ran in (fp32 on CPU, bf16 on CUDA);
 - the data fingerprint: the content hash of the split the sample ids index into (a subset of it
   shares the cache: shards are looked up per sample id);
@@ -76,19 +76,32 @@ def default_cache_dir() -> Path | str:
     return (Path(xdg) if xdg else Path.home() / ".cache") / "simreg" / "targets"
 
 
-_SHA_MEMO: dict[tuple[str, int, int], str] = {}
+_SHA_MEMO: dict[tuple[str, int, int, int, int, int], str] = {}
+RACY_NS = 2_000_000_000  # a file changed this recently is hashed again next time (coarse filesystem timestamps)
 
 
 def weights_sha256(path: str | Path) -> str:
-    """``file_sha256`` of a weights file, remembered per (path, size, mtime) within a process."""
-    from simreg.models.teachers import file_sha256  # timm and torch: not for `simreg cache info|clear`
-
+    """sha256 of a weights file as it is now: the key a driver builds before any teacher loads (a loaded teacher
+    keys its targets by the bytes it loaded, ``Teacher.weights_sha256``). Remembered within a process per file
+    version: path, device, inode, size, mtime and ctime. A file replaced by a rename has another inode; one
+    rewritten in place, or whose mtime was set back, has a new ctime (nothing sets it back). Within one tick of
+    the filesystem's clock a change can keep every field, so a file changed less than ``RACY_NS`` before it is
+    hashed is not remembered, nor one that changed while it was read."""
     p = Path(path)
-    st = p.stat()
-    memo = (str(p.resolve()), st.st_size, st.st_mtime_ns)
-    if memo not in _SHA_MEMO:
-        _SHA_MEMO[memo] = file_sha256(p)
-    return _SHA_MEMO[memo]
+    with open(p, "rb") as f:  # stat and hash the one file opened, whatever is renamed over the path meanwhile
+        st = os.fstat(f.fileno())
+        memo = (str(p.resolve()), st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+        if memo in _SHA_MEMO:
+            return _SHA_MEMO[memo]
+        started = time.time_ns()
+        h = hashlib.sha256()
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+        after = os.fstat(f.fileno())
+    digest = h.hexdigest()
+    if (after.st_size, after.st_mtime_ns, after.st_ctime_ns) == memo[3:] and started - st.st_ctime_ns >= RACY_NS:
+        _SHA_MEMO[memo] = digest
+    return digest
 
 
 @dataclass(frozen=True)

@@ -48,11 +48,15 @@ class TeacherSpec:
         return asdict(self)
 
 
-def teacher_fingerprint(spec: TeacherSpec, bf16: bool, channels_last: bool) -> dict[str, Any]:
-    """The teacher part of a cache key (``TeacherInference.fingerprint``), without loading the teacher. A random
-    teacher (``random:SEED``) has its seed and the timm and torch versions where a file has its sha256."""
+def teacher_fingerprint(spec: TeacherSpec, bf16: bool, channels_last: bool, loaded_sha256: str | None = None) -> dict[str, Any]:
+    """The teacher part of a cache key (``TeacherInference.fingerprint``). A random teacher (``random:SEED``) has its
+    seed and the timm and torch versions where a file has its sha256: ``loaded_sha256``, that of the bytes a loaded
+    teacher was built from, or (None: a key built before any teacher loads) the file's as it is now."""
     seed = random_init_seed(spec.weights)
-    weights = {"weights_init": random_init_identity(seed)} if seed is not None else {"weights_sha256": weights_sha256(spec.weights)}
+    if seed is not None:
+        weights = {"weights_init": random_init_identity(seed)}
+    else:
+        weights = {"weights_sha256": loaded_sha256 or weights_sha256(spec.weights)}
     return {
         "arch": spec.arch, **weights, "format": spec.format, "model_kwargs": spec.model_kwargs,
         "input": {"size": spec.input_size, "mean": list(spec.mean), "std": list(spec.std)},
@@ -80,6 +84,8 @@ class TeacherInference:
         self.device = torch.device(device)
         self.spec = spec
         self.teacher = spec.build().to(self.device)
+        # its targets are keyed by the bytes it runs, not by the file at its path now (it may have been replaced)
+        self.weights_sha256 = self.teacher.weights_sha256
         cuda = self.device.type == "cuda"
         if precision not in ("auto", "fp32", "bf16"):
             raise ValueError(f"teacher_pool.precision={precision!r} is unknown: use auto, fp32 or bf16")
@@ -99,7 +105,7 @@ class TeacherInference:
 
     def fingerprint(self) -> dict[str, Any]:
         """The teacher part of a cache key: everything that decides its output for a given view."""
-        return teacher_fingerprint(self.spec, self.bf16, self.channels_last)
+        return teacher_fingerprint(self.spec, self.bf16, self.channels_last, self.weights_sha256)
 
     @torch.no_grad()
     def targets(self, view: np.ndarray) -> np.ndarray:

@@ -41,6 +41,7 @@ class CachedSource:
     targets: dict[str, Any]  # teacher name -> ray.ObjectRef of a (len(views), N, dim) float16 array
     views: tuple[int, ...]  # the view indices of the arrays' first axis
     block_rows: int
+    identity: str  # ``cached_identity`` of the config the targets were read for: a run with another one trains on others
 
 
 def epoch_rows(n: int, block_rows: int, seed: int, epoch: int, rank: int, world: int) -> np.ndarray:
@@ -88,7 +89,39 @@ def cached_source(cfg: Any, train: ImageSet, specs: list[Any], teacher_dims: dic
     if found is None:
         return None
     views, arrays = found
-    return CachedSource(ray.put(train), {name: ray.put(a) for name, a in arrays.items()}, views, cfg.teacher_pool.batch_size)
+    return CachedSource(ray.put(train), {name: ray.put(a) for name, a in arrays.items()}, views, cfg.teacher_pool.batch_size,
+                        identity=targets_identity(cfg, teacher_gpus))
+
+
+def cached_identity(cfg: Any, cluster: dict[str, float]) -> str:
+    """What decides the targets a run reads from the cache and how it reads them: data and seed (the images),
+    the teachers' views and their indices (epochs, view bank), the teachers (names, specs and the precision they
+    run in with the config's own placement on ``cluster``: a GPU teacher's targets are bf16), the cache. Configs
+    with one identity train from one ``CachedSource``."""
+    from simreg.orchestrator.train.placement import plan_placement
+
+    return targets_identity(cfg, plan_placement(cfg, cluster, check=False).teacher_gpus)
+
+
+def targets_identity(cfg: Any, teacher_gpus: float) -> str:
+    """``cached_identity`` with the teachers' GPUs placed: what ``cached_targets`` reads by (a teacher's cache key
+    is its spec, precision and memory layout; ``teacher_pool.compile`` and its device are not in it)."""
+    from simreg.orchestrator.pipeline.requester import digest
+    from simreg.orchestrator.train.builders import target_views, teacher_specs
+
+    tp = cfg.teacher_pool
+    teachers = [[s.name, {k: v for k, v in s.to_dict().items() if k != "key"}, _bf16(cfg, teacher_gpus), tp.channels_last]
+                for s in teacher_specs(cfg)]  # ``key``: the config path, for messages only
+    return digest({
+        "data": cfg.data.model_dump(mode="json"), "views": target_views(cfg), "epochs": cfg.train.epochs, "bank": cfg.augment.view_bank,
+        "cache": cfg.cache.model_dump(mode="json"), "block_rows": tp.batch_size, "teachers": teachers,
+    })
+
+
+def _bf16(cfg: Any, teacher_gpus: float) -> bool:
+    """Whether the teachers' targets are bf16 ones: as the teacher actors run (trainer.pool_resources)."""
+    tp = cfg.teacher_pool
+    return tp.precision == "bf16" or (tp.precision == "auto" and teacher_gpus > 0)
 
 
 def cached_targets(
@@ -107,7 +140,7 @@ def cached_targets(
     spec = cache_spec(cfg, train)
     assert spec is not None
     tp = cfg.teacher_pool
-    bf16 = tp.precision == "bf16" or (tp.precision == "auto" and teacher_gpus > 0)  # as the teacher actors run (trainer.pool_resources)
+    bf16 = _bf16(cfg, teacher_gpus)
     arrays: dict[str, np.ndarray] = {}
     for s in specs:
         cache = TargetCache(spec.root, spec.key(teacher_fingerprint(s, bf16, tp.channels_last)), s.name, teacher_dims[s.name], spec.memory_mib)

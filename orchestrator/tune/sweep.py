@@ -13,6 +13,7 @@ hold the real resources. Only the driver writes to MLflow, from a Tune callback.
 """
 from __future__ import annotations
 
+import itertools
 import json
 import logging
 import math
@@ -31,7 +32,7 @@ from simreg.orchestrator.config import SimRegConfig
 from simreg.orchestrator.storage import Store, open_store, scratch
 from simreg.orchestrator.tracking.backends import backend_for, default_tracking_uri
 from simreg.orchestrator.tracking.base import TRACKING_URI_ENV
-from simreg.orchestrator.tracking.redact import redact_tree
+from simreg.orchestrator.tracking.redact import redact_json_text, redact_tree
 from simreg.orchestrator.tune.callback import CHILD_RUNS_FILE, TrialRunsCallback
 from simreg.orchestrator.tune.outcome import SweepFailedError, sweep_outcome
 from simreg.orchestrator.tune.space import check_space, trial_config, tune_param_space
@@ -97,7 +98,7 @@ def _sweep(
     epochs = base_cfg.train.epochs
     if base_cfg.eval.val_every != 1 and space.search.metric.startswith("val/"):
         raise ConfigError("sweeps report the validation k-NN every epoch: set eval.val_every=1")
-    (out / "space.json").write_text(space.model_dump_json(indent=2))
+    (out / "space.json").write_text(redact_json_text(space.model_dump_json(indent=2)))
     (out / "base_config.json").write_text(json.dumps(base_tree, indent=2))
 
     # 2. data and teachers once in the driver: a bad path fails here, not in every trial
@@ -257,30 +258,33 @@ def _sweep(
     return summary
 
 
-def _cached_identity(cfg: SimRegConfig, cluster: dict[str, float]) -> str:
-    """What decides the targets a run reads from the cache and how it reads them: data and seed (the images),
-    the teachers' views and their indices (epochs, view bank), the teachers (names and identities, with the
-    config's own placement: a GPU teacher's targets are bf16), the cache."""
-    from simreg.orchestrator.pipeline.fleet import teacher_identity
-    from simreg.orchestrator.pipeline.requester import digest
-    from simreg.orchestrator.train.builders import target_views, teacher_specs
-    from simreg.orchestrator.train.placement import plan_placement
-    from simreg.orchestrator.train.trainer import pool_resources
-
-    res = pool_resources(cfg, plan_placement(cfg, cluster, check=False))
-    return digest({
-        "data": cfg.data.model_dump(mode="json"), "views": target_views(cfg), "epochs": cfg.train.epochs, "bank": cfg.augment.view_bank,
-        "cache": cfg.cache.model_dump(mode="json"), "block_rows": cfg.teacher_pool.batch_size,
-        "teachers": [[s.name, teacher_identity(s, res)] for s in teacher_specs(cfg)],
-    })
+MAX_PROBED_TRIALS = 4096  # combinations of probe values checked before a sweep shares the cached targets
 
 
 def _params_keep_cached_targets(space: SearchSpace, base_tree: dict[str, Any], base_cfg: SimRegConfig, cluster: dict[str, float]) -> bool:
-    """Whether no value of the space's params changes which cached targets a trial reads (``_cached_identity``):
-    heads, optimizer, student and the like do not; views, data, teachers do. A value that does not validate
-    counts as a change (nothing is known of its trial)."""
-    base = _cached_identity(base_cfg, cluster)
-    return all(tcfg is not None and _cached_identity(tcfg, cluster) == base for _, tcfg in _one_param_trials(space, base_tree))
+    """Whether no combination of the space's param values changes which cached targets a trial reads
+    (``cached_identity``): heads, optimizer, student and the like do not; views, data, teachers do. Values
+    combine: at ``augment.strength=0`` a crop range gives whole images, and so does strength 1 with a full-image
+    range, but the two together crop. So every combination of the params' probe values is checked; more than
+    ``MAX_PROBED_TRIALS`` of them count as a change, as does a combination that does not validate (nothing is
+    known of its trial)."""
+    from simreg.orchestrator.train.cached_data import cached_identity
+
+    probes = {k: _probe_values(d) for k, d in space.params.items()}
+    n = math.prod(len(v) for v in probes.values())
+    if n > MAX_PROBED_TRIALS:
+        log.info("sweep: %d combinations of param values, more than the %d checked for shared cached targets: "
+                 "each trial reads its own", n, MAX_PROBED_TRIALS)
+        return False
+    base = cached_identity(base_cfg, cluster)
+    for combo in itertools.product(*probes.values()):
+        try:
+            tcfg = trial_config(base_tree, dict(zip(probes, combo, strict=True)))
+        except ConfigError:
+            return False
+        if cached_identity(tcfg, cluster) != base:
+            return False
+    return True
 
 
 def _probe_values(d: Any) -> list[Any]:

@@ -3,11 +3,15 @@
 from __future__ import annotations
 
 import logging
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ray import tune
 
 from simreg.orchestrator.tune.space import trial_config
+
+if TYPE_CHECKING:
+    from simreg.orchestrator.config import SimRegConfig
+    from simreg.orchestrator.train.cached_data import CachedSource
 
 log = logging.getLogger("simreg")
 
@@ -34,12 +38,17 @@ def run_trial(
 
     cfg = trial_config(base, {k: config[k] for k in keys})
     prep = prepare(cfg, quiet=True)
-    placement = plan_placement(cfg, dict(ray.cluster_resources()), check=False)
+    cluster = dict(ray.cluster_resources())
+    placement = plan_placement(cfg, cluster, check=False)
     state = start_run_state()
     trial_id = tune.get_context().get_trial_id()
     actors: list[Any] = []
     try:
         storage_path, storage_fs = open_store(storage).ray_storage()  # a folder or an object-store URI
+        if cached is not None and not usable_shared(cached, cfg, cluster):
+            log.warning("trial %s: the sweep's shared cached targets were read for other data, views or teachers than this "
+                        "trial's config: it reads its own", trial_id)
+            cached = None
         if cached is None:
             cached = cached_source(cfg, prep.train, prep.specs, prep.teacher_dims, placement.teacher_gpus)
         trainer, actors = make_trainer(prep, placement, state, cached, ray.train.RunConfig(
@@ -51,3 +60,11 @@ def run_trial(
         fit(trainer, state)
     finally:
         stop_actors(state, actors)
+
+
+def usable_shared(cached: CachedSource, cfg: SimRegConfig, cluster: dict[str, float]) -> bool:
+    """Whether the sweep's shared targets are this trial's own: read for a config with the trial's
+    ``cached_identity`` (else the trial would regress its views onto other views' targets, without an error)."""
+    from simreg.orchestrator.train.cached_data import cached_identity
+
+    return cached.identity == cached_identity(cfg, cluster)

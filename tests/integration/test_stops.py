@@ -140,3 +140,20 @@ def test_ctrl_c_during_a_sweep_kills_its_runs_and_writes_no_result(ray_cluster, 
     assert children and {c.info.status for c in children} == {"KILLED"}
     assert not (out / "sweep_summary.json").exists() and not (out / "comparison").exists()
     assert client.search_registered_models() == []
+
+
+def test_ctrl_c_during_a_distill_exits_130_and_kills_its_run(ray_cluster, tmp_path):
+    """Ray Train V2's own SIGINT handler aborts the run and exits 0: kept out, the distill exits 130, KILLED."""
+    from mlflow.tracking import MlflowClient
+
+    out = tmp_path / "run"
+    log = tmp_path / "distill.log"
+    p = subprocess.Popen([_exe(), "distill", "--output-dir", str(out), *SMALL], stdout=open(log, "w"), stderr=subprocess.STDOUT,  # noqa: SIM115
+                         env=_env(ray_cluster))
+    _wait_for(log, f"epoch 1/{EPOCHS}", p)
+    p.send_signal(signal.SIGINT)
+    assert p.wait(timeout=120) == 130, log.read_text()[-3000:]
+    assert "simreg: interrupted" in log.read_text().splitlines()
+    client = MlflowClient(f"sqlite:///{out / 'mlflow.db'}")
+    assert wait_while_running(client, (out / "mlflow_run_id").read_text().strip()).info.status == "KILLED"
+    assert not (out / "summary.json").exists() and not (out / "student").exists()
