@@ -419,7 +419,7 @@ class FolderLock:
                 endpoint = f"{q.get('scheme', 'https')}://{endpoint}"
             # short: a renewal that hangs must not keep a driver writing past its lease
             config = Config(connect_timeout=min(3.0, self.margin_s / 2), read_timeout=min(5.0, self.margin_s / 2),
-                            retries={"max_attempts": 2, "mode": "standard"})
+                            retries={"total_max_attempts": 2, "mode": "standard"})
             self._client = boto3.client("s3", endpoint_url=endpoint, region_name=q.get("region"), config=config)
         bucket, _, prefix = self.store.path.partition("/")
         return self._client, bucket, f"{prefix}/{LOCK_NAME}" if prefix else LOCK_NAME

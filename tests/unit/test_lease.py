@@ -107,6 +107,23 @@ def test_a_holder_stops_itself_before_a_takeover_is_possible(s3, monkeypatch):
     lock.release()
 
 
+def test_a_renewal_that_hangs_does_not_keep_the_holder_writing(s3, monkeypatch):
+    """A renewal request that never returns: the watchdog stops the driver on time anyway, and the lease's own
+    requests give up within seconds (boto3's defaults: 60 s connect, 60 s read, 3 attempts)."""
+    stops: list[str] = []
+    monkeypatch.setattr(storage, "stop_driver", stops.append)
+    folder = Store(_prefix())
+    lock = FolderLock(folder).acquire()
+    config = lock._client.meta.config
+    assert config.connect_timeout <= 3 and config.read_timeout <= 5 and config.retries["total_max_attempts"] <= 2
+    t_ok = time.monotonic()
+    monkeypatch.setattr(lock._client, "put_object", lambda **kwargs: time.sleep(30))
+    while not stops and time.monotonic() - t_ok < 10:
+        time.sleep(0.05)
+    assert stops and time.monotonic() - t_ok < LEASE_S and not lock.valid()
+    lock._stop.set()  # the hung renewal thread is a daemon: let the test go on without it
+
+
 def test_a_taken_lease_stops_the_driver_and_is_not_deleted(s3, monkeypatch):
     stops: list[str] = []
     monkeypatch.setattr(storage, "stop_driver", stops.append)
