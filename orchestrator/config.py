@@ -37,7 +37,8 @@ def _no_secret_kwargs(kwargs: dict[str, Any]) -> dict[str, Any]:
     (masked there, so a run would get the mask, not the secret). Tokens come from the environment."""
     from simreg.orchestrator.tracking.redact import SECRET_KEY
 
-    bad = [k for k in kwargs if SECRET_KEY.search(str(k))]
+    # a string under a secret-looking name; a flag such as timm's ``class_token: false`` is no secret
+    bad = [k for k, v in kwargs.items() if SECRET_KEY.search(str(k)) and isinstance(v, str) and v]
     if bad:
         raise ValueError(f"{bad} look like secrets: pass them through the environment (e.g. HF_TOKEN), never in a config that simreg "
                          "writes to the run folder and MLflow")

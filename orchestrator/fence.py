@@ -12,8 +12,8 @@ time). Whatever the reason:
   driver that took the folder over on a lost lease (the run is its run now);
 - the command exits 130 (a signal) or 1 (a lost lease), never 0.
 
-A held lease is checked on its own clock too (``Lease.valid``): a driver frozen past its lease (SIGSTOP, a VM
-paused) is stopped by its first write after it wakes, before its renewal thread has even run.
+A held lease is checked on its own clock too (``Lease.valid``): a driver frozen past its lease (SIGSTOP, a
+suspended host) is stopped by its first write after it wakes, before its renewal thread has even run.
 
 Ray Tune and Ray Train install their own SIGINT handlers (Tune's ends the sweep "gracefully" and lets it go
 on to its results; Train V2's calls ``sys.exit(0)``): ``quiet_ray_handlers`` keeps ours in place.
@@ -47,9 +47,12 @@ class Lease(Protocol):
     def describe_loss(self) -> str: ...
 
 
-_lock = threading.Lock()
+_lock = threading.RLock()  # re-entrant: a signal handler may run while the main thread holds it
 _decided: Stopped | None = None
 _leases: list[Lease] = []
+_raised = 0  # how many times the main thread was sent a Stopped (or a signal asked for one)
+_handlers = False  # the command line installed simreg's signal handlers (Ray's init replaces them: reinstalled)
+_hard: threading.Timer | None = None
 
 
 def decide(reason: str, exit_code: int = EXIT_SIGNAL, owned: bool = True) -> Stopped:
@@ -85,10 +88,13 @@ def decided() -> Stopped | None:
 def check(what: str = "") -> None:
     """Raise ``Stopped`` when this driver's stop was decided (or a lease it holds ran out): called before every
     write of the driver, so nothing is written after the decision."""
+    global _raised
     stop = decided()
     if stop is not None:
         if what:
             log.debug("not writing %s: %s", what, stop.reason)
+        if threading.current_thread() is threading.main_thread():
+            _raised += 1
         raise Stopped(stop.reason, stop.exit_code, stop.owned)
 
 
@@ -111,46 +117,72 @@ def let_go(lease: Lease) -> None:
 
 
 def reset() -> None:
-    """Forget a decision and held leases (a new driver in this process: the Python API, tests)."""
-    global _decided
+    """Forget a decision, held leases and a pending hard exit (a new driver in this process: the Python API,
+    tests)."""
+    global _decided, _raised, _hard
     with _lock:
-        _decided = None
+        _decided, _raised = None, 0
         _leases.clear()
+        if _hard is not None:
+            _hard.cancel()
+            _hard = None
 
 
-def interrupt_main(reason: str, exit_code: int = EXIT_LOST, owned: bool = False, hard_after_s: float = 60.0) -> None:
+def interrupt_main(reason: str, exit_code: int = EXIT_LOST, owned: bool = False, hard_after_s: float = 0.0) -> None:
     """From another thread: decide the stop and interrupt the main thread (its SIGINT handler raises
-    ``Stopped``). A main thread that has not ended the process ``hard_after_s`` later (stuck in a call that
-    does not return) is ended with ``os._exit``: a stop that stops. The reaper ends its runs KILLED."""
+    ``Stopped``). Under the command line, a main thread that has not ended the process ``hard_after_s`` later
+    (stuck in a call that does not return) is ended with ``os._exit``: a stop that stops; the reaper ends its
+    runs KILLED. Never in a notebook or another program calling the Python API: that is its process."""
     import _thread
 
+    global _hard
     if not _decide(reason, exit_code, owned)[1]:  # decided already: the main thread is unwinding
         return
     _thread.interrupt_main()
-    if hard_after_s > 0:
-        def _hard() -> None:
+    if hard_after_s > 0 and _handlers:
+        def _exit() -> None:
             log.error("the driver did not stop within %.0f s of: %s; ending it now", hard_after_s, reason)
             logging.shutdown()
             os._exit(exit_code)
 
-        t = threading.Timer(hard_after_s, _hard)
-        t.daemon = True
-        t.start()
+        with _lock:
+            _hard = threading.Timer(hard_after_s, _exit)
+            _hard.daemon = True
+            _hard.start()
 
 
 def _handler(signum: int, frame: Any) -> None:
+    """The first signal (or the lease thread's interrupt) raises ``Stopped`` in the main thread. A second one
+    lets the clean-up under way finish (the runs ended KILLED, the lease released): it only says so; a third
+    ends the process at once."""
+    global _raised
     name = signal.Signals(signum).name
     stop = decide(f"interrupted ({name})", EXIT_SIGNAL, owned=True)
-    raise Stopped(stop.reason, stop.exit_code, stop.owned)
+    _raised += 1
+    if _raised == 1:
+        raise Stopped(stop.reason, stop.exit_code, stop.owned)
+    if _raised == 2:
+        log.warning("stopping already (%s): its clean-up goes on; %s again ends it at once", stop.reason, name)
+        return
+    logging.shutdown()
+    os._exit(stop.exit_code)
 
 
 def install_signal_handlers() -> None:
     """SIGINT and SIGTERM stop the driver (``Stopped`` in the main thread). Only in the main thread, where
-    Python delivers signals."""
+    Python delivers signals. ``ray.init`` installs its own SIGTERM handler (``sys.exit``): ``reinstall`` after it."""
+    global _handlers
     if threading.current_thread() is not threading.main_thread():
         return
     signal.signal(signal.SIGINT, _handler)
     signal.signal(signal.SIGTERM, _handler)
+    _handlers = True
+
+
+def reinstall() -> None:
+    """simreg's handlers back in place after Ray installed its own, where the command line had installed them."""
+    if _handlers:
+        install_signal_handlers()
 
 
 def quiet_ray_handlers() -> None:

@@ -73,6 +73,9 @@ def keep_sigint_handler(trainer: Any) -> list[Any]:
     controllers: list[Any] = []
     if hasattr(trainer, "_register_sigint_handler"):
         trainer._register_sigint_handler = controllers.append
+    else:  # another Ray layout: its handler may exit 0 on Ctrl-C
+        logging.getLogger("simreg").warning("this Ray (tested: %s) has no TorchTrainer._register_sigint_handler: Ctrl-C during "
+                                            "training may end the command with status 0", TESTED_RAY)
     return controllers
 
 

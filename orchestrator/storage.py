@@ -331,10 +331,18 @@ def local_copy(uri: str | Path) -> Iterator[Path]:
 # ---------------------------------------------------------------------- one driver per folder
 
 
-def stop_driver(reason: str) -> None:
+def stop_driver(reason: str, hard_after_s: float = 0.0) -> None:
     """Stop this driver: the main thread unwinds (``fence.Stopped``), no write of it goes out after this, its
-    command exits 1; the run is left to the driver that took the folder over."""
-    fence.interrupt_main(reason)
+    command exits 1 (ended with ``os._exit`` when still there ``hard_after_s`` later); the run is left to the
+    driver that took the folder over."""
+    fence.interrupt_main(reason, hard_after_s=hard_after_s)
+
+
+def _clock() -> float:
+    """Seconds on this host's own clock, counting time suspended (a laptop's sleep, a paused VM where the guest
+    kernel sees it): CLOCK_BOOTTIME on Linux, else the monotonic clock. Never the wall clock."""
+    boottime = getattr(time, "CLOCK_BOOTTIME", None)
+    return time.clock_gettime(boottime) if boottime is not None else time.monotonic()
 
 
 def _code(e: Any) -> str:
@@ -358,7 +366,7 @@ def lease_times() -> tuple[float, float, float]:
 class FolderLock:
     """Held while a driver owns a run folder. Local: ``flock`` (the OS drops it when the process dies).
     S3: a lease object created with a conditional PUT (``If-None-Match: *``) and renewed with ``If-Match`` on
-    its ETag. Only the monotonic clock of each host counts: the holder stops itself ``lease - margin`` after
+    its ETag. Only each host's own clock counts (``_clock``, never the wall clock): the holder stops itself ``lease - margin`` after
     its last successful renewal was sent (``valid``, checked by every write of the driver: ``fence``), and a
     contender takes over a lease unchanged for ``lease + margin`` by its own clock (a driver that died, or one
     frozen that will stop when it wakes). A server that ignores conditional writes is refused: with it two
@@ -375,7 +383,7 @@ class FolderLock:
         self._client: Any = None
         self._held = False
         self._seq = 0
-        self._sent: dict[int, float] = {}  # renewal number -> when it was sent (monotonic)
+        self._sent: dict[int, float] = {}  # renewal number -> when it was sent (_clock)
         self._valid_until = float("inf")
         self._lost: str | None = None
         self.lease_s, self.margin_s, self.renew_s = lease_times()
@@ -450,10 +458,10 @@ class FolderLock:
         from botocore.exceptions import BotoCoreError, ClientError
 
         client, bucket, key = self._s3()
-        seen: tuple[str, float] | None = None  # (etag, when first seen on this host's monotonic clock)
+        seen: tuple[str, float] | None = None  # (etag, when first seen on this host's own clock)
         try:
             while True:
-                sent = time.monotonic()
+                sent = _clock()
                 try:
                     self._etag = client.put_object(Bucket=bucket, Key=key, Body=self._body(0), IfNoneMatch="*")["ETag"]
                     self._sent, self._valid_until = {0: sent}, sent + self.lease_s - self.margin_s
@@ -472,11 +480,11 @@ class FolderLock:
                         f"{self.store} is in use by another simreg driver ({holder}): wait for it, or choose another --output-dir"
                     )
                 if seen is None:
-                    seen = (etag, time.monotonic())
+                    seen = (etag, _clock())
                     log.info("%s: waiting up to %.0f s for the lease of %s (a driver that died leaves it until it lapses)",
                              self.store, self.lease_s + self.margin_s, holder)
                 # Lapsed: unchanged for lease + margin by this host's own clock (its holder stopped itself by now)
-                if time.monotonic() - seen[1] >= self.lease_s + self.margin_s:
+                if _clock() - seen[1] >= self.lease_s + self.margin_s:
                     try:  # take it over, unless someone else just did
                         client.delete_object(Bucket=bucket, Key=key, IfMatch=etag)
                     except ClientError as e:
@@ -493,8 +501,8 @@ class FolderLock:
             ) from None
 
     def _check_conditional_writes(self) -> None:
-        """Prove the server enforces conditional writes: a second create (``If-None-Match: *``) of the lease
-        and an update with an ETag that is not its own (``If-Match``) must both be refused (412). A server
+        """Prove the server enforces conditional writes: a second create (``If-None-Match: *``) of the lease,
+        an update and a delete with an ETag that is not its own (``If-Match``) must all be refused (412). A server
         that accepts either would let two drivers hold one folder: refused for runs."""
         from botocore.exceptions import ClientError
 
@@ -507,13 +515,19 @@ class FolderLock:
             except ClientError as e:
                 if _code(e) not in _TAKEN:
                     raise
+        try:  # a takeover and a release delete with If-Match: a foreign ETag must be refused too
+            client.delete_object(Bucket=bucket, Key=key, IfMatch='"00000000000000000000000000000000"')
+            ignored.append("If-Match on delete")
+        except ClientError as e:
+            if _code(e) not in _TAKEN:
+                raise
         if ignored:
             try:
                 client.delete_object(Bucket=bucket, Key=key)
             except ClientError:
                 pass
             raise ConfigError(
-                f"--output-dir {self.store}: this S3 server ignores conditional writes ({' and '.join(ignored)}), so two drivers "
+                f"--output-dir {self.store}: this S3 server ignores conditional writes ({', '.join(ignored)}), so two drivers "
                 "could write one run; use a store that enforces them (AWS S3, MinIO, Ceph RGW) or a local --output-dir"
             )
 
@@ -525,8 +539,8 @@ class FolderLock:
 
     def valid(self) -> bool:
         """Whether this driver may still write: the lease is held and its last successful renewal was sent less
-        than ``lease - margin`` ago (monotonic), so no other driver can have taken it over."""
-        return self._held and self._lost is None and time.monotonic() < self._valid_until
+        than ``lease - margin`` ago (its own clock), so no other driver can have taken it over."""
+        return self._held and self._lost is None and _clock() < self._valid_until
 
     def describe_loss(self) -> str:
         why = self._lost or f"not renewed for {self.lease_s - self.margin_s:.0f} s"
@@ -541,10 +555,10 @@ class FolderLock:
             with self._io:
                 if self._stop.is_set():
                     return
-                if time.monotonic() >= self._valid_until:
+                if _clock() >= self._valid_until:
                     break
                 self._seq += 1
-                sent = self._sent[self._seq] = time.monotonic()
+                sent = self._sent[self._seq] = _clock()
                 try:
                     self._etag = client.put_object(Bucket=bucket, Key=key, Body=self._body(self._seq), IfMatch=self._etag)["ETag"]
                     self._ok(sent)
@@ -557,13 +571,13 @@ class FolderLock:
                         break
                     log.warning("%s: could not renew the folder lease (%s)", self.store, first_line(e, 200))
         if not self._stop.is_set():
-            stop_driver(self.describe_loss())
+            stop_driver(self.describe_loss(), hard_after_s=self.margin_s)
 
     def _watch(self) -> None:
         """Stops the driver when the lease runs out on this host's clock, even while a renewal hangs."""
-        while not self._stop.wait(max(0.05, min(self.renew_s, self._valid_until - time.monotonic()))):
+        while not self._stop.wait(max(0.05, min(self.renew_s, self._valid_until - _clock()))):
             if not self.valid():
-                stop_driver(self.describe_loss())
+                stop_driver(self.describe_loss(), hard_after_s=self.margin_s)
                 return
 
     def _ok(self, sent: float) -> None:
@@ -625,12 +639,12 @@ def lease_still_held(token: dict[str, str] | None) -> bool:
     the lease cannot be read now (the holder's own renewals decide then)."""
     if token is None:
         return True
-    lock = _READERS.get(token["uri"])
-    if lock is None:
-        lock = _READERS[token["uri"]] = FolderLock(Store(token["uri"]))
     try:
+        lock = _READERS.get(token["uri"])
+        if lock is None:
+            lock = _READERS[token["uri"]] = FolderLock(Store(token["uri"]))
         current = lock._read()
     except Exception as e:  # noqa: BLE001
-        log.warning("%s: could not read the folder lease (%s)", lock.store, first_line(e, 200))
+        log.warning("%s: could not read the folder lease (%s)", token["uri"].split("?")[0], first_line(e, 200))
         return True
     return current is not None and current[1].get("holder") == token["holder"]

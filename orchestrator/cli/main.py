@@ -179,7 +179,12 @@ def _cache_line(summary: dict[str, Any], cache_dir: str | None) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     try:
-        rc = _main(argv)
+        try:
+            rc = _main(argv)
+        except KeyboardInterrupt:  # a stop that landed while an error was being reported
+            stop = fence.decided()
+            rc = stop.exit_code if stop is not None else EXIT_INTERRUPTED
+            print(f"simreg: {stop.reason}" if stop is not None and rc != EXIT_INTERRUPTED else "simreg: interrupted", file=sys.stderr)
     except BaseException:
         rc = 1
         raise

@@ -8,7 +8,7 @@ import os
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from simreg.orchestrator import console
+from simreg.orchestrator import console, fence
 from simreg.orchestrator.config import SimRegConfig
 from simreg.orchestrator.ray_compat import LOCAL_SYSTEM_CONFIG, train_controller_runtime_env
 from simreg.orchestrator.tracking.redact import redact_tree
@@ -41,6 +41,7 @@ def init_ray(cfg: SimRegConfig) -> dict[str, float]:
             _system_config=dict(LOCAL_SYSTEM_CONFIG) if cfg.ray.address is None else None,
         )
         private_token_file()
+        fence.reinstall()  # ray.init makes SIGTERM sys.exit(): it stops the driver as Ctrl-C does instead
     return dict(ray.cluster_resources())
 
 

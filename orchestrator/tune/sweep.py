@@ -158,7 +158,7 @@ def _sweep(
             fleet = start_fleet(prep.specs, res) if use_fleet else None
             trainable = tune.with_resources(
                 tune.with_parameters(run_trial, base=base_tree, keys=keys, storage=(out / "trials").uri, fleet=fleet, cached=cached,
-                                     lease=lease),
+                                     lease=lease, driver_cluster=cluster),
                 {"CPU": 0.01},
             )
             scheduler = None

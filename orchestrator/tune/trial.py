@@ -18,11 +18,13 @@ log = logging.getLogger("simreg")
 
 def run_trial(
     config: dict[str, Any], *, base: dict[str, Any], keys: list[str], storage: str, fleet: Any = None, cached: Any = None,
-    lease: dict[str, str] | None = None,
+    lease: dict[str, str] | None = None, driver_cluster: dict[str, float] | None = None,
 ) -> None:
     """One trial: its config, its own RunState, the sweep's teacher ``fleet`` (None: its own teacher actors), the
     sweep's ``cached`` targets (a ``CachedSource`` every trial of the sweep trains from; None: the trial looks in
-    the cache itself), the sweep folder's ``lease`` (its workers check it before each checkpoint)."""
+    the cache itself), the sweep folder's ``lease`` (its workers check it before each checkpoint), the
+    ``driver_cluster`` the driver read the shared targets on (the trial's identity is taken on it too: a node that
+    joined since changes nothing)."""
     import ray
     import ray.train
     from ray.tune.integration.ray_train import TuneReportCallback
@@ -45,7 +47,7 @@ def run_trial(
     actors: list[Any] = []
     try:
         storage_path, storage_fs = open_store(storage).ray_storage()  # a folder or an object-store URI
-        if cached is not None and not usable_shared(cached, cfg, cluster):
+        if cached is not None and not usable_shared(cached, cfg, driver_cluster or cluster):
             log.warning("trial %s: the sweep's shared cached targets were read for other data, views or teachers than this "
                         "trial's config: it reads its own", trial_id)
             cached = None

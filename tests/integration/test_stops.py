@@ -6,7 +6,8 @@ joins; real images, the real SimCLR teacher, a real MLflow store, moto's S3 serv
   (its workers, which trained on while it was frozen, stop at their next checkpoint); one MLflow run, every
   epoch logged once;
 - Ctrl-C (SIGINT) during a real sweep's ``fit()``: exit 130, the parent and its running trials KILLED, no
-  comparison, no summary, no registered model (Tune's own SIGINT handler would end it ENDED and go on).
+  comparison, no summary, no registered model (Tune's own SIGINT handler would end it ENDED and go on);
+- SIGTERM during a distill: exit 130, KILLED, no summary (``ray.init``'s SIGTERM handler would exit 15).
 """
 from __future__ import annotations
 
@@ -142,8 +143,9 @@ def test_ctrl_c_during_a_sweep_kills_its_runs_and_writes_no_result(ray_cluster, 
     assert client.search_registered_models() == []
 
 
-def test_ctrl_c_during_a_distill_exits_130_and_kills_its_run(ray_cluster, tmp_path):
-    """Ray Train V2's own SIGINT handler aborts the run and exits 0: kept out, the distill exits 130, KILLED."""
+def test_sigterm_during_a_distill_exits_130_and_kills_its_run(ray_cluster, tmp_path):
+    """``ray.init`` makes SIGTERM ``sys.exit(15)`` and Ray Train V2's SIGINT handler exits 0: both kept out, a
+    distill stopped by SIGTERM (a scheduler's preemption, ``kill``) exits 130, its run KILLED."""
     from mlflow.tracking import MlflowClient
 
     out = tmp_path / "run"
@@ -151,7 +153,7 @@ def test_ctrl_c_during_a_distill_exits_130_and_kills_its_run(ray_cluster, tmp_pa
     p = subprocess.Popen([_exe(), "distill", "--output-dir", str(out), *SMALL], stdout=open(log, "w"), stderr=subprocess.STDOUT,  # noqa: SIM115
                          env=_env(ray_cluster))
     _wait_for(log, f"epoch 1/{EPOCHS}", p)
-    p.send_signal(signal.SIGINT)
+    p.send_signal(signal.SIGTERM)
     assert p.wait(timeout=120) == 130, log.read_text()[-3000:]
     assert "simreg: interrupted" in log.read_text().splitlines()
     client = MlflowClient(f"sqlite:///{out / 'mlflow.db'}")

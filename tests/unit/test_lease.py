@@ -235,7 +235,8 @@ def test_a_server_that_ignores_conditional_writes_is_refused(s3):
         with pytest.raises(ConfigError) as e:
             FolderLock(folder).acquire()
     msg = str(e.value)
-    assert msg.startswith("--output-dir s3://careless/run: this S3 server ignores conditional writes (If-None-Match and If-Match)")
+    assert msg.startswith("--output-dir s3://careless/run: this S3 server ignores conditional writes "
+                          "(If-None-Match, If-Match, If-Match on delete)")
     assert "use a store that enforces them" in msg and "\n" not in msg
     assert _CarelessS3.objects == {}  # its lease deleted again
 

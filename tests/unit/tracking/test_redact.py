@@ -202,6 +202,8 @@ def test_a_secret_named_model_kwarg_is_refused_and_a_saved_one_masked():
     for key in ("teachers.0.model_kwargs.hf_token", "student.model_kwargs.api_key"):
         with pytest.raises(ConfigError, match=r"look like secrets: pass them through the environment"):
             load_config(None, [f"{key}=hf_abc123"])
+    cfg = load_config(None, ["teachers.0.model_kwargs.class_token=false"])  # a flag of timm's ViT: no secret
+    assert cfg.teachers[0].model_kwargs == {"class_token": False}
     tree = redact_tree({"teachers": [{"model_kwargs": {"hf_token": "hf_abc123", "img_size": 64}}]})
     assert tree == {"teachers": [{"model_kwargs": {"hf_token": "***", "img_size": 64}}]}
 
