@@ -75,14 +75,14 @@ def test_a_driver_frozen_past_its_lease_stops_and_the_second_finishes_the_run(ra
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     cmd = [_exe(), "distill", "--output-dir", out, "--tracking-uri", uri, "name=two_drivers", *SMALL]
     log_a, log_b = tmp_path / "a.log", tmp_path / "b.log"
-    a = subprocess.Popen(cmd, stdout=open(log_a, "w"), stderr=subprocess.STDOUT, env=_env(ray_cluster))  # noqa: SIM115
+    a = subprocess.Popen(cmd, stdout=open(log_a, "w"), stderr=subprocess.STDOUT, env=_env(ray_cluster), cwd=tmp_path)  # noqa: SIM115
     deadline = time.time() + 300
     while time.time() < deadline and a.poll() is None and not committed(Store(out), 0):  # type: ignore[arg-type]
         time.sleep(0.2)
     assert committed(Store(out), 0), log_a.read_text()[-3000:]  # type: ignore[arg-type]
     a.send_signal(signal.SIGSTOP)  # its Ray workers train on; its lease is no longer renewed
     try:
-        b = subprocess.Popen(cmd, stdout=open(log_b, "w"), stderr=subprocess.STDOUT, env=_env(ray_cluster))  # noqa: SIM115
+        b = subprocess.Popen(cmd, stdout=open(log_b, "w"), stderr=subprocess.STDOUT, env=_env(ray_cluster), cwd=tmp_path)  # noqa: SIM115
         _wait_for(log_b, "took over the lapsed lease", b, timeout_s=60)
         _wait_for(log_b, "resuming the interrupted run", b, timeout_s=60)
         time.sleep(10)  # the first driver's workers, training on, reach their next checkpoint: the lease is not theirs
@@ -128,7 +128,7 @@ def test_ctrl_c_during_a_sweep_kills_its_runs_and_writes_no_result(ray_cluster, 
     out = tmp_path / "sweep"
     log = tmp_path / "sweep.log"
     p = subprocess.Popen([_exe(), "sweep", "--space", str(tmp_path / "space.yaml"), "--output-dir", str(out), "ray.address=auto"],
-                         stdout=open(log, "w"), stderr=subprocess.STDOUT, env=_env(ray_cluster))  # noqa: SIM115
+                         stdout=open(log, "w"), stderr=subprocess.STDOUT, env=_env(ray_cluster), cwd=tmp_path)  # noqa: SIM115
     _wait_for(log, "epoch 1/6", p)
     p.send_signal(signal.SIGINT)
     assert p.wait(timeout=120) == 130, log.read_text()[-3000:]
@@ -151,7 +151,7 @@ def test_sigterm_during_a_distill_exits_130_and_kills_its_run(ray_cluster, tmp_p
     out = tmp_path / "run"
     log = tmp_path / "distill.log"
     p = subprocess.Popen([_exe(), "distill", "--output-dir", str(out), *SMALL], stdout=open(log, "w"), stderr=subprocess.STDOUT,  # noqa: SIM115
-                         env=_env(ray_cluster))
+                         env=_env(ray_cluster), cwd=tmp_path)
     _wait_for(log, f"epoch 1/{EPOCHS}", p)
     p.send_signal(signal.SIGTERM)
     assert p.wait(timeout=120) == 130, log.read_text()[-3000:]
