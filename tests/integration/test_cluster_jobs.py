@@ -55,7 +55,9 @@ class Cluster:
                     # keep idle workers (as a cluster simreg starts itself does): see ray_compat.LOCAL_SYSTEM_CONFIG
                     "RAY_idle_worker_killing_time_threshold_ms": "600000",
                     # `ray job stop`: SIGTERM, then SIGKILL after this long (Ray's default 3 s cuts the run's clean-up short)
-                    "RAY_JOB_STOP_WAIT_TIME_S": "30"}
+                    "RAY_JOB_STOP_WAIT_TIME_S": "30",
+                    # a dead driver's folder lease is taken over after lease + margin: 20 s, not 40
+                    "SIMREG_LEASE_S": "15"}
         self.dashboard = ""
 
     def _ray(self, *args: str, check: bool = True, timeout: float = 120) -> subprocess.CompletedProcess[str]:
