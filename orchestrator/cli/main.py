@@ -58,12 +58,38 @@ def _positive_float(text: str) -> float:
     return x
 
 
+class _Version(argparse.Action):
+    """``simreg --version``: the package and what it runs on, from the installed metadata (nothing imported)."""
+
+    def __init__(self, option_strings: list[str], dest: str, **kwargs: Any) -> None:
+        super().__init__(option_strings, dest, nargs=0, default=argparse.SUPPRESS, **kwargs)
+
+    def __call__(self, parser: argparse.ArgumentParser, *args: Any, **kwargs: Any) -> NoReturn:
+        print(version_line())
+        parser.exit()
+
+
+def version_line() -> str:
+    import platform
+    from importlib.metadata import PackageNotFoundError, version
+
+    def v(name: str) -> str:
+        try:
+            return version(name)
+        except PackageNotFoundError:
+            return "not installed"
+
+    deps = ", ".join(f"{n} {v(n)}" for n in ("torch", "torchvision", "timm", "ray", "mlflow", "pyarrow"))
+    return f"simreg {v('simreg')} ({deps}; Python {platform.python_version()})"
+
+
 def _parser() -> argparse.ArgumentParser:
     common = _Parser(add_help=False)  # --debug after any command too, without resetting a global one
     common.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
                         help="on an error, print the full traceback, not only its one line")
     p = _Parser(prog="simreg", description="SimReg distillation of frozen SSL teachers on Ray")
     p.add_argument("--debug", action="store_true", help="on an error, print the full traceback, not only its one line")
+    p.add_argument("--version", action=_Version, help="print simreg's version and those of the packages it runs on")
     sub = p.add_subparsers(dest="command", required=True)
     d = sub.add_parser("distill", parents=[common], help="distill teacher(s) into a student; writes OUTPUT_DIR/summary.json")
     d.add_argument("--config", type=Path, default=None, help="YAML config (default: the built-in offline demo)")
@@ -314,7 +340,7 @@ def _run(args: argparse.Namespace) -> int:
         if args.resume and args.output_dir is None:
             raise ConfigError("--resume needs --output-dir of the sweep to continue")
         out = args.output_dir or Path("runs") / f"sweep-{Path(args.space).stem}-{time.strftime('%Y%m%d-%H%M%S')}"
-        summary = sweep(cfg, space, source, out, resume=args.resume, tracking_uri=args.tracking_uri)
+        summary = sweep(cfg, space, source, out, resume=args.resume, tracking_uri=args.tracking_uri, command_line=args.overrides)
         from simreg.orchestrator.tune.compare import markdown, table_lines
 
         print(markdown(table_lines(summary["trials"], list(space.params))))

@@ -9,7 +9,7 @@ from typing import Any
 
 from simreg.models.errors import ConfigError
 from simreg.orchestrator.storage import is_remote, open_store
-from simreg.orchestrator.tracking.backends import backend_for, default_tracking_uri
+from simreg.orchestrator.tracking.backends import backend_for, check_tracking_uri, default_tracking_uri
 from simreg.orchestrator.tracking.mlflow_backend import RUN_ID_FILE
 from simreg.orchestrator.tracking.redact import redact_text
 
@@ -137,6 +137,7 @@ def compare(target: str, tracking_uri: str | None = None) -> str:
         if tracking_uri is None:
             raise ConfigError(f"{target!r} is not a folder; to compare a parent run id, also pass --tracking-uri")
         parent_id = target
+    check_tracking_uri(tracking_uri)  # a server that is not there: one line now, not MLflow's minutes of retries
     backend = backend_for(tracking_uri)
     try:
         name, params = backend.parent_run(parent_id)

@@ -10,7 +10,7 @@ from typing import Any
 from ray import tune
 
 from simreg.models.errors import ConfigError
-from simreg.orchestrator.config import SimRegConfig, apply_override, validate_config
+from simreg.orchestrator.config import SimRegConfig, apply_override, parse_overrides, validate_config
 from simreg.search_spaces import Domain, SearchSpace
 
 log = logging.getLogger("simreg")
@@ -30,9 +30,10 @@ def _sample(d: Domain) -> Any:
     return (d.uniform or d.loguniform or d.randint or d.quniform)[0]
 
 
-def check_space(space: SearchSpace, base: dict[str, Any], source: str) -> dict[str, Any]:
-    """Apply ``base`` and every param's values to the config; all problems named at once. Returns the
-    base tree with the space's ``base`` overrides applied."""
+def check_space(space: SearchSpace, base: dict[str, Any], source: str, command_line: list[str] | None = None) -> dict[str, Any]:
+    """Apply the space's ``base``, then the ``key=value`` overrides of the ``command_line`` (the user's own
+    value wins over the space's), and every param's values to the config; all problems named at once. Returns
+    the base tree with both applied."""
     tree = copy.deepcopy(base)
     errors = []
     for k, v in space.base.items():
@@ -40,6 +41,12 @@ def check_space(space: SearchSpace, base: dict[str, Any], source: str) -> dict[s
             apply_override(tree, k, v)
         except ConfigError as e:
             errors.append(f"  - base.{k}: {e}")
+    given = parse_overrides(command_line or [])
+    for k, v in given:
+        apply_override(tree, k, v)
+    won = [f"{u}={v!r}" for u, v in given if any(k == u or k.startswith(u + ".") or u.startswith(k + ".") for k in space.base)]
+    if won:
+        log.info("sweep: the command line sets %s, over the space's base", ", ".join(won))
     for k, d in space.params.items():
         for v in (d.values() or [_sample(d)]):
             try:

@@ -44,10 +44,12 @@ log = logging.getLogger("simreg")
 
 def sweep(
     cfg: SimRegConfig, space: SearchSpace, space_source: str, output_dir: str | Path | Store, *, resume: bool = False,
-    tracking_uri: str | None = None,
+    tracking_uri: str | None = None, command_line: list[str] | None = None,
 ) -> dict[str, Any]:
     """Run (or resume) a sweep; writes ``output_dir/sweep_summary.json`` and returns it. ``output_dir``: a
-    local folder or an object-store URI (Tune's experiment state, every trial's checkpoints, the comparison)."""
+    local folder or an object-store URI (Tune's experiment state, every trial's checkpoints, the comparison).
+    The space's ``base`` applies over ``cfg``; the ``key=value`` overrides of the ``command_line`` (those that
+    made ``cfg``) apply over both: a user's own value wins."""
     from simreg.orchestrator.train.rundir import hold_output_dir, preflight
 
     t0 = time.perf_counter()
@@ -61,12 +63,12 @@ def sweep(
     if not resume and (tune_dir / "sweep").is_dir():
         raise ConfigError(f"{out} already holds a sweep: pass --resume to continue it, or choose another --output-dir")
     with hold_output_dir(out) as lock, scratch(out) as local:
-        return _sweep(cfg, space, space_source, out, local, resume, uri, t0, lock.token())
+        return _sweep(cfg, space, space_source, out, local, resume, uri, t0, lock.token(), command_line or [])
 
 
 def _sweep(
     cfg: SimRegConfig, space: SearchSpace, space_source: str, out: Store, local: Path, resume: bool, uri: str, t0: float,
-    lease: dict[str, str] | None,
+    lease: dict[str, str] | None, command_line: list[str],
 ) -> dict[str, Any]:
     from ray.tune.schedulers import ASHAScheduler
 
@@ -92,7 +94,7 @@ def _sweep(
         base_tree = redact_tree(json.loads((out / "base_config.json").read_text()))
         log.info("resuming the sweep in %s with its original space and base config", out)
     else:
-        base_tree = redact_tree(check_space(space, json.loads(cfg.model_dump_json()), space_source))
+        base_tree = redact_tree(check_space(space, json.loads(cfg.model_dump_json()), space_source, command_line))
     keys = list(space.params)
     base_cfg = trial_config(base_tree, {})
     epochs = base_cfg.train.epochs
