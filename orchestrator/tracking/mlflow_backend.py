@@ -136,6 +136,7 @@ class MlflowBackend:
 
     def __init__(self, tracking_uri: str) -> None:
         os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+        os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")  # simreg's own `mlflow:` line says where the run is
         from mlflow.tracking import MlflowClient
 
         install_redaction()  # this process now holds a URI that may carry a secret: its log lines and tracebacks are redacted

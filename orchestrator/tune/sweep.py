@@ -146,6 +146,8 @@ def _sweep(
     # right after a trial ends does not restart that trial on --resume (its Train run would restore the
     # final checkpoint and train no further, but would still pay a start-up).
     os.environ.setdefault("TUNE_GLOBAL_CHECKPOINT_S", "1")
+    if not console.verbose():  # Tune's boxes and hints (its experiment path, TensorBoard) stay off the console
+        os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
     # Ctrl-C / SIGTERM / a lost lease stop the sweep (fence.py): Tune's own SIGINT handler would end it ENDED
     # and let it write its comparison, summary and registered model as if it had ended
     fence.quiet_ray_handlers()

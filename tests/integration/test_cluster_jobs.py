@@ -195,6 +195,7 @@ def test_distill_job_stopped_then_resumed_from_the_bucket_on_a_fresh_cluster(clu
     assert c.status("distill-2") == "SUCCEEDED", log[-4000:]
     assert "resuming the interrupted run in " + out in log and f"resuming MLflow run {run_id} (attempt 2)" in log
     assert "epoch 1/3" not in log and "epoch 3/3" in log  # from the last committed epoch on
+    assert "View run" not in log and "View experiment at" not in log  # MLflow's own lines: simreg's `mlflow:` line says it
 
     objects = s3_objects(s3, BUCKET, prefix)
     summary = json.loads(s3c.get_object(Bucket=BUCKET, Key=f"{prefix}/summary.json")["Body"].read())

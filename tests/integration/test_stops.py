@@ -133,6 +133,7 @@ def test_ctrl_c_during_a_sweep_kills_its_runs_and_writes_no_result(ray_cluster, 
     p.send_signal(signal.SIGINT)
     assert p.wait(timeout=120) == 130, log.read_text()[-3000:]
     assert "simreg: interrupted" in log.read_text().splitlines()
+    assert "Configuration for experiment" not in log.read_text() and "TensorBoard" not in log.read_text()  # Tune's console output
 
     client = MlflowClient(f"sqlite:///{out / 'mlflow.db'}")
     parent = wait_while_running(client, (out / "mlflow_run_id").read_text().strip())
