@@ -6,6 +6,7 @@
     simreg sweep --space smoke --output-dir runs/smoke     # Ray Tune over the search space's keys
     simreg sweep --space smoke --output-dir runs/smoke --resume
     simreg compare runs/smoke                             # the trials, best first
+    simreg doctor --output-dir s3://bucket/runs/x --tracking-uri http://mlflow:5000   # everything a run needs, one row each
     simreg cache warm --config my.yaml                    # teacher targets computed once, before a sweep
     simreg cache info [--scan] | simreg cache clear [--key PREFIX]
     simreg data scan ~/images                              # corrupt, truncated, unreadable files; modes; empty classes
@@ -105,6 +106,12 @@ def _parser() -> argparse.ArgumentParser:
     sw.add_argument("--tracking-uri", default=None, help="MLflow tracking URI (default: sqlite in the sweep folder)")
     sw.add_argument("--verbose", action="store_true", help="also show Ray's and Tune's own output (always in Ray's log files)")
     sw.add_argument("overrides", nargs="*", metavar="key=value", help="dotted overrides of the base config")
+    dr = sub.add_parser("doctor", parents=[common], help="check everything a run needs (versions, cluster, folders, tracking, "
+                        "teachers, data), one row each; exit 1 when a check fails")
+    dr.add_argument("--config", type=Path, default=None, help="YAML config (default: the built-in offline demo)")
+    dr.add_argument("--output-dir", default=None, help="the run folder or object-store URI the run would use (default: runs)")
+    dr.add_argument("--tracking-uri", default=None, help="the MLflow tracking URI the run would use")
+    dr.add_argument("overrides", nargs="*", metavar="key=value", help="dotted config overrides, as for distill")
     cp = sub.add_parser("compare", parents=[common], help="print a sweep's comparison table, best first")
     cp.add_argument("target", help="a sweep's output folder, or a parent MLflow run id (with --tracking-uri)")
     cp.add_argument("--tracking-uri", default=None)
@@ -326,6 +333,12 @@ def _run(args: argparse.Namespace) -> int:
     cfg = load_config(args.config, args.overrides)
     if getattr(args, "tracking_uri", None) is None:  # the URI an MLflow error names
         args.tracking_uri_in_use = cfg.tracking.tracking_uri
+    if args.command == "doctor":
+        from simreg.orchestrator.cli.doctor import run_checks, table
+
+        rows = run_checks(cfg, args.output_dir, args.tracking_uri)
+        print(table(rows))
+        return 0 if all(r.ok for r in rows) else 1
     if args.command == "cache":  # warm: the run's config decides teachers, data and views
         from simreg.orchestrator.cache.warm import warm_cache
 
