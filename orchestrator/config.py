@@ -18,6 +18,7 @@ from simreg.models.errors import ConfigError
 from simreg.models.loss import LOSSES
 from simreg.models.random_init import names_random, random_init_seed, random_weights_ref
 from simreg.orchestrator.data.sources import SOURCES, source_names
+from simreg.orchestrator.weights_fetch import is_fetched
 
 BUILTIN_PREFIX = "builtin:"
 WEIGHTS_DIR = Path(__file__).resolve().parent.parent / "models" / "weights"
@@ -129,8 +130,10 @@ class TeacherConfig(_Strict):
     name: str = Field(pattern=r"^[A-Za-z][A-Za-z0-9_]*$", description="identifier used in metric names")
     arch: str = Field(description="timm architecture of the backbone")
     weights: str = Field(
-        description="safetensors / torch state dict path, builtin:<name>, or random / random:SEED (the arch randomly initialised: no file)"
+        description="safetensors / torch state dict: a path, s3:// gs:// abfs:// https:// URI, hf-hub:ORG/NAME[@REV], builtin:<name>, "
+                    "or random / random:SEED (the arch randomly initialised: no file)"
     )
+    sha256: str | None = Field(None, pattern=r"^[0-9a-fA-F]{64}$", description="optional pin: the weights file's sha256, checked before use")
     input_size: int = Field(64, ge=8)
     mean: tuple[float, float, float] = FMNIST_MEAN
     std: tuple[float, float, float] = FMNIST_STD
@@ -163,6 +166,8 @@ class TeacherConfig(_Strict):
         seed = random_init_seed(self.weights)
         if seed is not None:
             return random_weights_ref(seed)
+        if is_fetched(self.weights):  # a bucket, a URL, the Hub: fetched where it is loaded (weights_fetch.py)
+            return self.weights
         path = self.weights_path()
         return str(path.absolute()) if names_random(path) else str(path)
 

@@ -209,6 +209,20 @@ class Store:
         sel = pafs.FileSelector(self.path, allow_not_found=True, recursive=False)
         return sorted(i.base_name for i in self.fs.get_file_info(sel) if not dirs_only or i.type == pafs.FileType.Directory)
 
+    def etag(self) -> str | None:
+        """An S3 object's ETag (it changes with the object's bytes, where a modification time has whole seconds);
+        None for other stores."""
+        if not str(self).startswith("s3://"):
+            return None
+        import boto3
+
+        q = dict(parse_qsl(self._query))
+        endpoint = q.get("endpoint_override")
+        if endpoint and "://" not in endpoint:
+            endpoint = f"{q.get('scheme', 'https')}://{endpoint}"
+        bucket, _, key = self.path.partition("/")
+        return str(boto3.client("s3", endpoint_url=endpoint, region_name=q.get("region")).head_object(Bucket=bucket, Key=key)["ETag"])
+
     # ------------------------------------------------------------------ writes
     def write_bytes(self, data: bytes) -> None:
         """Atomically: a reader sees the old file, or the whole new one. Never after this driver's stop

@@ -16,9 +16,10 @@ from typing import Any
 import numpy as np
 import torch
 
-from simreg.models.random_init import random_init_seed
+from simreg.models.random_init import names_random, random_init_seed
 from simreg.models.teachers import InputTransform, Teacher, load_teacher, random_init_identity
 from simreg.orchestrator.cache.targets import CacheSpec, TargetCache, weights_sha256
+from simreg.orchestrator.weights_fetch import local_weights
 
 log = logging.getLogger("simreg")
 Batch = dict[str, np.ndarray]
@@ -37,10 +38,18 @@ class TeacherSpec:
     key: str = "teachers[0]"
     format: str = "auto"
     model_kwargs: dict[str, Any] = field(default_factory=dict)
+    sha256: str | None = None  # the pin of teachers[i].sha256
+
+    def local_weights(self) -> str:
+        """The weights as a file on this node: fetched once into its cache (a bucket, a URL, the Hub), the pin
+        checked; a random teacher's ``random:SEED`` as it is."""
+        if names_random(self.weights):
+            return self.weights
+        return local_weights(self.weights, self.sha256, self.key)
 
     def build(self) -> Teacher:
         return load_teacher(
-            self.name, self.arch, self.weights, InputTransform(self.input_size, self.mean, self.std), key=self.key,
+            self.name, self.arch, self.local_weights(), InputTransform(self.input_size, self.mean, self.std), key=self.key,
             layout=self.format, model_kwargs=self.model_kwargs,
         )
 
@@ -56,7 +65,7 @@ def teacher_fingerprint(spec: TeacherSpec, bf16: bool, channels_last: bool, load
     if seed is not None:
         weights = {"weights_init": random_init_identity(seed)}
     else:
-        weights = {"weights_sha256": loaded_sha256 or weights_sha256(spec.weights)}
+        weights = {"weights_sha256": loaded_sha256 or weights_sha256(spec.local_weights())}
     return {
         "arch": spec.arch, **weights, "format": spec.format, "model_kwargs": spec.model_kwargs,
         "input": {"size": spec.input_size, "mean": list(spec.mean), "std": list(spec.std)},

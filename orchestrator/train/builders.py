@@ -21,7 +21,7 @@ def teacher_specs(cfg: SimRegConfig) -> list[TeacherSpec]:
     return [
         TeacherSpec(
             t.name, t.arch, t.weights_ref(), t.input_size, t.mean, t.std, key=f"teachers.{i}", format=t.format,
-            model_kwargs=dict(t.model_kwargs),
+            model_kwargs=dict(t.model_kwargs), sha256=t.sha256,
         )
         for i, t in enumerate(cfg.teachers)
     ]
