@@ -6,6 +6,7 @@
     simreg sweep --space smoke --output-dir runs/smoke     # Ray Tune over the search space's keys
     simreg sweep --space smoke --output-dir runs/smoke --resume
     simreg compare runs/smoke                             # the trials, best first
+    simreg export runs/demo --format onnx                  # the student as ONNX, checked against PyTorch
     simreg doctor --output-dir s3://bucket/runs/x --tracking-uri http://mlflow:5000   # everything a run needs, one row each
     simreg cache warm --config my.yaml                    # teacher targets computed once, before a sweep
     simreg cache info [--scan] | simreg cache clear [--key PREFIX]
@@ -106,6 +107,10 @@ def _parser() -> argparse.ArgumentParser:
     sw.add_argument("--tracking-uri", default=None, help="MLflow tracking URI (default: sqlite in the sweep folder)")
     sw.add_argument("--verbose", action="store_true", help="also show Ray's and Tune's own output (always in Ray's log files)")
     sw.add_argument("overrides", nargs="*", metavar="key=value", help="dotted overrides of the base config")
+    ex = sub.add_parser("export", parents=[common], help="export a run's student to ONNX, checked against PyTorch first")
+    ex.add_argument("target", help="a run folder, its student/ folder or a student.safetensors file (with its student.json beside it)")
+    ex.add_argument("--format", choices=["onnx"], default="onnx")
+    ex.add_argument("--output", default=None, help="the ONNX file (default: student.onnx beside the safetensors file)")
     dr = sub.add_parser("doctor", parents=[common], help="check everything a run needs (versions, cluster, folders, tracking, "
                         "teachers, data), one row each; exit 1 when a check fails")
     dr.add_argument("--config", type=Path, default=None, help="YAML config (default: the built-in offline demo)")
@@ -308,6 +313,13 @@ def _run(args: argparse.Namespace) -> int:
         return 0
     if args.command == "eval":
         return _eval(args)
+    if args.command == "export":
+        from simreg.orchestrator.evaluation.onnx_export import export_onnx
+
+        r = export_onnx(args.target, args.output)
+        print(f"{r['onnx']}: ONNX opset {r['opset']}, input (batch, 3, {r['input'][2]}, {r['input'][3]}); matches PyTorch within "
+              f"{r['parity_max_abs_diff']:.1e} on {r['parity_inputs']} random inputs")
+        return 0
     if args.command == "cache" and args.action != "warm":
         from simreg.orchestrator.cache.admin import cache_entries, clear_cache, entries_table
         from simreg.orchestrator.cache.targets import default_cache_dir
