@@ -133,7 +133,7 @@ class TeacherConfig(_Strict):
         description="safetensors / torch state dict: a path, s3:// gs:// abfs:// https:// URI, hf-hub:ORG/NAME[@REV], builtin:<name>, "
                     "or random / random:SEED (the arch randomly initialised: no file)"
     )
-    sha256: str | None = Field(None, pattern=r"^[0-9a-fA-F]{64}$", description="optional pin: the weights file's sha256, checked before use")
+    sha256: str | None = Field(None, description="optional pin: the weights file's sha256 (sha256sum FILE), checked before use")
     input_size: int = Field(64, ge=8)
     mean: tuple[float, float, float] = FMNIST_MEAN
     std: tuple[float, float, float] = FMNIST_STD
@@ -148,10 +148,23 @@ class TeacherConfig(_Strict):
     def _no_secret(cls, v: dict[str, Any]) -> dict[str, Any]:
         return _no_secret_kwargs(v)
 
+    @field_validator("sha256")
+    @classmethod
+    def _pin(cls, v: str | None) -> str | None:
+        if v is not None and not re.fullmatch(r"[0-9a-fA-F]{64}", v):
+            raise ValueError(f"{v!r} is not a sha256: 64 hex digits, as `sha256sum FILE` prints them")
+        return v
+
     @field_validator("weights")
     @classmethod
     def _random_seed(cls, v: str) -> str:
         random_init_seed(v)  # ValueError for random:<not a seed>
+        if is_fetched(v):
+            from simreg.orchestrator.tracking.redact import redact_text
+
+            if redact_text(v) != v:  # a password, a token, a presigned signature: the config is written everywhere
+                raise ValueError("this URI holds credentials, and simreg writes the config to the run folder and MLflow: use s3:// "
+                                 "with AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY, or HF_TOKEN for the Hub")
         return v
 
     def weights_path(self) -> Path:

@@ -23,7 +23,8 @@ def setup(verbose: bool = False) -> None:
     os.environ.setdefault("RAY_DEDUP_LOGS", "1")
     if not verbose:
         os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")  # "Creating initial MLflow database tables..."
-        for name in ("botocore", "boto3", "s3transfer", "urllib3"):  # "Found credentials in environment variables."
+        # "Found credentials in environment variables."; the ONNX exporter's passes; a request line per Hub fetch
+        for name in ("botocore", "boto3", "s3transfer", "urllib3", "onnxscript", "onnx_ir", "httpx", "httpx2", "huggingface_hub"):
             logging.getLogger(name).setLevel(logging.WARNING)
         for category in (DeprecationWarning, FutureWarning, PendingDeprecationWarning):
             warnings.filterwarnings("ignore", category=category)

@@ -51,7 +51,7 @@ def local_weights(ref: str, sha256: str | None = None, key: str = "teachers[0]")
     elif ref.startswith(HUB_PREFIX):
         path = _from_hub(ref, key)
     else:
-        path = _fetched(ref, key)
+        path = _fetched(ref, key, sha256)
     if sha256 is not None:
         got = _file_sha256(Path(path)) if Path(path).is_file() else None
         if got is None:
@@ -74,8 +74,20 @@ def _index(ref: str) -> Path:
     return cache_dir() / "by-ref" / f"{hashlib.sha1(ref.encode()).hexdigest()}.json"
 
 
-def _fetched(ref: str, key: str) -> str:
-    """A bucket object or a URL, from this node's cache or fetched into it."""
+def _fetched(ref: str, key: str, sha256: str | None = None) -> str:
+    """A bucket object or a URL, from this node's cache or fetched into it (one process at a time per reference:
+    the teacher actors of one node fetch it once). A cached file that is not the pinned one is fetched again."""
+    import fcntl
+
+    cache_dir().mkdir(parents=True, exist_ok=True)
+    lock = _index(ref).with_suffix(".lock")
+    lock.parent.mkdir(parents=True, exist_ok=True)
+    with open(lock, "a") as held:
+        fcntl.flock(held, fcntl.LOCK_EX)
+        return _fetch_locked(ref, key, sha256)
+
+
+def _fetch_locked(ref: str, key: str, sha256: str | None) -> str:
     scheme = urlsplit(ref).scheme.lower()
     stamp: dict[str, object] = {}
     if scheme in STORE_SCHEMES:
@@ -103,13 +115,14 @@ def _fetched(ref: str, key: str) -> str:
     try:
         known = json.loads(index.read_text())
         path = cache_dir() / known["file"]
-        if path.is_file() and path.stat().st_size == known["size"] and all(known.get(k) == v for k, v in stamp.items()):
+        fresh = all(known.get(k) == v for k, v in stamp.items()) and (sha256 is None or path.name.startswith(sha256.lower()))
+        if path.is_file() and path.stat().st_size == known["size"] and fresh:
             return str(path)  # fetched before on this node, unchanged since
     except (OSError, ValueError, KeyError):
         pass
     suffix = Path(urlsplit(ref).path).suffix or ".bin"
-    cache_dir().mkdir(parents=True, exist_ok=True)
     fd, tmp_name = tempfile.mkstemp(prefix=".fetch-", dir=cache_dir())
+    os.fchmod(fd, 0o666 & ~_umask())  # as any file this user writes: a cache several users share stays readable
     tmp = Path(tmp_name)
     try:
         h, size = hashlib.sha256(), 0
@@ -124,9 +137,17 @@ def _fetched(ref: str, key: str) -> str:
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
-    index.parent.mkdir(parents=True, exist_ok=True)
-    index.write_text(json.dumps({"ref": ref, "file": path.name, "size": size, **stamp}))
+    from simreg.orchestrator.storage import write_atomic
+
+    record = json.dumps({"ref": ref, "file": path.name, "size": size, **stamp})
+    write_atomic(index, lambda t: t.write_text(record))
     return str(path)
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 def _chunks(ref: str, scheme: str, key: str, chunk: int = 8 << 20):  # noqa: ANN202

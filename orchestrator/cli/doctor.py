@@ -119,7 +119,7 @@ def _ray(cfg: SimRegConfig) -> str:
         finally:
             ray.shutdown()
         where = f"{cfg.ray.address}: {nodes} node(s)"
-        auth = f"; token auth {'on' if os.environ.get('RAY_AUTH_MODE', '').lower() == 'token' else 'off (RAY_AUTH_MODE=token turns it on)'}"
+        auth = f"; token auth {'on' if os.environ.get('RAY_AUTH_MODE', '').lower() == 'token' else 'off here (RAY_AUTH_MODE=token)'}"
     placement = plan_placement(cfg, cluster, check=False)
     resource_check(cfg, cluster, placement)
     return f"{where}, {cluster.get('CPU', 0):g} CPUs, {cluster.get('GPU', 0):g} GPUs: the plan fits{auth}"
@@ -169,7 +169,9 @@ def _tracking(cfg: SimRegConfig, out: Any, tracking_uri: str | None) -> str:
 def _teacher(spec: Any) -> str:
     teacher = spec.build()
     n = sum(p.numel() for p in teacher.parameters())
-    where = "random init" if spec.weights.startswith("random") else spec.weights
+    from simreg.models.random_init import names_random
+
+    where = "random init" if names_random(spec.weights) else spec.weights
     return f"{spec.arch} from {where}: loaded, {n / 1e6:.1f} M parameters, feature dim {teacher.feature_dim}"
 
 

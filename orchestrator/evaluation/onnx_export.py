@@ -11,7 +11,6 @@ absolute difference, fp32); the card beside it records the opset and the differe
 from __future__ import annotations
 
 import json
-import os
 import re
 import tempfile
 from pathlib import Path
@@ -21,6 +20,7 @@ import numpy as np
 import torch
 
 from simreg.models.errors import ConfigError, SimRegError, first_line
+from simreg.orchestrator.storage import write_atomic
 
 OPSET = 18
 PARITY_INPUTS = 64
@@ -36,19 +36,31 @@ def student_files(target: str | Path) -> tuple[Path, dict[str, Any]]:
         raise ConfigError(f"{target}: no student weights (student.safetensors) there: pass a run folder or the student file")
     if not card.is_file():
         raise ConfigError(f"{weights}: its card {card.name} is missing (it holds the architecture and input size): export it with simreg")
-    return weights, json.loads(card.read_text())
+    try:
+        info = json.loads(card.read_text())
+        info["arch"], int(info["input"]["size"])  # noqa: B018  (what an export needs)
+    except (ValueError, KeyError, TypeError) as e:
+        raise ConfigError(f"{card}: not a student card simreg wrote ({type(e).__name__}: {first_line(e)}): export the student again") from None
+    return weights, info
 
 
 def export_onnx(target: str | Path, output: str | Path | None = None) -> dict[str, Any]:
     """Export the student of ``target`` (``student_files``) to ONNX at ``output`` (default: beside it, ``.onnx``)
     after the parity check; returns what the card records of it."""
-    import timm
     from safetensors.torch import load_file
 
+    from simreg.models.students import build_backbone
+
+    if output is not None and "://" in str(output):
+        raise ConfigError(f"--output {output}: write the ONNX file to a local path (then copy it where it goes)")
     weights, card = student_files(target)
     out = Path(output).expanduser() if output is not None else weights.with_suffix(".onnx")
-    model = timm.create_model(card["arch"], num_classes=0, **card.get("model_kwargs", {}))
-    model.load_state_dict(load_file(str(weights)), strict=True)
+    model = build_backbone(card["arch"], key=f"{weights.with_suffix('.json')} arch", model_kwargs=card.get("model_kwargs", {}))
+    try:
+        model.load_state_dict(load_file(str(weights)), strict=True)
+    except Exception as e:  # noqa: BLE001  (a damaged file, another architecture's weights)
+        raise ConfigError(f"{weights}: cannot load it into {card['arch']} ({type(e).__name__}: {first_line(e, 200)}): "
+                          "check the file and its card") from None
     model.eval()
     size = int(card["input"]["size"])
     onnx_bytes = _export(model, size, card["arch"])
@@ -57,14 +69,12 @@ def export_onnx(target: str | Path, output: str | Path | None = None) -> dict[st
         raise SimRegError(f"{weights}: the ONNX export differs from PyTorch by {diff:.2e} (max abs, over {PARITY_INPUTS} inputs; "
                           f"allowed {PARITY_TOL:g}): not written")
     out.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".onnx", dir=out.parent)
-    with os.fdopen(fd, "wb") as f:
-        f.write(onnx_bytes)
-    os.replace(tmp, out)
+    write_atomic(out, lambda t: t.write_bytes(onnx_bytes))
     record = {"onnx": str(out), "opset": OPSET, "input": [None, 3, size, size], "parity_max_abs_diff": diff,
               "parity_inputs": PARITY_INPUTS}
     card["onnx"] = {**record, "onnx": out.name}
-    weights.with_suffix(".json").write_text(json.dumps(card, indent=2))
+    text = json.dumps(card, indent=2)
+    write_atomic(weights.with_suffix(".json"), lambda t: t.write_text(text))
     return record
 
 

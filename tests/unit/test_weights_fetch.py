@@ -73,6 +73,10 @@ def test_a_pin_is_checked_before_use(s3):
     assert str(e.value).startswith(f"teachers.0.weights='{uri}' has sha256 {good}, not the pinned teachers.0.sha256=000")
     with pytest.raises(TeacherLoadError, match=r"does not exist \(or is not a file\): check the URI"):
         _spec(uri + ".missing").build()
+    from simreg.models.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="this URI holds credentials"):
+        load_config(None, ["teachers.0.weights=https://h/w.safetensors?X-Amz-Signature=abc"])
     cfg = load_config(None, [f"teachers.0.weights={uri}", f"teachers.0.sha256={good}"])
     assert cfg.teachers[0].weights_ref() == uri  # a URI stays one (it is fetched where it is loaded)
 
@@ -88,6 +92,12 @@ def test_weights_from_an_https_url(tmp_path):
         assert _spec(f"{base}/r10t.safetensors").build().feature_dim == 512
         with pytest.raises(TeacherLoadError, match=r"cannot fetch it \(HTTP Error 404"):
             _spec(f"{base}/missing.safetensors").build()
+        # a URL is fetched once; a new pin for new bytes behind it fetches them again
+        data = BUILTIN.read_bytes()
+        changed = data[:-4] + b"\0\0\0\0"
+        (served / "r10t.safetensors").write_bytes(changed)
+        pin = hashlib.sha256(changed).hexdigest()
+        assert Path(local_weights(f"{base}/r10t.safetensors", pin)).read_bytes() == changed
     finally:
         server.shutdown()
 

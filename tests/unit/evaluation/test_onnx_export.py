@@ -60,3 +60,13 @@ def test_no_student_there_is_one_line(tmp_path: Path, capsys):
     assert main(["export", str(tmp_path)]) == 2
     err = capsys.readouterr().err
     assert "no student weights (student.safetensors) there: pass a run folder or the student file" in err and err.count("\n") == 1
+
+
+def test_a_bad_card_or_a_remote_output_is_one_line(run_dir: Path, capsys):
+    card = run_dir / "student" / "student.json"
+    card.write_text("{not json")
+    assert main(["export", str(run_dir)]) == 2
+    err = capsys.readouterr().err
+    assert f"{card}: not a student card simreg wrote (JSONDecodeError" in err and err.count("\n") == 1
+    assert main(["export", str(run_dir), "--output", "s3://bucket/x.onnx"]) == 2
+    assert "--output s3://bucket/x.onnx: write the ONNX file to a local path" in capsys.readouterr().err
