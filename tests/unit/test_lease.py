@@ -31,7 +31,11 @@ LEASE_S = 3.0  # margin 1 s, renewals every 0.5 s: the holder stops 2 s after it
 
 @pytest.fixture(autouse=True)
 def short_lease(monkeypatch):
+    """A short lease; a lost one decides the stop but never interrupts pytest's own main thread (the real
+    interrupt is tested in test_fence.py and, in a real driver, by the process tests below)."""
     monkeypatch.setenv("SIMREG_LEASE_S", str(LEASE_S))
+    monkeypatch.setattr(fence, "interrupt_main", lambda reason, exit_code=fence.EXIT_LOST, owned=False, **kw: fence.decide(
+        reason, exit_code, owned))
     fence.reset()
     yield
     fence.reset()
@@ -87,7 +91,7 @@ def test_a_holder_stops_itself_before_a_takeover_is_possible(s3, monkeypatch):
     """Renewals that fail (an outage, a hung request): the holder is no longer ``valid`` lease - margin after the
     last one that succeeded; the watchdog stops it then, while a contender waits until lease + margin."""
     stops: list[str] = []
-    monkeypatch.setattr(storage, "stop_driver", stops.append)
+    monkeypatch.setattr(storage, "stop_driver", lambda reason, **kw: stops.append(reason))
     folder = Store(_prefix())
     lock = FolderLock(folder).acquire()
     t_ok = time.monotonic()
@@ -111,7 +115,7 @@ def test_a_renewal_that_hangs_does_not_keep_the_holder_writing(s3, monkeypatch):
     """A renewal request that never returns: the watchdog stops the driver on time anyway, and the lease's own
     requests give up within seconds (boto3's defaults: 60 s connect, 60 s read, 3 attempts)."""
     stops: list[str] = []
-    monkeypatch.setattr(storage, "stop_driver", stops.append)
+    monkeypatch.setattr(storage, "stop_driver", lambda reason, **kw: stops.append(reason))
     folder = Store(_prefix())
     lock = FolderLock(folder).acquire()
     config = lock._client.meta.config
@@ -126,7 +130,7 @@ def test_a_renewal_that_hangs_does_not_keep_the_holder_writing(s3, monkeypatch):
 
 def test_a_taken_lease_stops_the_driver_and_is_not_deleted(s3, monkeypatch):
     stops: list[str] = []
-    monkeypatch.setattr(storage, "stop_driver", stops.append)
+    monkeypatch.setattr(storage, "stop_driver", lambda reason, **kw: stops.append(reason))
     folder = Store(_prefix())
     lock = FolderLock(folder).acquire()
     bucket, key = _key(folder)
@@ -144,7 +148,7 @@ def test_a_renewal_whose_answer_was_lost_is_still_held(s3, monkeypatch):
     """The renewal went through but its answer never came (a timeout): the retry with the old ETag gets 412.
     The lease still names this driver, so it is still held, and renewals go on."""
     stops: list[str] = []
-    monkeypatch.setattr(storage, "stop_driver", stops.append)
+    monkeypatch.setattr(storage, "stop_driver", lambda reason, **kw: stops.append(reason))
     folder = Store(_prefix())
     lock = FolderLock(folder).acquire()
     real = lock._client.put_object
@@ -277,6 +281,7 @@ def test_a_driver_frozen_past_its_lease_writes_nothing_after_it_wakes(s3, tmp_pa
     time.sleep(1.0)
     a.send_signal(signal.SIGSTOP)
     try:
+        time.sleep(1.0)  # a request the server had received when the process froze lands meanwhile
         frozen = {k for k in s3_objects(s3, bucket, f"{prefix}/commits") if "/a-" in k}
         assert frozen
         b = _start(tmp_path, uri, "b", 30)  # waits lease + margin for the frozen holder's lease, then takes over

@@ -104,7 +104,7 @@ def test_compare_names_an_unreachable_store_without_its_token(monkeypatch):
     monkeypatch.setenv("MLFLOW_HTTP_REQUEST_TIMEOUT", "2")
     with pytest.raises(ConfigError) as info:
         compare("abc123", "https://TOKEN42@127.0.0.1:9/x")  # nothing listens on port 9
-    assert "no run 'abc123' in https://***@127.0.0.1:9/x" in str(info.value) and "TOKEN42" not in str(info.value)
+    assert "MLflow tracking server https://***@127.0.0.1:9/x does not answer" in str(info.value) and "TOKEN42" not in str(info.value)
 
 
 # A password as typed, unencoded: a quote, a "/", a "?" or an "@" stays inside the masked part; the host is
