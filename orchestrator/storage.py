@@ -214,14 +214,19 @@ class Store:
         None for other stores."""
         if not str(self).startswith("s3://"):
             return None
+        bucket, _, key = self.path.partition("/")
+        return str(self.s3_client().head_object(Bucket=bucket, Key=key)["ETag"])
+
+    def s3_client(self, config: Any = None) -> Any:
+        """A boto3 S3 client for this store's endpoint (the URI's ``endpoint_override``/``scheme``/``region``, else
+        the standard AWS chain): what pyarrow cannot do (conditional writes, ETags)."""
         import boto3
 
         q = dict(parse_qsl(self._query))
         endpoint = q.get("endpoint_override")
         if endpoint and "://" not in endpoint:
             endpoint = f"{q.get('scheme', 'https')}://{endpoint}"
-        bucket, _, key = self.path.partition("/")
-        return str(boto3.client("s3", endpoint_url=endpoint, region_name=q.get("region")).head_object(Bucket=bucket, Key=key)["ETag"])
+        return boto3.client("s3", endpoint_url=endpoint, region_name=q.get("region"), config=config)
 
     # ------------------------------------------------------------------ writes
     def write_bytes(self, data: bytes) -> None:
@@ -432,17 +437,11 @@ class FolderLock:
     # --- S3 lease (boto3: pyarrow has no conditional writes)
     def _s3(self) -> tuple[Any, str, str]:
         if self._client is None:
-            import boto3
             from botocore.config import Config
 
-            q = dict(parse_qsl(urlsplit(self.store.uri).query))
-            endpoint = q.get("endpoint_override")
-            if endpoint and "://" not in endpoint:
-                endpoint = f"{q.get('scheme', 'https')}://{endpoint}"
             # short: a renewal that hangs must not keep a driver writing past its lease
-            config = Config(connect_timeout=min(3.0, self.margin_s / 2), read_timeout=min(5.0, self.margin_s / 2),
-                            retries={"total_max_attempts": 2, "mode": "standard"})
-            self._client = boto3.client("s3", endpoint_url=endpoint, region_name=q.get("region"), config=config)
+            self._client = self.store.s3_client(Config(connect_timeout=min(3.0, self.margin_s / 2), read_timeout=min(5.0, self.margin_s / 2),
+                                                       retries={"total_max_attempts": 2, "mode": "standard"}))
         bucket, _, prefix = self.store.path.partition("/")
         return self._client, bucket, f"{prefix}/{LOCK_NAME}" if prefix else LOCK_NAME
 
