@@ -12,14 +12,19 @@ import torch.nn as nn
 from simreg.models.heads import build_heads, head_prefix
 from simreg.models.loss import cosine_to_target, get_loss
 from simreg.models.students import feature_dim
+from simreg.models.target_norm import TargetNorm, TargetStats
 from simreg.models.teachers import InputTransform
 
 
 class SimRegObjective(nn.Module):
-    """forward(view, targets) -> {"loss", "loss/<teacher>", "cos/<teacher>"}.
+    """forward(view, targets) -> {"loss", "loss/<teacher>", "cos/<teacher>"} (+ "kept/<teacher>" with teacher dropping).
 
     ``view``: (B, C, H, W) in [0, 1], the same weakly augmented view the teachers saw.
-    ``targets``: teacher name -> (B, d_k) teacher backbone feature.
+    ``targets``: teacher name -> (B, d_k) teacher backbone feature, mapped by the teacher's normalisation
+    (``normalize``: name -> l2 | standardize | phi_s, with ``target_stats`` for the last two) before the loss.
+    ``teacher_drop``: UNIC's teacher dropping while training: per image, the teacher with the highest loss is
+    kept and every other one is dropped with this probability. ``loss/<teacher>`` is always the undropped mean
+    (comparable across runs); ``loss`` is what the optimizer sees.
     """
 
     def __init__(
@@ -33,9 +38,17 @@ class SimRegObjective(nn.Module):
         layout: str = "paper",
         teacher_weights: Mapping[str, float] | None = None,
         loss: str = "simreg",
+        normalize: Mapping[str, str] | None = None,
+        target_stats: Mapping[str, TargetStats] | None = None,
+        teacher_drop: float = 0.0,
     ) -> None:
         super().__init__()
         self.loss_fn = get_loss(loss)  # SimReg's 2 - 2 cos by default (models/loss.py)
+        if not 0.0 <= teacher_drop < 1.0:
+            raise ValueError(f"teacher_drop={teacher_drop} must be in [0, 1)")
+        self.teacher_drop = float(teacher_drop)
+        norm, stats = dict(normalize or {}), dict(target_stats or {})
+        self.norms = nn.ModuleDict({n: TargetNorm(norm.get(n, "l2"), stats.get(n)) for n in teacher_dims})
         self.backbone = backbone
         self.transform = transform
         self.student_dim = feature_dim(backbone, transform.size)
@@ -54,13 +67,31 @@ class SimRegObjective(nn.Module):
     def forward(self, view: torch.Tensor, targets: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         feat = self.features(view)  # (B, m)
         out: dict[str, torch.Tensor] = {}
-        total = feat.new_zeros(())
+        per_image: dict[str, torch.Tensor] = {}
         for name, head in self.heads.items():
             pred = head(feat)  # (B, d_k)
-            tgt = targets[name].to(pred.device)
+            tgt = self.norms[name](targets[name].to(pred.device))
             loss_k = self.loss_fn(pred, tgt)
-            out[f"loss/{name}"] = loss_k
+            per_image[name] = loss_k
+            out[f"loss/{name}"] = loss_k.mean()
             out[f"cos/{name}"] = cosine_to_target(pred.detach(), tgt)
-            total = total + self.teacher_weights[name] * loss_k
-        out["loss"] = total
+        dropping = self.training and self.teacher_drop > 0 and len(per_image) > 1
+        if dropping:
+            out.update(self._dropped(per_image))
+        else:
+            out["loss"] = sum((self.teacher_weights[n] * out[f"loss/{n}"] for n in per_image), feat.new_zeros(()))
+        return out
+
+    def _dropped(self, per_image: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """UNIC's teacher dropping: {"loss": the masked weighted loss, "kept/<teacher>": share of images kept}."""
+        names = list(per_image)
+        if any(v.ndim != 1 for v in per_image.values()):
+            raise ValueError("loss.teacher_drop needs a loss that returns one value per image (models/loss.py)")
+        losses = torch.stack([per_image[n] for n in names])  # (K, B)
+        keep = torch.rand(losses.shape, device=losses.device) >= self.teacher_drop
+        top = losses.detach().argmax(dim=0)  # the teacher each image is furthest from is never dropped
+        keep[top, torch.arange(losses.shape[1], device=losses.device)] = True
+        w = torch.tensor([self.teacher_weights[n] for n in names], device=losses.device).unsqueeze(1)
+        out = {"loss": (w * losses * keep).sum(dim=0).mean()}
+        out.update({f"kept/{n}": keep[i].float().mean() for i, n in enumerate(names)})
         return out

@@ -142,6 +142,10 @@ class TeacherConfig(_Strict):
         "auto", description="checkpoint layout (auto: detected; plain covers timm/torchvision/BYOL/SimCLR)"
     )
     model_kwargs: dict[str, Any] = Field(default_factory=dict, description="extra timm.create_model arguments, e.g. {img_size: 64}")
+    normalize: Literal["l2", "standardize", "phi_s"] = Field(
+        "l2", description="the target's map before the loss: l2 (SimReg's), standardize (per dimension), phi_s (PHI-S); "
+                          "standardize and phi_s use statistics estimated once per teacher and data (loss.stats_images)"
+    )
 
     @field_validator("model_kwargs")
     @classmethod
@@ -229,6 +233,17 @@ class TrainConfig(_Strict):
     @classmethod
     def _known_loss(cls, v: str) -> str:
         return _registered(v, sorted(LOSSES), "loss", " (models/loss.py)")
+
+
+class LossConfig(_Strict):
+    teacher_drop: float = Field(
+        0.0, ge=0, lt=1, description="UNIC's teacher dropping: per image, keep the teacher with the highest loss and drop each other "
+                                     "one with this probability (0: off; several teachers only)"
+    )
+    stats_images: int = Field(
+        4096, ge=64, description="images whose view-0 targets estimate a teacher's mean and covariance (teachers[i].normalize="
+                                 "standardize | phi_s); stored beside the target cache"
+    )
 
 
 class CacheConfig(_Strict):
@@ -345,6 +360,7 @@ class SimRegConfig(_Strict):
     heads: HeadsConfig = HeadsConfig()
     optim: OptimConfig = OptimConfig()
     train: TrainConfig = TrainConfig()
+    loss: LossConfig = LossConfig()
     scaling: ScalingConfig = ScalingConfig()
     teacher_pool: TeacherPoolConfig = TeacherPoolConfig()
     eval: EvalConfig = EvalConfig()

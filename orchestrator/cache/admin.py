@@ -16,6 +16,7 @@ from simreg.orchestrator.cache.targets import (
     CACHE_VERSION,
     KEY_NAME,
     META,
+    STATS_DIR,
     WRITERS,
     default_cache_dir,
     key_digest,
@@ -160,13 +161,17 @@ def clear_cache(root: str | Path | None = None, keys: list[str] | None = None) -
                 )
             chosen.append(match[0])
     sizes = {k: sum(i.size or 0 for i in _files(base / k)) for k in chosen}
-    others = len(base.listdir()) - len(present)
+    stats = keys is None and (base / STATS_DIR).listdir() != []  # the whole cache: the target statistics go too
+    others = len(base.listdir()) - len(present) - int(stats)
     if chosen:
         log.info("cache clear: removing %d key folder(s), %.1f MiB, from %s: %s%s", len(chosen), sum(sizes.values()) / 2**20,
                  base, ", ".join(f"{k} ({sizes[k] / 2**20:.1f} MiB)" for k in chosen),
                  f"; {others} other entr{'y' if others == 1 else 'ies'} there, not simreg cache keys, left alone" if others else "")
     for k in chosen:
         (base / k).delete()
+    if stats:
+        log.info("cache clear: removing the target statistics in %s", base / STATS_DIR)
+        (base / STATS_DIR).delete()
     return chosen
 
 

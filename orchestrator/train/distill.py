@@ -93,6 +93,10 @@ def _distill(
     actors: list[Any] = []
     try:  # from here on, whatever fails ends the MLflow run FAILED (KILLED on Ctrl-C / SIGTERM)
         tracker.log_params(flatten(cfg))
+        if prep.target_stats:  # teachers[i].normalize=standardize|phi_s: what the targets were normalised with
+            from simreg.orchestrator.train.target_stats import stats_metrics
+
+            tracker.log_metrics(stats_metrics(prep.target_stats), step=0)
         state = start_run_state()
         # 4. teacher actors + pipeline + trainer
         storage = train_storage(out)

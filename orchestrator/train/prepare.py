@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
+from simreg.models.target_norm import TargetStats
 from simreg.orchestrator.config import SimRegConfig
 from simreg.orchestrator.data.imageset import ImageSet
 from simreg.orchestrator.data.sources import load_splits
@@ -34,6 +35,7 @@ class Prepared:
     val: EvalSets | None  # bank and queries both from the train split (for model selection)
     specs: list[TeacherSpec]
     teacher_dims: dict[str, int]
+    target_stats: dict[str, TargetStats] = field(default_factory=dict)  # teachers[i].normalize=standardize|phi_s
 
 
 def prepare(cfg: SimRegConfig, quiet: bool = False) -> Prepared:
@@ -58,6 +60,10 @@ def prepare(cfg: SimRegConfig, quiet: bool = False) -> Prepared:
             len(final.bank), len(final.query), held_out.name,
         )
     specs = teacher_specs(cfg)
-    dims = {s.name: s.build().feature_dim for s in specs}
+    teachers = {s.name: s.build() for s in specs}
+    dims = {name: t.feature_dim for name, t in teachers.items()}
     build_objective(cfg, dims)  # fails early on an unknown student arch or a bad head design
-    return Prepared(cfg, train, final, val, specs, dims)
+    from simreg.orchestrator.train.target_stats import target_stats
+
+    stats = target_stats(cfg, train, specs, teachers, quiet=quiet)
+    return Prepared(cfg, train, final, val, specs, dims, stats)

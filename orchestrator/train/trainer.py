@@ -109,6 +109,7 @@ def make_trainer(
         train_loop_config={
             # redacted: Ray Train keeps this in its run state (the dashboard shows it); workers need no tracking secret
             "cfg": redact_tree(json.loads(cfg.model_dump_json())), "state": state, "teacher_dims": prep.teacher_dims,
+            "target_stats": {name: st.arrays() for name, st in prep.target_stats.items()},
             "n_train": len(prep.train), "val": prep.val,
             # an object store: the checkpoint uploads while the next epoch trains (a local copy is quick)
             "async_checkpoint": getattr(run_config, "storage_filesystem", None) is not None,

@@ -20,6 +20,7 @@ import torch.distributed as dist
 from ray.train import CheckpointUploadMode
 
 from simreg.models.errors import SimRegError
+from simreg.models.target_norm import TargetStats
 from simreg.orchestrator.config import validate_config
 from simreg.orchestrator.evaluation.knn import knn_report
 from simreg.orchestrator.ray_compat import quiet_train_report_log
@@ -126,7 +127,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         return
 
     torch.manual_seed(cfg.seed)  # same init on every rank (DDP also broadcasts rank 0's weights)
-    objective = build_objective(cfg, teacher_dims)
+    stats = {name: TargetStats.from_arrays(a) for name, a in (config.get("target_stats") or {}).items()}
+    objective = build_objective(cfg, teacher_dims, stats)
     rows, per_worker_batch, steps = shard_plan(config["n_train"], cfg.train.batch_size, world)
     optimizer, scheduler = build_optimizer(cfg, objective, steps)
     start_epoch = 0

@@ -29,8 +29,8 @@ def ray_cluster():
 def distilled(ray_cluster, teachers_dir: Path, fmnist_root: Path, tmp_path_factory):
     """One fit covering the method's options together: the real CNN teacher beside a ViT teacher (DINO
     checkpoint layout, its own resolution and mean/std), each network its own view (the student's strong),
-    k-NN after the first head layer, and the target cache with one view per sample (epoch 1 reads epoch 0's
-    targets)."""
+    k-NN after the first head layer, the target cache with one view per sample (epoch 1 reads epoch 0's
+    targets), the ViT's targets PHI-S-normalised and UNIC's teacher dropping."""
     import yaml
 
     from simreg.orchestrator.config import load_config
@@ -43,14 +43,15 @@ def distilled(ray_cluster, teachers_dir: Path, fmnist_root: Path, tmp_path_facto
     teachers = [
         {"name": "r10t", "arch": "resnet10t", "weights": str(teachers_dir / "fmnist_simclr_resnet10t.safetensors")},
         {"name": "vit", "arch": "vit_tiny_patch16_224", "weights": str(out / "dino_vit.pth"), "format": "dino",
-         "input_size": 48, "mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225], "model_kwargs": {"img_size": 48}},
+         "input_size": 48, "mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225], "model_kwargs": {"img_size": 48},
+         "normalize": "phi_s"},
     ]
     (out / "cfg.yaml").write_text(yaml.safe_dump({"teachers": teachers}))
     cfg = load_config(out / "cfg.yaml", [
         "name=itest", "data.train_size=300", "data.knn_bank_size=300", "data.knn_query_size=100", "train.epochs=2",
         "train.batch_size=64", "student.arch=resnet10t", "student.input_size=32", "heads.depth=2", "scaling.num_workers=2",
         "augment.mode=different", "augment.teacher=weak", "augment.student=strong", "eval.head_layers=[1]",
-        "cache.enabled=true", f"cache.dir={out / 'cache'}", "augment.view_bank=1",
+        "cache.enabled=true", f"cache.dir={out / 'cache'}", "augment.view_bank=1", "loss.teacher_drop=0.5", "loss.stats_images=128",
         "teacher_pool.cpus_per_actor=0.25",  # 2 workers x 0.5 + 2 teachers x 0.25 + 2 view tasks x 0.25 = 2 CPUs
     ])
     summary = distill(cfg, out)
@@ -79,6 +80,10 @@ def test_summary_contract(distilled):
     assert h0["train/resumed_at_epoch"] == h1["train/resumed_at_epoch"] == 0  # one attempt: no worker group restart
     assert h1["train/loss"] < h0["train/loss"]  # the student moves towards the teachers
     assert {"train/loss/r10t", "train/loss/vit", "train/cos/r10t", "train/cos/vit"} <= set(h1)
+    # teacher dropping at p = 0.5: each image keeps its worst teacher, and the other one half of the time
+    for h in (h0, h1):
+        assert all(0.4 < h[f"train/kept/{t}"] <= 1.0 for t in ("r10t", "vit"))
+        assert 1.35 < h["train/kept/r10t"] + h["train/kept/vit"] < 1.65
     # the teacher actors ran each of the 300 images once; epoch 1 came from the Parquet cache
     assert on_disk["teacher_rows"] == {"r10t": {"forward": 300, "cached": 300, "shared": 0}, "vit": {"forward": 300, "cached": 300, "shared": 0}}
     assert all(0 < h["val/top1_20nn"] <= 100 for h in (h0, h1))  # validation k-NN every epoch
@@ -104,6 +109,11 @@ def test_mlflow_run_has_params_epoch_metrics_and_artifacts(distilled):
     loss = client.get_metric_history(run.info.run_id, "train/loss")
     assert sorted(m.step for m in loss) == [0, 1]
     assert run.data.metrics["knn/student/top1_20nn"] == pytest.approx(summary["student_knn"]["top1_20nn"])
+    # the ViT's PHI-S statistics: estimated once on 128 images, stored beside the cache, their figures in MLflow
+    assert run.data.params["teachers.1.normalize"] == "phi_s" and run.data.params["teachers.0.normalize"] == "l2"
+    assert run.data.metrics["normalize/vit/images"] == 128 and run.data.metrics["normalize/vit/effective_rank"] > 1
+    assert "normalize/r10t/images" not in run.data.metrics
+    assert len(list((out / "cache" / "stats").glob("*.safetensors"))) == 1
     arts = {a.path for a in client.list_artifacts(run.info.run_id)}
     assert {"summary.json", "knn.md", "config.json", "student"} <= arts
     assert {a.path for a in client.list_artifacts(run.info.run_id, "student")} == {"student/student.safetensors", "student/student.json"}

@@ -61,6 +61,16 @@ def test_flatten_round_trip_keys():
 
 
 def test_unknown_loss_lists_the_registered_ones():
-    with pytest.raises(ConfigError, match=r"train\.loss: unknown loss; use one of \['simreg'\]"):
-        load_config(None, ["train.loss=mse"])
+    with pytest.raises(ConfigError, match=r"train\.loss: unknown loss; use one of \['mse', 'simreg'\]"):
+        load_config(None, ["train.loss=huber"])
     assert load_config(None, ["train.loss=simreg"]).train.loss == "simreg"
+    assert load_config(None, ["train.loss=mse"]).train.loss == "mse"
+
+
+def test_normalize_and_teacher_drop_are_checked():
+    cfg = load_config(None, ["teachers.0.normalize=phi_s", "loss.teacher_drop=0.5"])
+    assert cfg.teachers[0].normalize == "phi_s" and cfg.loss.teacher_drop == 0.5
+    with pytest.raises(ConfigError, match=r"teachers\.0\.normalize"):
+        load_config(None, ["teachers.0.normalize=whiten"])
+    with pytest.raises(ConfigError, match=r"loss\.teacher_drop"):
+        load_config(None, ["loss.teacher_drop=1"])
