@@ -115,7 +115,7 @@ def inprocess(n: int, images: int | None, extra: list[str], cache_dir: Path) -> 
     prep = prepare(cfg, quiet=True)
     teacher = TeacherInference(prep.specs[0], 2, device="cpu", **teacher_options(cfg, cache_spec(cfg, prep.train)))
     torch.manual_seed(cfg.seed)
-    obj = student_layout(build_objective(cfg, prep.teacher_dims), cfg)
+    obj = student_layout(build_objective(cfg, prep.teacher_dims, prep.target_maps), cfg)
     bs = cfg.train.batch_size
     steps = (images or len(prep.train)) // bs
     opt, sched = build_optimizer(cfg, obj, steps)

@@ -55,7 +55,7 @@ def inprocess(cfg: SimRegConfig, threads: int) -> list[float]:
     teacher = TeacherInference(teacher_specs(cfg)[0], threads, device="cpu", **teacher_options(cfg, cache))  # as the product's actors run it
     name = teacher.spec.name
     torch.manual_seed(cfg.seed)
-    obj = student_layout(build_objective(cfg, {name: teacher.teacher.feature_dim}), cfg)
+    obj = student_layout(build_objective(cfg, {name: teacher.teacher.feature_dim}, prep.target_maps), cfg)
     bs = cfg.train.batch_size
     opt, sched = build_optimizer(cfg, obj, len(train) // bs)
     plan = view_plan(cfg)

@@ -12,7 +12,7 @@ import torch.nn as nn
 from simreg.models.heads import build_heads, head_prefix
 from simreg.models.loss import cosine_to_target, get_loss
 from simreg.models.students import feature_dim
-from simreg.models.target_norm import TargetNorm, TargetStats
+from simreg.models.target_norm import NormMap, TargetNorm
 from simreg.models.teachers import InputTransform
 
 
@@ -21,7 +21,7 @@ class SimRegObjective(nn.Module):
 
     ``view``: (B, C, H, W) in [0, 1], the same weakly augmented view the teachers saw.
     ``targets``: teacher name -> (B, d_k) teacher backbone feature, mapped by the teacher's normalisation
-    (``normalize``: name -> l2 | standardize | phi_s, with ``target_stats`` for the last two) before the loss.
+    (``normalize``: name -> l2 | standardize | phi_s, with ``target_maps`` for the last two) before the loss.
     ``teacher_drop``: UNIC's teacher dropping while training: per image, the teacher with the highest loss is
     kept and every other one is dropped with this probability. ``loss/<teacher>`` is always the undropped mean
     (comparable across runs); ``loss`` is what the optimizer sees.
@@ -39,7 +39,7 @@ class SimRegObjective(nn.Module):
         teacher_weights: Mapping[str, float] | None = None,
         loss: str = "simreg",
         normalize: Mapping[str, str] | None = None,
-        target_stats: Mapping[str, TargetStats] | None = None,
+        target_maps: Mapping[str, NormMap] | None = None,
         teacher_drop: float = 0.0,
     ) -> None:
         super().__init__()
@@ -47,8 +47,9 @@ class SimRegObjective(nn.Module):
         if not 0.0 <= teacher_drop < 1.0:
             raise ValueError(f"teacher_drop={teacher_drop} must be in [0, 1)")
         self.teacher_drop = float(teacher_drop)
-        norm, stats = dict(normalize or {}), dict(target_stats or {})
-        self.norms = nn.ModuleDict({n: TargetNorm(norm.get(n, "l2"), stats.get(n)) for n in teacher_dims})
+        self.drop_generator: torch.Generator | None = None  # the workers seed one per rank (seed_dropping)
+        norm, maps = dict(normalize or {}), dict(target_maps or {})
+        self.norms = nn.ModuleDict({n: TargetNorm(norm.get(n, "l2"), maps.get(n)) for n in teacher_dims})
         self.backbone = backbone
         self.transform = transform
         self.student_dim = feature_dim(backbone, transform.size)
@@ -82,13 +83,18 @@ class SimRegObjective(nn.Module):
             out["loss"] = sum((self.teacher_weights[n] * out[f"loss/{n}"] for n in per_image), feat.new_zeros(()))
         return out
 
+    def seed_dropping(self, seed: int, device: torch.device) -> None:
+        """Teacher-drop masks from their own generator (each rank its own seed), not the global one."""
+        self.drop_generator = torch.Generator(device=device).manual_seed(seed)
+
     def _dropped(self, per_image: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """UNIC's teacher dropping: {"loss": the masked weighted loss, "kept/<teacher>": share of images kept}."""
         names = list(per_image)
         if any(v.ndim != 1 for v in per_image.values()):
             raise ValueError("loss.teacher_drop needs a loss that returns one value per image (models/loss.py)")
         losses = torch.stack([per_image[n] for n in names])  # (K, B)
-        keep = torch.rand(losses.shape, device=losses.device) >= self.teacher_drop
+        gen = self.drop_generator if self.drop_generator is not None and self.drop_generator.device == losses.device else None
+        keep = torch.rand(losses.shape, device=losses.device, generator=gen) >= self.teacher_drop
         top = losses.detach().argmax(dim=0)  # the teacher each image is furthest from is never dropped
         keep[top, torch.arange(losses.shape[1], device=losses.device)] = True
         w = torch.tensor([self.teacher_weights[n] for n in names], device=losses.device).unsqueeze(1)

@@ -12,8 +12,8 @@ one teacher can dominate the loss. Each teacher's target ``x`` (B, d) is mapped 
   rotations with the same effect (every diagonal entry of the rotated covariance equals the mean eigenvalue,
   the Schur-Horn construction). Every dimension then has unit variance; the map is invertible.
 
-``mu`` and the covariance are estimated once per teacher and data (``TargetStats``); the trainer computes
-them on the driver and ships them to the workers (``orchestrator/train/target_stats.py``). Under a cosine loss
+``mu`` and the covariance are estimated once per teacher and data (``TargetStats``); the driver turns them into
+the float32 map (``NormMap``) the workers apply (``orchestrator/train/target_stats.py``). Under a cosine loss
 (``train.loss=simreg``) the rotation and the global scale of ``phi_s`` do not change the loss: what remains is
 the centring; regress ``phi_s`` or ``standardize`` targets with ``train.loss=mse`` as the papers do.
 """
@@ -31,7 +31,7 @@ NORMALIZATIONS = ("l2", "standardize", "phi_s")
 NEEDS_STATS = ("standardize", "phi_s")
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class TargetStats:
     """Mean (d,), covariance eigenvalues (d,, descending) and eigenvectors (d, d: columns) of one teacher's targets."""
 
@@ -83,6 +83,9 @@ def estimate_stats(targets: np.ndarray | torch.Tensor) -> TargetStats:
     cov = xc.T @ xc / (x.shape[0] - 1)
     lam, vec = torch.linalg.eigh(cov)  # ascending
     lam, vec = lam.flip(0).clamp(min=0.0), vec.flip(1)
+    # an eigenvector's sign is the LAPACK build's choice: fix it (largest entry positive), the same map everywhere
+    sign = torch.sign(vec.gather(0, vec.abs().argmax(dim=0, keepdim=True)))
+    vec = vec * torch.where(sign == 0, 1.0, sign)
     return TargetStats(mu.numpy(), lam.numpy(), vec.numpy(), int(x.shape[0]))
 
 
@@ -127,61 +130,80 @@ def equalizing_rotation(eigvals: np.ndarray) -> np.ndarray:
     return r
 
 
-def norm_matrix(method: str, stats: TargetStats) -> tuple[np.ndarray, np.ndarray | None, np.ndarray | None]:
-    """(mu, scale per dimension or None, matrix or None) of ``y = (x - mu) * scale`` or ``y = (x - mu) @ matrix.T``."""
+VAR_FLOOR = 1e-2  # standardize: a dimension's variance is floored at this share of the mean variance
+
+
+class NoVariance(ValueError):
+    """The targets do not vary: no normalisation that divides by their spread applies."""
+
+
+@dataclass(frozen=True, eq=False)
+class NormMap:
+    """A teacher's target map, float32: ``y = (x - mu) * scale`` (standardize) or ``y = (x - mu) @ w.T`` (phi_s).
+    Computed once on the driver from the statistics, shipped to the workers and kept in the run folder."""
+
+    method: str
+    mu: np.ndarray
+    scale: np.ndarray | None = None
+    w: np.ndarray | None = None
+
+    def arrays(self, prefix: str = "") -> dict[str, np.ndarray]:
+        out = {f"{prefix}mu": self.mu}
+        if self.scale is not None:
+            out[f"{prefix}scale"] = self.scale
+        if self.w is not None:
+            out[f"{prefix}w"] = self.w
+        return out
+
+
+def norm_map(method: str, stats: TargetStats) -> NormMap:
+    """The map of ``standardize`` or ``phi_s`` from a teacher's statistics; ``NoVariance`` when the targets are constant."""
+    mean_var = float(np.clip(stats.eigvals, 0, None).mean())
+    if not mean_var > 0:
+        raise NoVariance(f"{method}: the teacher's targets do not vary (every eigenvalue is 0)")
+    mu = stats.mean.astype(np.float32)
     if method == "standardize":
-        var = stats.variances
-        eps = 1e-6 * max(float(var.mean()), 1e-30)
-        return stats.mean, 1.0 / np.sqrt(np.clip(var, 0, None) + eps), None
+        var = np.maximum(stats.variances, VAR_FLOOR * mean_var)  # a (nearly) dead dimension is not blown up
+        return NormMap(method, mu, scale=(1.0 / np.sqrt(var)).astype(np.float32))
     if method == "phi_s":
-        lam = stats.eigvals
-        m = float(lam.mean())
-        if m <= 0:
-            raise ValueError("phi_s: the teacher's targets do not vary (every eigenvalue is 0)")
-        w = equalizing_rotation(lam) @ stats.eigvecs.T / math.sqrt(m)
-        return stats.mean, None, w
+        w = equalizing_rotation(stats.eigvals) @ stats.eigvecs.T / np.sqrt(mean_var)
+        return NormMap(method, mu, w=w.astype(np.float32))
     raise ValueError(f"normalisation {method!r} takes no statistics")
 
 
 class TargetNorm(nn.Module):
-    """One teacher's target map. The statistics are plain tensors, not buffers: they are the same on every rank
-    (no DDP broadcast) and come from the run's statistics, not from a checkpoint. Without statistics a
-    ``standardize``/``phi_s`` map can be built (an objective only evaluated) but raises when called."""
+    """One teacher's target map. Its tensors are plain attributes, not buffers: the same on every rank (no DDP
+    broadcast), from the run's map and not from a checkpoint; ``.to()`` moves them (``_apply``). Without a map a
+    ``standardize``/``phi_s`` norm can be built (an objective only evaluated) but raises when called. Computed in
+    fp32, outside autocast: the loss stays fp32."""
 
-    def __init__(self, method: str, stats: TargetStats | None = None) -> None:
+    def __init__(self, method: str, nmap: NormMap | None = None) -> None:
         super().__init__()
         if method not in NORMALIZATIONS:
             raise ValueError(f"target normalisation {method!r} is unknown: use one of {list(NORMALIZATIONS)}")
+        if nmap is not None and nmap.method != method:
+            raise ValueError(f"target normalisation {method!r} given the map of {nmap.method!r}")
         self.method = method
-        self._mu: torch.Tensor | None = None
-        self._scale: torch.Tensor | None = None
-        self._w: torch.Tensor | None = None
-        if stats is not None and method in NEEDS_STATS:
-            mu, scale, w = norm_matrix(method, stats)
-            self._mu = torch.as_tensor(mu, dtype=torch.float32)
-            self._scale = None if scale is None else torch.as_tensor(scale, dtype=torch.float32)
-            self._w = None if w is None else torch.as_tensor(w, dtype=torch.float32)
+        self._t: dict[str, torch.Tensor] = {}
+        if nmap is not None and method in NEEDS_STATS:
+            self._t = {k: torch.as_tensor(np.asarray(v, np.float32)) for k, v in nmap.arrays().items()}
 
-    def _on(self, device: torch.device) -> None:
-        if self._mu is not None and self._mu.device != device:
-            self._mu = self._mu.to(device)
-            self._scale = None if self._scale is None else self._scale.to(device)
-            self._w = None if self._w is None else self._w.to(device)
+    def _apply(self, fn, recurse: bool = True):  # type: ignore[no-untyped-def, override]
+        self._t = {k: fn(v) for k, v in self._t.items()}
+        return super()._apply(fn, recurse)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = x.float()
-        if self.method == "l2":
-            return F.normalize(x, dim=1)
-        if self._mu is None:
-            raise ValueError(f"target normalisation {self.method!r} needs the teacher's target statistics (build_objective's target_stats)")
-        self._on(x.device)
-        if x.shape[1] != self._mu.shape[0]:
-            raise ValueError(f"{self.method}: targets of dimension {x.shape[1]}, statistics of dimension {self._mu.shape[0]}")
-        xc = x - self._mu
-        if self._scale is not None:
-            return xc * self._scale
-        assert self._w is not None
-        return xc @ self._w.T
+        with torch.autocast(x.device.type, enabled=False):
+            x = x.float()
+            if self.method == "l2":
+                return F.normalize(x, dim=1)
+            if not self._t:
+                raise ValueError(f"target normalisation {self.method!r} needs the teacher's target statistics (build_objective's target_maps)")
+            t = {k: v.to(device=x.device, dtype=torch.float32) for k, v in self._t.items()}  # no-op once .to() moved them
+            if x.shape[1] != t["mu"].shape[0]:
+                raise ValueError(f"{self.method}: targets of dimension {x.shape[1]}, statistics of dimension {t['mu'].shape[0]}")
+            xc = x - t["mu"]
+            return xc * t["scale"] if "scale" in t else xc @ t["w"].T
 
     def extra_repr(self) -> str:
         return self.method

@@ -1,7 +1,8 @@
 """``simreg cache info|clear``: the key folders of a cache root, listed or removed.
 
 Only a key folder simreg wrote counts: its name is the digest of the key in its ``meta.json`` (``key_digest``).
-Other folders and files under the root are never listed, read or removed.
+Clearing the whole cache also removes the target statistics simreg wrote (``stats/<digest>.safetensors``). Other
+folders and files under the root are never listed, read or removed.
 """
 from __future__ import annotations
 
@@ -17,6 +18,7 @@ from simreg.orchestrator.cache.targets import (
     KEY_NAME,
     META,
     STATS_DIR,
+    STATS_FILE,
     WRITERS,
     default_cache_dir,
     key_digest,
@@ -161,8 +163,9 @@ def clear_cache(root: str | Path | None = None, keys: list[str] | None = None) -
                 )
             chosen.append(match[0])
     sizes = {k: sum(i.size or 0 for i in _files(base / k)) for k in chosen}
-    stats = keys is None and (base / STATS_DIR).listdir() != []  # the whole cache: the target statistics go too
-    others = len(base.listdir()) - len(present) - int(stats)
+    # the whole cache: the target statistics go too (only simreg's files: <key digest>.safetensors)
+    stats = [n for n in (base / STATS_DIR).listdir() if STATS_FILE.fullmatch(n)] if keys is None else []
+    others = len(base.listdir()) - len(present) - int(bool(stats))
     if chosen:
         log.info("cache clear: removing %d key folder(s), %.1f MiB, from %s: %s%s", len(chosen), sum(sizes.values()) / 2**20,
                  base, ", ".join(f"{k} ({sizes[k] / 2**20:.1f} MiB)" for k in chosen),
@@ -170,8 +173,11 @@ def clear_cache(root: str | Path | None = None, keys: list[str] | None = None) -
     for k in chosen:
         (base / k).delete()
     if stats:
-        log.info("cache clear: removing the target statistics in %s", base / STATS_DIR)
-        (base / STATS_DIR).delete()
+        log.info("cache clear: removing %d target statistics file(s) from %s", len(stats), base / STATS_DIR)
+        for n in stats:
+            (base / STATS_DIR / n).delete()
+        if not (base / STATS_DIR).listdir():
+            (base / STATS_DIR).delete()
     return chosen
 
 

@@ -129,6 +129,7 @@ def key_digest(key: Mapping[str, Any]) -> str:
 
 KEY_NAME = re.compile(r"[0-9a-f]{20}")  # a key folder's name: key_digest of the key in its meta.json
 STATS_DIR = "stats"  # beside the key folders: target statistics of teachers[i].normalize (train/target_stats.py)
+STATS_FILE = re.compile(r"[0-9a-f]{20}\.safetensors")
 
 
 class TargetCache:

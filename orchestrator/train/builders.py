@@ -8,7 +8,7 @@ import torch
 
 from simreg.models import InputTransform, SimRegObjective, build_backbone
 from simreg.models.errors import ConfigError
-from simreg.models.target_norm import TargetStats
+from simreg.models.target_norm import NormMap
 from simreg.orchestrator.cache.targets import CacheSpec, default_cache_dir, spec_dict
 from simreg.orchestrator.config import SimRegConfig
 from simreg.orchestrator.data.imageset import ImageSet
@@ -72,9 +72,9 @@ def student_transform(cfg: SimRegConfig) -> InputTransform:
     return InputTransform(cfg.student_input_size, cfg.student.mean, cfg.student.std)
 
 
-def build_objective(cfg: SimRegConfig, teacher_dims: dict[str, int], target_stats: dict[str, TargetStats] | None = None) -> SimRegObjective:
-    """The student, its heads and the loss. ``target_stats``: the statistics of the teachers whose ``normalize``
-    needs them (``prepare``'s); without them such an objective can be evaluated but not trained."""
+def build_objective(cfg: SimRegConfig, teacher_dims: dict[str, int], target_maps: dict[str, NormMap] | None = None) -> SimRegObjective:
+    """The student, its heads and the loss. ``target_maps``: the target maps of the teachers whose ``normalize``
+    needs statistics (``Prepared.target_maps``); without them such an objective can be evaluated but not trained."""
     return SimRegObjective(
         build_backbone(cfg.student.arch, model_kwargs=cfg.student.model_kwargs),
         student_transform(cfg),
@@ -85,7 +85,7 @@ def build_objective(cfg: SimRegConfig, teacher_dims: dict[str, int], target_stat
         teacher_weights={t.name: t.weight for t in cfg.teachers},
         loss=cfg.train.loss,
         normalize={t.name: t.normalize for t in cfg.teachers},
-        target_stats=target_stats,
+        target_maps=target_maps,
         teacher_drop=cfg.loss.teacher_drop,
     )
 

@@ -27,7 +27,7 @@ from simreg.orchestrator.tracking.base import TrackerBackend
 from simreg.orchestrator.tracking.redact import redact_json_text, redact_tree
 from simreg.orchestrator.train.checkpoint import committed_epochs, train_storage
 from simreg.orchestrator.train.placement import failure_config, plan_placement, resource_check
-from simreg.orchestrator.train.prepare import prepare
+from simreg.orchestrator.train.prepare import Prepared, prepare
 from simreg.orchestrator.train.progress import Progress
 from simreg.orchestrator.train.rundir import check_resume, hold_output_dir, preflight, publish, safe_config_json
 from simreg.orchestrator.train.trainer import images_per_epoch, init_ray, make_trainer
@@ -62,7 +62,7 @@ def _distill(
     config_file = publish(out, local, "config.json", safe_config_json(cfg))  # a local copy for MLflow at the end
 
     # 1-2. data (distillation subset, k-NN bank and queries, validation sets) and teachers, before Ray
-    prep = prepare(cfg)
+    prep = run_maps(out, prepare(cfg), resuming)
     marks = {"data_ready": time.time()}  # start-up events, unix time (the run's actors add theirs to RunState)
     specs, teacher_dims, evals = prep.specs, prep.teacher_dims, prep.final_eval
 
@@ -213,6 +213,24 @@ def _distill(
             tracker.end(status)  # after a lost lease: left to the driver that took the folder over
         if state is not None:
             stop_actors(state, actors, timeout_s=60.0 if status == "FINISHED" else 5.0)  # interrupted: `ray job stop` waits briefly
+
+
+def run_maps(out: Store, prep: Prepared, resuming: bool) -> Prepared:
+    """The run's target maps (teachers[i].normalize=standardize|phi_s) kept in its folder: a resumed run trains on
+    the maps it began with, whatever the cache holds now."""
+    from dataclasses import replace
+
+    from simreg.orchestrator.train.target_stats import RUN_FILE, load_maps, save_maps
+
+    if not prep.target_maps:
+        return prep
+    where = out / RUN_FILE
+    if resuming and where.exists():
+        kept = load_maps(where)
+        if set(kept) == set(prep.target_maps) and all(kept[n].method == m.method for n, m in prep.target_maps.items()):
+            return replace(prep, target_maps=kept)
+    save_maps(where, prep.target_maps)
+    return prep
 
 
 def fit(trainer: Any, state: Any) -> Any:

@@ -5,7 +5,8 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass, field
 
-from simreg.models.target_norm import TargetStats
+from simreg.models.errors import ConfigError
+from simreg.models.target_norm import NEEDS_STATS, NormMap, TargetStats
 from simreg.orchestrator.config import SimRegConfig
 from simreg.orchestrator.data.imageset import ImageSet
 from simreg.orchestrator.data.sources import load_splits
@@ -36,10 +37,13 @@ class Prepared:
     specs: list[TeacherSpec]
     teacher_dims: dict[str, int]
     target_stats: dict[str, TargetStats] = field(default_factory=dict)  # teachers[i].normalize=standardize|phi_s
+    target_maps: dict[str, NormMap] = field(default_factory=dict)  # their maps, what the workers apply
 
 
-def prepare(cfg: SimRegConfig, quiet: bool = False) -> Prepared:
-    """Phases 1-2: load data and every teacher once, so a bad path or name fails before Ray starts."""
+def prepare(cfg: SimRegConfig, quiet: bool = False, stats_for_all: bool = False) -> Prepared:
+    """Phases 1-2: load data and every teacher once, so a bad path or name fails before Ray starts; the target
+    statistics of the teachers whose ``normalize`` needs them (``stats_for_all``: of every teacher, stored beside
+    the cache for trials that will need them)."""
     train_full, held_out = load_splits(cfg.data, cfg.seed)
     # A streamed source (a pack, synthetic images): only the evaluation images are decoded or generated here
     train = train_full.subset(cfg.data.train_size, cfg.seed)
@@ -60,10 +64,40 @@ def prepare(cfg: SimRegConfig, quiet: bool = False) -> Prepared:
             len(final.bank), len(final.query), held_out.name,
         )
     specs = teacher_specs(cfg)
-    teachers = {s.name: s.build() for s in specs}
-    dims = {name: t.feature_dim for name, t in teachers.items()}
-    build_objective(cfg, dims)  # fails early on an unknown student arch or a bad head design
-    from simreg.orchestrator.train.target_stats import target_stats
+    check_loss_options(cfg)
+    from simreg.orchestrator.train.target_stats import StatsSource, teacher_map
 
-    stats = target_stats(cfg, train, specs, teachers, quiet=quiet)
-    return Prepared(cfg, train, final, val, specs, dims, stats)
+    source = StatsSource(cfg, train, quiet) if stats_for_all or any(t.normalize in NEEDS_STATS for t in cfg.teachers) else None
+    dims: dict[str, int] = {}
+    stats: dict[str, TargetStats] = {}
+    maps: dict[str, NormMap] = {}
+    for i, (tcfg, spec) in enumerate(zip(cfg.teachers, specs, strict=True)):
+        teacher = spec.build()  # one teacher in memory at a time
+        dims[spec.name] = teacher.feature_dim
+        if source is not None and (stats_for_all or tcfg.normalize in NEEDS_STATS):
+            st = source.stats(tcfg, spec, teacher)
+            if tcfg.normalize in NEEDS_STATS:
+                stats[spec.name], maps[spec.name] = st, teacher_map(tcfg, f"teachers.{i}", st)
+        del teacher
+    build_objective(cfg, dims, maps)  # fails early on an unknown student arch or a bad head design
+    return Prepared(cfg, train, final, val, specs, dims, stats, maps)
+
+
+def check_loss_options(cfg: SimRegConfig) -> None:
+    """What the loss options allow, before Ray: teacher dropping needs a per-image loss; combinations that run but
+    are probably not meant get one warning line."""
+    import torch
+
+    from simreg.models.loss import get_loss
+
+    if cfg.loss.teacher_drop > 0:
+        if get_loss(cfg.train.loss)(torch.zeros(2, 3), torch.ones(2, 3)).ndim != 1:
+            raise ConfigError(f"loss.teacher_drop={cfg.loss.teacher_drop} needs a loss that returns one value per image, and "
+                              f"train.loss={cfg.train.loss} returns a scalar: return (B,) from it (models/loss.py), or set loss.teacher_drop=0")
+        if len(cfg.teachers) == 1:
+            log.warning("loss.teacher_drop=%g has no effect with one teacher", cfg.loss.teacher_drop)
+    if cfg.train.loss == "simreg":
+        phi = [f"teachers.{i}" for i, t in enumerate(cfg.teachers) if t.normalize == "phi_s"]
+        if phi:
+            log.warning("%s: normalize=phi_s under train.loss=simreg (cosine) only centres the targets (the rotation and "
+                        "scale do not change a cosine): train.loss=mse regresses them as PHI-S does", ", ".join(phi))

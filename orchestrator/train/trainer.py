@@ -20,6 +20,7 @@ from simreg.orchestrator.train.builders import (
 )
 from simreg.orchestrator.train.placement import Placement, scaling_config
 from simreg.orchestrator.train.prepare import Prepared
+from simreg.orchestrator.train.target_stats import maps_payload
 
 if TYPE_CHECKING:
     from simreg.orchestrator.train.cached_data import CachedSource
@@ -109,7 +110,7 @@ def make_trainer(
         train_loop_config={
             # redacted: Ray Train keeps this in its run state (the dashboard shows it); workers need no tracking secret
             "cfg": redact_tree(json.loads(cfg.model_dump_json())), "state": state, "teacher_dims": prep.teacher_dims,
-            "target_stats": {name: st.arrays() for name, st in prep.target_stats.items()},
+            "target_maps": maps_payload(prep.target_maps),  # teachers[i].normalize: float32 maps
             "n_train": len(prep.train), "val": prep.val,
             # an object store: the checkpoint uploads while the next epoch trains (a local copy is quick)
             "async_checkpoint": getattr(run_config, "storage_filesystem", None) is not None,

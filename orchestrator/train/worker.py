@@ -20,7 +20,6 @@ import torch.distributed as dist
 from ray.train import CheckpointUploadMode
 
 from simreg.models.errors import SimRegError
-from simreg.models.target_norm import TargetStats
 from simreg.orchestrator.config import validate_config
 from simreg.orchestrator.evaluation.knn import knn_report
 from simreg.orchestrator.ray_compat import quiet_train_report_log
@@ -38,6 +37,7 @@ from simreg.orchestrator.train.builders import (
 from simreg.orchestrator.train.cached_data import cached_batches
 from simreg.orchestrator.train.checkpoint import checkpoint_epoch, load_kept, restore, save_checkpoint
 from simreg.orchestrator.train.epoch import NonFiniteLoss, train_epoch
+from simreg.orchestrator.train.target_stats import maps_from_payload
 
 PROGRESS_EVERY = 4  # steps between progress pings from rank 0
 
@@ -127,8 +127,9 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         return
 
     torch.manual_seed(cfg.seed)  # same init on every rank (DDP also broadcasts rank 0's weights)
-    stats = {name: TargetStats.from_arrays(a) for name, a in (config.get("target_stats") or {}).items()}
-    objective = build_objective(cfg, teacher_dims, stats)
+    objective = build_objective(cfg, teacher_dims, maps_from_payload(config.get("target_maps")))
+    if cfg.loss.teacher_drop > 0:  # each rank its own masks
+        objective.seed_dropping(cfg.seed * 1_000_003 + rank, device)
     rows, per_worker_batch, steps = shard_plan(config["n_train"], cfg.train.batch_size, world)
     optimizer, scheduler = build_optimizer(cfg, objective, steps)
     start_epoch = 0

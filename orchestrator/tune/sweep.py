@@ -104,7 +104,8 @@ def _sweep(
     (out / "base_config.json").write_text(json.dumps(base_tree, indent=2))
 
     # 2. data and teachers once in the driver: a bad path fails here, not in every trial
-    prep = prepare(base_cfg)
+    # a space that sets teachers[i].normalize: every teacher's statistics stored beside the cache now, read by the trials
+    prep = prepare(base_cfg, stats_for_all=any(k.startswith("teachers.") and k.endswith(".normalize") for k in keys))
 
     # 3. Ray, concurrency from the cluster's resources: with the teacher fleet (teacher_pool.fleet) the teachers
     #    hold their resources once and a trial only its student workers and view tasks

@@ -10,11 +10,12 @@ from simreg.models import InputTransform
 from simreg.models.loss import LOSSES, mse_per_image, simreg_loss
 from simreg.models.step import SimRegObjective
 from simreg.models.target_norm import (
+    NoVariance,
     TargetNorm,
     equalizing_rotation,
     estimate_stats,
     hadamard,
-    norm_matrix,
+    norm_map,
 )
 
 
@@ -58,13 +59,33 @@ def test_hadamard_for_powers_of_two():
 @pytest.mark.parametrize("d", [16, 24])
 def test_normalised_targets_are_centred_with_unit_variance(method, d):
     x = _targets(d)
-    norm = TargetNorm(method, estimate_stats(x))
-    y = norm(torch.tensor(x, dtype=torch.float32)).double().numpy()
+    m = norm_map(method, estimate_stats(x))
+    y = TargetNorm(method, m)(torch.tensor(x, dtype=torch.float32)).double().numpy()
     np.testing.assert_allclose(y.mean(0), 0, atol=1e-4)
-    np.testing.assert_allclose(y.var(0, ddof=1), 1, rtol=1e-4)
+    np.testing.assert_allclose(y.var(0, ddof=1), 1, rtol=1e-3)
     if method == "phi_s":  # isotropic and invertible: the original targets come back
-        mu, _, w = norm_matrix("phi_s", estimate_stats(x))
-        np.testing.assert_allclose(y @ np.linalg.inv(w).T + mu, x, rtol=1e-4, atol=1e-4)
+        np.testing.assert_allclose(y @ np.linalg.inv(m.w.astype(np.float64)).T + m.mu, x, rtol=1e-3, atol=1e-3)
+
+
+def test_standardize_does_not_blow_up_a_dead_dimension_and_a_constant_teacher_is_refused():
+    x = _targets(8)
+    x[:, 3] = 0.5  # a dead ReLU channel: constant over the sample
+    x[:5, 3] += 1e-4
+    m = norm_map("standardize", estimate_stats(x))
+    mean_var = estimate_stats(x).variances.mean()
+    assert m.scale[3] == pytest.approx(1 / np.sqrt(1e-2 * mean_var), rel=1e-4)  # floored at 1% of the mean variance
+    spike = x[:1].copy()
+    spike[0, 3] = 10.0  # an image that lights the channel up: a large target, not 10^4 x larger
+    assert np.abs(TargetNorm("standardize", m)(torch.tensor(spike, dtype=torch.float32)).numpy()).max() < 10 / np.sqrt(1e-2 * mean_var)
+    with pytest.raises(NoVariance, match="do not vary"):
+        norm_map("phi_s", estimate_stats(np.ones((10, 4))))
+
+
+def test_eigenvector_signs_are_fixed():
+    x = _targets(6)
+    a, b = estimate_stats(x), estimate_stats(-x + 2 * x.mean(0))  # the same covariance
+    np.testing.assert_allclose(a.eigvecs, b.eigvecs, atol=1e-8)
+    assert np.all(a.eigvecs[np.abs(a.eigvecs).argmax(axis=0), np.arange(6)] > 0)
 
 
 def test_l2_and_missing_statistics():
@@ -75,7 +96,9 @@ def test_l2_and_missing_statistics():
     with pytest.raises(ValueError, match="unknown"):
         TargetNorm("whiten")
     with pytest.raises(ValueError, match="dimension 8, statistics of dimension 4"):
-        TargetNorm("standardize", estimate_stats(_targets(4)))(x)
+        TargetNorm("standardize", norm_map("standardize", estimate_stats(_targets(4))))(x)
+    with pytest.raises(ValueError, match="given the map of 'phi_s'"):
+        TargetNorm("standardize", norm_map("phi_s", estimate_stats(_targets(4))))
 
 
 def test_mse_per_image_and_scalar_simreg():
@@ -102,17 +125,20 @@ def _objective(**kw) -> SimRegObjective:
 
 def test_objective_regresses_the_normalised_target():
     ta, tb = torch.tensor(_targets(5, 64, 1), dtype=torch.float32), torch.tensor(_targets(7, 64, 2), dtype=torch.float32)
-    stats = {"b": estimate_stats(tb.numpy())}
-    obj = _objective(loss="mse", normalize={"a": "l2", "b": "phi_s"}, target_stats=stats)
+    maps = {"b": norm_map("phi_s", estimate_stats(tb.numpy()))}
+    obj = _objective(loss="mse", normalize={"a": "l2", "b": "phi_s"}, target_maps=maps)
     view = torch.rand(64, 3, 4, 4)
     out = obj(view, {"a": ta, "b": tb})
     feat = obj.features(view)
-    want_b = mse_per_image(obj.heads["b"](feat), TargetNorm("phi_s", stats["b"])(tb)).mean()
+    want_b = mse_per_image(obj.heads["b"](feat), TargetNorm("phi_s", maps["b"])(tb)).mean()
     want_a = mse_per_image(obj.heads["a"](feat), torch.nn.functional.normalize(ta, dim=1)).mean()
     assert out["loss/b"].item() == pytest.approx(want_b.item(), rel=1e-5)
     assert out["loss/a"].item() == pytest.approx(want_a.item(), rel=1e-5)
     assert out["loss"].item() == pytest.approx(0.5 * (want_a + want_b).item(), rel=1e-5)
-    assert not any(k.startswith("norms") for k in obj.state_dict())  # statistics are not checkpointed
+    assert not any(k.startswith("norms") for k in obj.state_dict())  # maps are not checkpointed, nor DDP buffers
+    assert not list(obj.norms.buffers())
+    obj.to(torch.float64)  # .to() moves the map's tensors with the module (fp32 kept at use: the loss stays fp32)
+    assert obj.norms["b"]._t["w"].dtype == torch.float64 and obj.norms["b"](tb).dtype == torch.float32
 
 
 def test_teacher_drop_keeps_each_images_worst_teacher():
