@@ -26,6 +26,15 @@ TEACHERS = {  # the real SimCLR teachers of ../shared/teachers (the ResNet-10t i
 UNCACHED = ["cache.enabled=false", "augment.view_bank=null"]
 
 
+def mean_sd(vals: list[float]) -> str:
+    """A table cell: the value, or mean ± sample standard deviation over seeds; "-" for none."""
+    import statistics
+
+    if not vals:
+        return "-"
+    return f"{vals[0]:.2f}" if len(vals) == 1 else f"{statistics.mean(vals):.2f} ± {statistics.stdev(vals):.2f}"
+
+
 def require_teachers(names: list[str]) -> None:
     for name in names:
         if not TEACHERS[name][1].is_file():

@@ -31,6 +31,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from common import mean_sd  # benchmarks/common.py (the script's folder is on sys.path)
 
 from simreg.models import Teacher
 from simreg.orchestrator.config import SimRegConfig, load_config
@@ -141,12 +142,6 @@ class Bench:
         return {**res, "train_s": train_s, "arm_s": time.perf_counter() - t0, "history": history}
 
 
-def cell(vals: list[float]) -> str:
-    if not vals:
-        return "-"
-    return f"{vals[0]:.2f}" if len(vals) == 1 else f"{statistics.mean(vals):.2f} ± {statistics.stdev(vals):.2f}"
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--seeds", default="0,1")
@@ -202,8 +197,8 @@ def main() -> None:
              f"{a.view_bank}, seeds {seeds} (mean ± sd); k-NN bank 10,000 train / 2,000 test queries", "",
              "| arm | teachers | normalize / loss | 1-NN | 20-NN | linear | s / arm |", "|---|---|---|---|---|---|---|"]
     for n in TEACHERS:
-        lines.append(f"| teacher {n} | - | - | {cell([r['knn1'] for r in refs[n]])} | {cell([r['knn20'] for r in refs[n]])} | "
-                     f"{cell([r['linear'] for r in refs[n]])} | - |")
+        lines.append(f"| teacher {n} | - | - | {mean_sd([r['knn1'] for r in refs[n]])} | {mean_sd([r['knn20'] for r in refs[n]])} | "
+                     f"{mean_sd([r['linear'] for r in refs[n]])} | - |")
     for k, v in arms.items():
         base = k.removesuffix(DROP)
         ts, ov = ARMS[base]
@@ -211,7 +206,7 @@ def main() -> None:
         loss = next((o.split("=")[1] for o in ov if o.startswith("train.loss=")), "simreg")
         extra = f", drop {a.drop}" if k.endswith(DROP) else ""
         secs = statistics.mean(r["arm_s"] for r in runs[k])
-        lines.append(f"| {k} | {' + '.join(ts)} | {norm} / {loss}{extra} | {cell(v['knn1'])} | {cell(v['knn20'])} | {cell(v['linear'])} | {secs:.0f} |")
+        lines.append(f"| {k} | {' + '.join(ts)} | {norm} / {loss}{extra} | {mean_sd(v['knn1'])} | {mean_sd(v['knn20'])} | {mean_sd(v['linear'])} | {secs:.0f} |")
     if best_single and best_pair:
         gap = pairs[best_pair] - singles[best_single]
         lines += ["", f"best single: {best_single} ({singles[best_single]:.2f} 20-NN); best pair: {best_pair} ({pairs[best_pair]:.2f}); "

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -29,6 +28,7 @@ import numpy as np
 import torch
 from common import (  # benchmarks/common.py (the script's folder is on sys.path)
     TEACHERS,
+    mean_sd,
     product_config,
     require_teachers,
 )
@@ -140,12 +140,6 @@ class Bench:
         return res
 
 
-def fmt(vals: list[float]) -> str:
-    if len(vals) == 1:
-        return f"{vals[0]:.2f}"
-    return f"{statistics.mean(vals):.2f} ± {statistics.stdev(vals):.2f}"
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--seeds", default="0,1")
@@ -201,7 +195,7 @@ def main() -> None:
 
     def cells(key: str, sub: str = "student") -> list[str]:
         rs = runs.get(key, [])
-        return [fmt([r[sub][m] for r in rs]) if rs and m in rs[0][sub] else "-" for m in ("top1_1nn", "top1_20nn", "linear_top1")]
+        return [mean_sd([r[sub][m] for r in rs]) if rs and m in rs[0][sub] else "-" for m in ("top1_1nn", "top1_20nn", "linear_top1")]
 
     n_seeds = len(seeds)
     lines = [f"SimReg ablations on Fashion-MNIST: {a.student}@{a.student_size}px student, {len(b.train)} images x {a.epochs} epochs "
