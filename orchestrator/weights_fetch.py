@@ -18,6 +18,7 @@ import hashlib
 import json
 import os
 import tempfile
+import time
 import urllib.request
 from pathlib import Path
 from urllib.parse import urlsplit
@@ -53,7 +54,7 @@ def local_weights(ref: str, sha256: str | None = None, key: str = "teachers[0]")
     else:
         path = _fetched(ref, key, sha256)
     if sha256 is not None:
-        got = _file_sha256(Path(path)) if Path(path).is_file() else None
+        got = weights_sha256(path) if Path(path).is_file() else None
         if got is None:
             raise TeacherLoadError(f"{key}.weights={ref!r}: no file to check the pin {key}.sha256 against")
         if got != sha256.lower():
@@ -62,12 +63,32 @@ def local_weights(ref: str, sha256: str | None = None, key: str = "teachers[0]")
     return path
 
 
-def _file_sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while data := f.read(8 << 20):
-            h.update(data)
-    return h.hexdigest()
+_SHA_MEMO: dict[tuple[str, int, int, int, int, int], str] = {}
+RACY_NS = 2_000_000_000  # a file changed this recently is hashed again next time (coarse filesystem timestamps)
+
+
+def weights_sha256(path: str | Path) -> str:
+    """sha256 of a weights file as it is now: the key a driver builds before any teacher loads (a loaded teacher
+    keys its targets by the bytes it loaded, ``Teacher.weights_sha256``). Remembered within a process per file
+    version: path, device, inode, size, mtime and ctime. A file replaced by a rename has another inode; one
+    rewritten in place, or whose mtime was set back, has a new ctime (nothing sets it back). Within one tick of
+    the filesystem's clock a change can keep every field, so a file changed less than ``RACY_NS`` before it is
+    hashed is not remembered, nor one that changed while it was read."""
+    p = Path(path)
+    with open(p, "rb") as f:  # stat and hash the one file opened, whatever is renamed over the path meanwhile
+        st = os.fstat(f.fileno())
+        memo = (str(p.resolve()), st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+        if memo in _SHA_MEMO:
+            return _SHA_MEMO[memo]
+        started = time.time_ns()
+        h = hashlib.sha256()
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+        after = os.fstat(f.fileno())
+    digest = h.hexdigest()
+    if (after.st_size, after.st_mtime_ns, after.st_ctime_ns) == memo[3:] and started - st.st_ctime_ns >= RACY_NS:
+        _SHA_MEMO[memo] = digest
+    return digest
 
 
 def _index(ref: str) -> Path:

@@ -18,8 +18,8 @@ import torch
 
 from simreg.models.random_init import names_random, random_init_seed
 from simreg.models.teachers import InputTransform, Teacher, load_teacher, random_init_identity
-from simreg.orchestrator.cache.targets import CacheSpec, TargetCache, weights_sha256
-from simreg.orchestrator.weights_fetch import local_weights
+from simreg.orchestrator.cache.targets import CacheSpec, TargetCache
+from simreg.orchestrator.weights_fetch import local_weights, weights_sha256
 
 log = logging.getLogger("simreg")
 Batch = dict[str, np.ndarray]

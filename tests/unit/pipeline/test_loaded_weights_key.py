@@ -12,9 +12,10 @@ from safetensors.torch import save_file
 
 from simreg.models import InputTransform, load_teacher
 from simreg.models.teachers import random_teacher
-from simreg.orchestrator.cache import targets
-from simreg.orchestrator.cache.targets import CacheSpec, weights_sha256
+from simreg.orchestrator import weights_fetch
+from simreg.orchestrator.cache.targets import CacheSpec
 from simreg.orchestrator.pipeline.teacher import TeacherInference, TeacherSpec, teacher_fingerprint
+from simreg.orchestrator.weights_fetch import weights_sha256
 
 TF = InputTransform(32, (0.5,) * 3, (0.25,) * 3)
 
@@ -38,8 +39,8 @@ def _replace_keeping_size_and_mtime(path: Path, seed: int) -> bytes:
 @pytest.fixture
 def remembered(monkeypatch):
     """Hashes remembered however recent the file (a file of a test is seconds old)."""
-    monkeypatch.setattr(targets, "_SHA_MEMO", {})
-    monkeypatch.setattr(targets, "RACY_NS", 0)
+    monkeypatch.setattr(weights_fetch, "_SHA_MEMO", {})
+    monkeypatch.setattr(weights_fetch, "RACY_NS", 0)
 
 
 def test_a_teacher_stores_under_the_hash_of_the_bytes_it_loaded(tmp_path: Path, remembered):
@@ -66,8 +67,8 @@ def test_the_driver_hashes_a_replaced_file_again(tmp_path: Path, remembered):
 
 
 def test_a_file_just_written_is_not_remembered(tmp_path: Path, monkeypatch):
-    monkeypatch.setattr(targets, "_SHA_MEMO", {})
+    monkeypatch.setattr(weights_fetch, "_SHA_MEMO", {})
     path = tmp_path / "w.safetensors"
     data = _weights(path, 0)
     assert weights_sha256(path) == hashlib.sha256(data).hexdigest()
-    assert targets._SHA_MEMO == {}  # a change within the filesystem's time resolution could keep every stat field
+    assert weights_fetch._SHA_MEMO == {}  # a change within the filesystem's time resolution could keep every stat field
