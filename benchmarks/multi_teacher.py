@@ -176,6 +176,8 @@ def main() -> None:
             r = benches[s].arm(teachers, overrides)
             runs.setdefault(name, []).append(r)
             print(f"  seed {s} {name}: 1-NN {r['knn1']:.2f}  20-NN {r['knn20']:.2f}  linear {r['linear']:.2f}  ({r['arm_s']:.0f} s)", flush=True)
+            if a.json:  # every arm as it ends: a long run stopped early keeps what it measured
+                Path(a.json + ".partial").write_text(json.dumps({"args": vars(a), "runs": runs}, indent=1))
 
     for name in (x for x in chosen if x != DROP):
         run(name, *ARMS[name])
@@ -220,6 +222,7 @@ def main() -> None:
 
     shutil.rmtree(a.stats_dir, ignore_errors=True)
     if a.json:
+        Path(a.json + ".partial").unlink(missing_ok=True)
         Path(a.json).write_text(json.dumps({"args": vars(a), "arms": arms, "best_single": best_single, "best_pair": best_pair,
                                             "teachers": refs, "runs": runs, "wall_s": wall, "table": lines}, indent=1))
 
