@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -18,6 +19,23 @@ def test_shipped_demo_yaml_equals_defaults():
 def test_builtin_teacher_weights_exist():
     for t in SimRegConfig().teachers:
         assert t.weights_path().is_file(), t.weights
+
+
+def test_vendored_teachers_match_their_provenance():
+    """Every vendored file's sha256 is the one models/weights/README.md records, and each loads strictly as its arch."""
+    import hashlib
+
+    from simreg.orchestrator.config import WEIGHTS_DIR
+    from simreg.orchestrator.train.builders import teacher_specs
+
+    readme = (WEIGHTS_DIR / "README.md").read_text()
+    files = sorted(WEIGHTS_DIR.glob("*.safetensors"))
+    assert [f.name for f in files] == ["fmnist_byol_convnext_atto.safetensors", "fmnist_simclr_resnet10t.safetensors"]
+    for f in files:
+        assert hashlib.sha256(f.read_bytes()).hexdigest() in readme, f.name
+    teachers = [{"name": "byol", "arch": "convnext_atto", "weights": "builtin:fmnist_byol_convnext_atto", "input_size": 32}]
+    (spec,) = teacher_specs(load_config(None, [f"teachers={json.dumps(teachers)}"]))
+    assert spec.build().feature_dim == 320
 
 
 def test_overrides_nested_and_list_items():
