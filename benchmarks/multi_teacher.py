@@ -150,6 +150,9 @@ def main() -> None:
     ap.add_argument("--view-bank", type=int, default=4)
     ap.add_argument("--arms", default=",".join([*ARMS, DROP]), help=f"comma list of {sorted(ARMS)} and {DROP!r} (the best pair + dropping)")
     ap.add_argument("--drop", type=float, default=0.5, help="loss.teacher_drop of the +drop arm")
+    ap.add_argument("--drop-of", default=None, help="the pair arm the +drop arm drops from (default: the best pair by mean 20-NN)")
+    ap.add_argument("--reuse", nargs="*", default=[], help="JSON files of earlier runs of this script (or their .partial): "
+                    "an arm and seed found there is not run again")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--json", default=None)
     a = ap.parse_args()
@@ -166,14 +169,28 @@ def main() -> None:
     unknown = sorted(set(chosen) - set(ARMS) - {DROP})
     if unknown:
         raise SystemExit(f"--arms: {unknown} unknown: use {sorted(ARMS)} and {DROP!r}")
+    if a.drop_of is not None and len(ARMS.get(a.drop_of, ([], []))[0]) < 2:
+        raise SystemExit(f"--drop-of {a.drop_of!r}: name a pair arm, one of {sorted(k for k, v in ARMS.items() if len(v[0]) > 1)}")
     t_start = time.perf_counter()
     runs: dict[str, list[dict[str, Any]]] = {}
     refs: dict[str, list[dict[str, float]]] = {}
     benches = {s: Bench(a, s) for s in seeds}
+    done: dict[tuple[str, int], dict[str, Any]] = {}
+    for f in a.reuse:
+        old = json.loads(Path(f).read_text())
+        old_seeds = [int(x) for x in str(old["args"]["seeds"]).split(",")]
+        for arm_name, rs in old["runs"].items():
+            for i, r in enumerate(rs):
+                done[(arm_name, int(r.get("seed", old_seeds[i])))] = r
 
     def run(name: str, teachers: list[str], overrides: list[str]) -> None:
         for s in seeds:
-            r = benches[s].arm(teachers, overrides)
+            if (name, s) in done:
+                r = done[(name, s)]
+                runs.setdefault(name, []).append(r)
+                print(f"  seed {s} {name}: 1-NN {r['knn1']:.2f}  20-NN {r['knn20']:.2f}  linear {r['linear']:.2f}  (reused)", flush=True)
+                continue
+            r = {"seed": s, **benches[s].arm(teachers, overrides)}
             runs.setdefault(name, []).append(r)
             print(f"  seed {s} {name}: 1-NN {r['knn1']:.2f}  20-NN {r['knn20']:.2f}  linear {r['linear']:.2f}  ({r['arm_s']:.0f} s)", flush=True)
             if a.json:  # every arm as it ends: a long run stopped early keeps what it measured
@@ -183,7 +200,7 @@ def main() -> None:
         run(name, *ARMS[name])
     pairs = {k: statistics.mean(r["knn20"] for r in v) for k, v in runs.items() if len(ARMS[k][0]) > 1}
     if DROP in chosen and pairs:
-        best = max(pairs, key=lambda k: pairs[k])
+        best = a.drop_of or max(pairs, key=lambda k: pairs[k])
         run(best + DROP, ARMS[best][0], [*ARMS[best][1], f"loss.teacher_drop={a.drop}"])
         pairs[best + DROP] = statistics.mean(r["knn20"] for r in runs[best + DROP])
     for b in benches.values():
