@@ -38,6 +38,19 @@ def test_vendored_teachers_match_their_provenance():
     assert spec.build().feature_dim == 320
 
 
+def test_the_two_teacher_config_loads_and_fits_two_cores():
+    from simreg.orchestrator.train.placement import plan_placement, resource_check
+
+    cfg = load_config(REPO / "configs" / "two-teachers.yaml")
+    assert [t.normalize for t in cfg.teachers] == ["standardize", "standardize"] and cfg.train.loss == "mse"
+    assert [t.weights_path().is_file() for t in cfg.teachers] == [True, True]
+    resource_check(cfg, {"CPU": 2.0}, plan_placement(cfg, {"CPU": 2.0}))  # the resource rule on a 2-core machine
+    # every other key is the demo's
+    demo = SimRegConfig().model_dump()
+    mine = cfg.model_dump()
+    assert {k for k in demo if demo[k] != mine[k]} == {"name", "teachers", "train", "teacher_pool"}
+
+
 def test_overrides_nested_and_list_items():
     cfg = load_config(None, ["heads.depth=2", "teachers.0.arch=resnet50", "augment.crop_scale=[0.5, 1.0]", "data.train_size=null"])
     assert cfg.heads.depth == 2 and cfg.teachers[0].arch == "resnet50"
