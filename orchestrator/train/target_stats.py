@@ -66,17 +66,20 @@ def teacher_targets(cfg: SimRegConfig, teacher: Teacher, sample: ImageSet, batch
     return np.concatenate(out)
 
 
+def _stored_arrays(stats: TargetStats) -> dict[str, np.ndarray]:
+    """The statistics' arrays as they are stored: float32 (the image count int64)."""
+    return {k: np.ascontiguousarray(v, dtype=np.float32 if k != "images" else np.int64) for k, v in stats.arrays().items()}
+
+
 def _float32(stats: TargetStats) -> TargetStats:
     """The statistics as they are stored: what every run, computing or reading them, builds its map from."""
-    a = stats.arrays()
-    return TargetStats.from_arrays({k: v.astype(np.float32) if k != "images" else v for k, v in a.items()})
+    return TargetStats.from_arrays(_stored_arrays(stats))
 
 
 def _save(store: Store, stats: TargetStats, key: dict[str, Any]) -> None:
     from safetensors.numpy import save
 
-    arrays = {k: np.ascontiguousarray(v, dtype=np.float32 if k != "images" else np.int64) for k, v in stats.arrays().items()}
-    store.write_bytes(save(arrays, metadata={"key": json.dumps(key, sort_keys=True)}))
+    store.write_bytes(save(_stored_arrays(stats), metadata={"key": json.dumps(key, sort_keys=True)}))
 
 
 def _load(store: Store) -> TargetStats | None:
