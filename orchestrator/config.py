@@ -344,6 +344,9 @@ class TrackingConfig(_Strict):
 class RayConfig(_Strict):
     address: str | None = Field(None, description="null = start a local cluster; 'auto' = join a running one")
     num_cpus: int | None = Field(None, ge=1, description="CPUs of the local cluster (null = all)")
+    object_store_mib: int | None = Field(
+        None, ge=128, description="the local cluster's object store in MiB (null = Ray's default, 30% of RAM); every "
+        "process that moves blocks maps the pages of the store it touches, so this also bounds their RSS")
 
 
 class SimRegConfig(_Strict):

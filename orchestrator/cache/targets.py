@@ -50,7 +50,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from simreg.models.errors import DataError, first_line
-from simreg.orchestrator.cache.memory import DEFAULT_MEMORY_MIB, SHARDS
+from simreg.orchestrator.cache.memory import DEFAULT_MEMORY_MIB, SHARDS, release_arrow
 from simreg.orchestrator.data.pack.schema_guard import UnreadableParquet, read_checked
 from simreg.orchestrator.storage import Store, open_store
 
@@ -251,12 +251,18 @@ class TargetCache:
             return None
         fix = f"The cache directory is damaged or not simreg's: remove it with `simreg cache clear --key {self.dir.name}`"
         try:  # the schema first, from the footer alone: a shard simreg did not write is never deserialised
-            t = read_checked(data, shard_schema(self.dim), "target cache shard", fix, name=str(p))
+            # decoded in this thread (a ~100 kB shard gains nothing from Arrow's pool of threads, whose allocators
+            # would each keep pages of it)
+            t = read_checked(data, shard_schema(self.dim), "target cache shard", fix, name=str(p), use_threads=False)
             target = t["target"].combine_chunks()
             if t["sample_id"].null_count or target.null_count or target.values.null_count:
                 raise UnreadableParquet("it holds null ids or targets")
-            sids = t["sample_id"].to_numpy()
-            tg = np.asarray(target.flatten())
+            # numpy's own copies: the Arrow buffers are freed here, in the thread that made them, and what the LRU
+            # holds and frees is what it counts
+            sids = np.array(t["sample_id"].to_numpy(), copy=True)
+            tg = np.array(target.flatten(), copy=True)
+            del t, target
+            release_arrow()
             if tg.size != len(sids) * self.dim:
                 raise UnreadableParquet(f"it holds {tg.size} target values for {len(sids)} rows of dim {self.dim}")
             tg = tg.reshape(len(sids), self.dim)
@@ -349,6 +355,8 @@ class TargetCache:
         }, schema=shard_schema(self.dim))
         buf = io.BytesIO()
         pq.write_table(table, buf)
+        del table
+        release_arrow()
         dest = self._bucket_dir(v, b) / name
         with self._pending_lock:
             background = self._uploads is not None and not self._closed  # a closed cache (evicted) writes in the caller's thread

@@ -34,6 +34,7 @@ def init_ray(cfg: SimRegConfig) -> dict[str, float]:
     if not ray.is_initialized():
         ray.init(
             address=cfg.ray.address, num_cpus=cfg.ray.num_cpus if cfg.ray.address is None else None,
+            object_store_memory=cfg.ray.object_store_mib << 20 if cfg.ray.address is None and cfg.ray.object_store_mib else None,
             # The dashboard serves Ray's state API, which Ray Train polls; it binds to loopback only.
             # Ray's processes' own lines (Dataset execution plans, deprecations, ...) reach this console only
             # with --verbose; they always go to Ray's log files (/tmp/ray/session_latest/logs)
