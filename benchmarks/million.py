@@ -1,7 +1,8 @@
 """simreg at a million images: every process's memory and the cost per image against the dataset's size.
 
     python benchmarks/million.py --json million.json --every 10 --inprocess-images 100000 teacher_pool.batch_size=512 \
-        scaling.num_workers=1 scaling.cpus_per_worker=1 teacher_pool.threads=1 scaling.threads_per_worker=1   # ~55 min on 2 cores
+        scaling.num_workers=1 scaling.cpus_per_worker=1 teacher_pool.threads=1 scaling.threads_per_worker=1 \
+        cache.memory_mib=64 ray.object_store_mib=1024                                                        # ~40 min on 2 cores
     python benchmarks/million.py --sizes 20000,200000 --no-s3         # a quicker look
 
 Each point is the real command, ``simreg distill``, on the synthetic source (``data.source=synthetic``: images
@@ -11,7 +12,8 @@ tasks, the teacher actor, the target cache, the Train workers), not the models, 
 epochs with one view per image (``augment.view_bank=1``) and the target cache on: epoch 1 computes every
 target and stores it, epoch 2 reads every one back from the cache (with a bank of K views the first K epochs
 would all compute). The layout of the first command (one Train worker and the teacher actor on one thread
-each, 512-row blocks) is the fastest measured on 2 cores (at 20,000 images, epoch 2: 1,707 images/s, against
+each, 512-row blocks) is the fastest measured on 2 cores; its 64 MiB shard bound makes epoch 2 at 1M read its
+shards back from storage, and its 1 GiB object store bounds what every block-moving process maps of it (at 20,000 images, epoch 2: 1,707 images/s, against
 1,244-1,383 with 2 torch threads in the worker, or in the worker and the teacher actor). The cache lives in a fresh folder per point (a local one; at the first
 size also a bucket on an S3 server, moto's, on 127.0.0.1). Every process of a run is sampled for memory every
 ``--every`` s (``benchmarks/memory.py``: peak RSS per process kind). After each run, ``simreg cache info`` is

@@ -329,8 +329,12 @@ class TargetCache:
         order = np.argsort(ids, kind="stable")
         ids, tg = ids[order], np.asarray(targets, dtype=np.float16)[order]  # copies: the caller's arrays stay theirs
         buckets = ids // BUCKET_ROWS
-        for s, e in _runs(buckets):
-            self._store_shard(v, int(buckets[s]), ids[s:e].copy(), tg[s:e].copy())  # copies: memory counts what it keeps
+        runs = _runs(buckets)
+        for s, e in runs:
+            if len(runs) == 1:  # the whole block in one bucket: the sorted copies above are the shard's own
+                self._store_shard(v, int(buckets[s]), ids, tg)
+            else:  # copies: a slice would keep the whole block alive in memory, which counts only the slice
+                self._store_shard(v, int(buckets[s]), ids[s:e].copy(), tg[s:e].copy())
         self._maybe_record()
 
     def _store_shard(self, v: int, b: int, ids: np.ndarray, tg: np.ndarray) -> None:

@@ -15,7 +15,7 @@ import numpy as np
 
 from simreg.models.errors import DataError
 from simreg.orchestrator.data.image_folder import holdout_split
-from simreg.orchestrator.data.imageset import ImageSet
+from simreg.orchestrator.data.imageset import ImageSet, ids_of, piece_ids
 from simreg.orchestrator.data.pack.format import MANIFEST, _row_digest
 from simreg.orchestrator.data.pack.read import (
     _decode_into,
@@ -117,19 +117,22 @@ class PackedRows:
         """(shard path, sorted ids) pieces of at most ``rows_per_chunk`` rows, each within one shard."""
         out: list[tuple[str, np.ndarray]] = []
         ids = np.sort(self.rows)
+        order = np.argsort(self.shard_of[ids], kind="stable")  # by shard, ids sorted within: one pass, not one per shard
+        ids = ids[order]
         owner = self.shard_of[ids]
-        for k in np.unique(owner):
-            mine = ids[owner == k]
-            out += [(self.shards[k], mine[i : i + rows_per_chunk]) for i in range(0, len(mine), rows_per_chunk)]
+        starts = np.flatnonzero(np.r_[True, owner[1:] != owner[:-1]]) if len(ids) else np.zeros(0, np.int64)
+        for s, e in zip(starts.tolist(), [*starts[1:].tolist(), len(ids)], strict=True):
+            mine = ids[s:e]
+            out += [(self.shards[int(owner[s])], mine[i : i + rows_per_chunk]) for i in range(0, len(mine), rows_per_chunk)]
         return out
 
     def pieces(self, rows: int) -> list[dict[str, Any]]:
-        return [{"shard": shard, "ids": ids.tolist(), "store_size": self.store_size} for shard, ids in self.chunks(rows)]
+        return [{"shard": shard, **piece_ids(ids), "store_size": self.store_size} for shard, ids in self.chunks(rows)]
 
     @staticmethod
     def read_piece(piece: dict[str, Any]) -> dict[str, np.ndarray]:
         """One piece, read and decoded: {sample_id, label, image uint8 (B, S, S, 3)} in shard order."""
-        return read_packed_rows(str(piece["shard"]), np.asarray(piece["ids"], np.int64), int(piece["store_size"]))
+        return read_packed_rows(str(piece["shard"]), ids_of(piece), int(piece["store_size"]))
 
     def __array__(self, dtype: Any = None, copy: Any = None) -> np.ndarray:
         out = np.empty(self.shape, np.uint8)

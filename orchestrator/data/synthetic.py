@@ -38,7 +38,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from simreg.models.errors import DataError
-from simreg.orchestrator.data.imageset import ImageSet
+from simreg.orchestrator.data.imageset import ImageSet, ids_of, piece_ids
 from simreg.orchestrator.data.sources import DataSource, register_source
 
 if TYPE_CHECKING:
@@ -255,20 +255,18 @@ class SyntheticRows:
         return SyntheticRows(self.gen, ids=np.atleast_1d(self._ids()[idx]))
 
     def pieces(self, rows: int) -> list[dict[str, Any]]:
-        """{gen, start, stop} per ``rows`` of a range (O(1) each); {gen, ids} per ``rows`` sorted ids of a subset."""
+        """{gen, start, stop} per ``rows`` of a range (O(1) each); {gen, ids as bytes} per ``rows`` sorted ids of a
+        subset (``piece_ids``)."""
         if self.ids is None:
             return [{"gen": self.gen.token, "start": a, "stop": min(a + rows, self.stop)} for a in range(self.start, self.stop, rows)]
         ids = np.sort(self.ids)
-        return [{"gen": self.gen.token, "ids": ids[i : i + rows].tolist()} for i in range(0, len(ids), rows)]
+        return [{"gen": self.gen.token, **piece_ids(ids[i : i + rows])} for i in range(0, len(ids), rows)]
 
     @staticmethod
     def read_piece(piece: dict[str, Any]) -> dict[str, np.ndarray]:
         """One piece, rendered: {sample_id, label, image uint8 (B, S, S, C) or (B, S, S)}."""
         gen = SyntheticGenerator.from_token(piece["gen"])
-        if "ids" in piece:
-            ids = np.asarray(piece["ids"], np.int64)
-        else:
-            ids = np.arange(int(piece["start"]), int(piece["stop"]), dtype=np.int64)
+        ids = ids_of(piece)
         return {"sample_id": ids, "label": gen.labels(ids), "image": gen.images(ids)}
 
     def __array__(self, dtype: Any = None, copy: Any = None) -> np.ndarray:

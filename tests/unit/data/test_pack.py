@@ -17,6 +17,7 @@ from simreg.models.errors import ConfigError, DataError
 from simreg.orchestrator.cli.main import main
 from simreg.orchestrator.config import DataConfig
 from simreg.orchestrator.data.image_folder import decode_image, load_image_folder
+from simreg.orchestrator.data.imageset import ids_of
 from simreg.orchestrator.data.pack.format import MANIFEST
 from simreg.orchestrator.data.pack.read import decode_batch, read_manifest
 from simreg.orchestrator.data.pack.scan import check_image, scan_image_folder
@@ -331,9 +332,10 @@ def test_config_and_prepare_on_a_pack(clean, tmp_path: Path):
     assert np.array_equal(streamed.final_eval.bank.images, eager.final_eval.bank.images)
     assert streamed.train.source_fingerprint == eager.train.source_fingerprint
     pieces = streamed.train.images.pieces(16)  # what the Ray Data view stage reads, one block each
-    json.dumps(pieces)  # plain data: Ray Data ships it to the view tasks
-    assert sorted(i for p in pieces for i in p["ids"]) == sorted(eager.train.sample_ids.tolist())
-    assert all(len(p["ids"]) <= 16 for p in pieces)
+    # plain data of one schema (Ray Data ships it to the view tasks): ids as a range or as int64 bytes, never a list
+    assert all(sorted(p) == ["ids", "shard", "start", "stop", "store_size"] and isinstance(p["ids"], bytes) for p in pieces)
+    assert sorted(i for p in pieces for i in ids_of(p).tolist()) == sorted(eager.train.sample_ids.tolist())
+    assert all(len(ids_of(p)) <= 16 for p in pieces)
     got = type(streamed.train.images).read_piece(pieces[0])
     where = [eager.train.sample_ids.tolist().index(i) for i in got["sample_id"].tolist()]
     assert np.array_equal(got["image"], eager.train.images[where])

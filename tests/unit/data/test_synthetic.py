@@ -13,7 +13,7 @@ import torch
 
 from simreg.models.errors import ConfigError
 from simreg.orchestrator.config import load_config
-from simreg.orchestrator.data.imageset import StreamedImages
+from simreg.orchestrator.data.imageset import StreamedImages, ids_of
 from simreg.orchestrator.data.sources import load_splits, resolve_source
 from simreg.orchestrator.data.synthetic import GENERATOR_VERSION, SyntheticGenerator, SyntheticRows, synthetic_split
 
@@ -121,7 +121,9 @@ def test_config_loads_through_load_splits_and_subsets_stay_lazy():
     assert train_full.classes == [f"class-{c}" for c in range(10)] and train_full.name == "synthetic:0/train"
     train = train_full.subset(cfg.data.train_size, cfg.seed)
     assert len(train) == 300 and train.streamed and train.source_fingerprint == train_full.source_fingerprint
-    assert all("ids" in p and len(p["ids"]) <= 128 for p in train.images.pieces(128))
+    pieces = train.images.pieces(128)
+    assert all(isinstance(p["ids"], bytes) and 0 < len(ids_of(p)) <= 128 for p in pieces)  # a subset's ids: 8 bytes each
+    assert np.array_equal(np.sort(np.concatenate([ids_of(p) for p in pieces])), np.sort(train.sample_ids))
     bank = train_full.subset(100, cfg.seed + 1).materialized()
     assert isinstance(bank.images, np.ndarray) and bank.images.shape == (100, 32, 32, 3)
     # the held-out split: ids of its own, images of another hash stream
