@@ -333,12 +333,21 @@ class EvalConfig(_Strict):
     )
 
 
+class ExportConfig(_Strict):
+    onnx: bool = Field(
+        False, description="also export the student to ONNX at the end of a run (and with a sweep's registered model): checked "
+        "to export before training, parity against PyTorch checked before the file is written")
+
+
 class TrackingConfig(_Strict):
     tracking_uri: str | None = Field(None, description="null = sqlite:///<output_dir>/mlflow.db")
     experiment: str = "simreg"
     register_best: str | None = Field(
         None, description="sweeps: register the best trial's student in the Model Registry under this name (a new version each sweep)"
     )
+    system_metrics_s: float = Field(
+        10.0, ge=0, description="seconds between two samples of every node's CPU, memory, disk, network and GPUs, logged to "
+        "the run as system/... (MLflow's System metrics tab); 0 = none")
 
 
 class RayConfig(_Strict):
@@ -368,6 +377,7 @@ class SimRegConfig(_Strict):
     teacher_pool: TeacherPoolConfig = TeacherPoolConfig()
     eval: EvalConfig = EvalConfig()
     cache: CacheConfig = CacheConfig()
+    export: ExportConfig = ExportConfig()
     tracking: TrackingConfig = TrackingConfig()
     ray: RayConfig = RayConfig()
 

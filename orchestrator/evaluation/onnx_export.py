@@ -86,10 +86,28 @@ def _export(model: torch.nn.Module, size: int, arch: str) -> bytes:
             torch.onnx.export(model, (x,), str(path), dynamo=True, opset_version=OPSET, verbose=False,
                               dynamic_shapes={"x": {0: torch.export.Dim("batch", min=1, max=65536)}}, external_data=False)
         except Exception as e:  # noqa: BLE001  (the exporter's own error: name the operator when it says one)
-            op = re.search(r"(aten::[\w.]+|aten\.[\w.]+)", str(e))
-            raise SimRegError(f"student {arch} does not export to ONNX"
-                              + (f": operator {op.group(1)} is not supported" if op else "") + f" ({first_line(e, 300)})") from None
+            text = re.sub(r"\x1b\[[0-9;]*m", "", str(e))  # the exporter colours its messages
+            op = re.search(r"(aten::[\w.]+|aten\.[\w.]+)", text)
+            raise SimRegError(f"student {arch} does not export to ONNX: "
+                              + (f"operator {op.group(1)} is not supported" if op else first_line(text, 300))) from None
         return path.read_bytes()
+
+
+def student_network(arch: str, model_kwargs: dict[str, Any]) -> torch.nn.Module:
+    """The student's backbone, randomly initialised (what ``check_exports`` tries)."""
+    from simreg.models.students import build_backbone
+
+    return build_backbone(arch, key="student.arch", model_kwargs=model_kwargs)
+
+
+def check_exports(arch: str, size: int, model_kwargs: dict[str, Any] | None = None) -> None:
+    """``export.onnx=true``: the student exports, tried on its randomly initialised network before any training (the
+    operators are the trained network's); SimRegError naming the operator and the fix otherwise."""
+    model = student_network(arch, model_kwargs or {}).eval()
+    try:
+        _export(model, size, arch)
+    except SimRegError as e:
+        raise ConfigError(f"export.onnx=true: {e}; set export.onnx=false or choose another student.arch") from None
 
 
 def parity(model: torch.nn.Module, onnx_bytes: bytes, size: int, n: int = PARITY_INPUTS) -> float:

@@ -25,6 +25,7 @@ from simreg.orchestrator.storage import Store, open_store, scratch
 from simreg.orchestrator.tracking.backends import backend_for, default_tracking_uri
 from simreg.orchestrator.tracking.base import TrackerBackend
 from simreg.orchestrator.tracking.redact import redact_json_text, redact_tree
+from simreg.orchestrator.tracking.system_metrics import SystemMetrics, system_step
 from simreg.orchestrator.train.checkpoint import committed_epochs, train_storage
 from simreg.orchestrator.train.placement import failure_config, plan_placement, resource_check
 from simreg.orchestrator.train.prepare import Prepared, prepare
@@ -113,7 +114,8 @@ def _distill(
             log.info("resuming the interrupted run in %s from its latest checkpoint", out)
         t_fit = time.perf_counter()
         marks["fit"] = time.time()
-        with Progress(state, tracker, images_per_epoch(prep), cfg.train.epochs, lambda: committed_epochs(storage)) as progress:
+        with Progress(state, tracker, images_per_epoch(prep), cfg.train.epochs, lambda: committed_epochs(storage)) as progress, \
+                SystemMetrics(tracker.log_metrics, cfg.tracking.system_metrics_s, system_step(tracker)) as system:
             result = fit(trainer, state)
         fit_s = time.perf_counter() - t_fit
         if result.checkpoint is None:
@@ -138,6 +140,7 @@ def _distill(
 
         # 7. export
         weights = export_student(final["backbone"], cfg, local / "student", {"student_knn": ev["student_knn"]})
+        onnx = student_onnx(local / "student") if cfg.export.onnx else None
         (out / "student").upload(local / "student")
 
         # 8. summary + MLflow; the checkpoint's history covers epochs of earlier attempts too
@@ -167,6 +170,8 @@ def _distill(
             "student_arch": cfg.student.arch,
             "student_weights": (out / "student" / weights.name).uri,
             "student_input": {"size": cfg.student_input_size, "mean": list(cfg.student.mean), "std": list(cfg.student.std)},
+            "system_metrics": system.report,  # nodes sampled, steps logged, CPU seconds the samples took
+            **({"student_onnx": onnx} if onnx is not None else {}),  # export.onnx=true: the file's name, opset, parity; or the error
             "teacher_placements": [p for p in progress.placements if p.startswith("teacher ")],
             "placements": records,  # each teacher actor start and student worker (per attempt): node, pid, resources
             "teacher_rows": teacher_rows,  # per teacher: rows computed ("forward") and served by the cache ("cached")
@@ -193,6 +198,8 @@ def _distill(
         tracker.log_artifact(config_file)
         tracker.log_artifact(weights, "student")
         tracker.log_artifact(weights.with_suffix(".json"), "student")
+        if onnx is not None and "error" not in onnx:
+            tracker.log_artifact(weights.with_suffix(".onnx"), "student")
         summary_text = redact_json_text(json.dumps(summary, indent=2))  # as publish() writes it
         with tempfile.TemporaryDirectory(prefix="simreg-summary-") as d:
             (Path(d) / "summary.json").write_text(summary_text)
@@ -292,3 +299,18 @@ def _warm_start(tracking_uri: str) -> TrackerBackend:
     except ImportError:  # imported again, in the main thread, where an error has its own message
         pass
     return backend
+
+
+def student_onnx(folder: Path) -> dict[str, Any]:
+    """``export.onnx=true``: the exported student as ONNX beside its safetensors (what its card records), or the one line
+    that says why not: the trained student stays, the run still ends FINISHED (the network exported before training)."""
+    from simreg.orchestrator.evaluation.onnx_export import export_onnx
+
+    try:
+        record = export_onnx(folder)
+    except SimRegError as e:
+        log.warning("export.onnx=true: %s; the student is in %s as safetensors", e, folder)
+        return {"error": str(e)}
+    log.info("student exported to ONNX: opset %d, parity with PyTorch %.1e (max abs over %d inputs)", record["opset"],
+             record["parity_max_abs_diff"], record["parity_inputs"])
+    return {**record, "onnx": Path(record["onnx"]).name}

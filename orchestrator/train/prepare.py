@@ -80,6 +80,10 @@ def prepare(cfg: SimRegConfig, quiet: bool = False, stats_for_all: bool = False)
                 stats[spec.name], maps[spec.name] = st, teacher_map(tcfg, f"teachers.{i}", st)
         del teacher
     build_objective(cfg, dims, maps)  # fails early on an unknown student arch or a bad head design
+    if cfg.export.onnx:  # an operator ONNX lacks is found now, not after the training
+        from simreg.orchestrator.evaluation.onnx_export import check_exports
+
+        check_exports(cfg.student.arch, cfg.student_input_size, dict(cfg.student.model_kwargs))
     return Prepared(cfg, train, final, val, specs, dims, stats, maps)
 
 

@@ -31,6 +31,10 @@ def register_best(backend: TrackerBackend, name: str, best: dict[str, Any], base
         (ckpt / STATE).download(local / "best" / STATE)
         folder = local / "student"
         export_student(load_state(local / "best")["backbone"], cfg, folder, {"val_knn": best["metrics"], "trial_id": best["trial_id"]})
+        if cfg.export.onnx:  # the registered version carries student.onnx beside the safetensors
+            from simreg.orchestrator.train.distill import student_onnx
+
+            student_onnx(folder)
         version = backend.register_model(name, best["mlflow_run_id"], folder, tags_of(cfg, best))
     log.info("registered the best trial %s as model %s version %s", best["trial_id"], name, version)
     return version

@@ -33,6 +33,7 @@ from simreg.orchestrator.storage import Store, open_store, scratch
 from simreg.orchestrator.tracking.backends import backend_for, default_tracking_uri
 from simreg.orchestrator.tracking.base import TRACKING_URI_ENV
 from simreg.orchestrator.tracking.redact import redact_json_text, redact_tree
+from simreg.orchestrator.tracking.system_metrics import SystemMetrics, system_step
 from simreg.orchestrator.tune.callback import CHILD_RUNS_FILE, TrialRunsCallback
 from simreg.orchestrator.tune.outcome import SweepFailedError, sweep_outcome
 from simreg.orchestrator.tune.space import check_space, trial_config, tune_param_space
@@ -193,7 +194,8 @@ def _sweep(
                         verbose=1 if console.verbose() else 0,  # Tune's status tables; the callback logs a line per trial epoch
                     ),
                 )
-            tuner.fit()  # on --resume, Tune restores the pickled callback above: same runs file, same parent
+            with SystemMetrics(_to_sweep_runs(parent, runs_file, uri), base_cfg.tracking.system_metrics_s, system_step(parent)):
+                tuner.fit()  # on --resume, Tune restores the pickled callback above: same runs file, same parent
             fence.check("the sweep's results")  # a stop decided while Tune ran ends the sweep here, KILLED
             status = "ENDED"
         except (KeyboardInterrupt, SystemExit):  # Ctrl-C, SIGTERM, a lost lease (fence.Stopped)
@@ -401,3 +403,18 @@ def _tracking_uri_env(uri: str) -> Iterator[None]:
             os.environ.pop(TRACKING_URI_ENV, None)
         else:
             os.environ[TRACKING_URI_ENV] = previous
+
+
+def _to_sweep_runs(parent: Any, runs_file: Store, uri: str) -> Any:
+    """System metrics of the sweep's nodes to its parent run and to every trial's run that is running now (they share
+    the nodes): each trial's System metrics tab shows the cluster while it trained."""
+    backend = backend_for(uri)
+
+    def log_metrics(metrics: Any, step: int) -> None:
+        parent.log_metrics(metrics, step)
+        runs = json.loads(runs_file.read_text()) if runs_file.is_file() else {}
+        for entry in runs.values():
+            if entry.get("status") == "RUNNING":
+                backend.attach(entry["run_id"]).log_metrics(metrics, step)
+
+    return log_metrics

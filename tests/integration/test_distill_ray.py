@@ -53,6 +53,7 @@ def distilled(ray_cluster, teachers_dir: Path, fmnist_root: Path, tmp_path_facto
         "augment.mode=different", "augment.teacher=weak", "augment.student=strong", "eval.head_layers=[1]",
         "cache.enabled=true", f"cache.dir={out / 'cache'}", "augment.view_bank=1", "loss.teacher_drop=0.5", "loss.stats_images=128",
         "teacher_pool.cpus_per_actor=0.25",  # 2 workers x 0.5 + 2 teachers x 0.25 + 2 view tasks x 0.25 = 2 CPUs
+        "tracking.system_metrics_s=2", "export.onnx=true",
     ])
     summary = distill(cfg, out)
     return cfg, out, summary
@@ -118,8 +119,17 @@ def test_mlflow_run_has_params_epoch_metrics_and_artifacts(distilled):
     assert (out / "target_norm.safetensors").is_file()  # the run's maps, for a resume
     arts = {a.path for a in client.list_artifacts(run.info.run_id)}
     assert {"summary.json", "knn.md", "config.json", "student"} <= arts
-    assert {a.path for a in client.list_artifacts(run.info.run_id, "student")} == {"student/student.safetensors", "student/student.json"}
+    # export.onnx=true: the student as ONNX beside its safetensors, its parity with PyTorch checked and recorded
+    assert {a.path for a in client.list_artifacts(run.info.run_id, "student")} == {
+        "student/student.safetensors", "student/student.json", "student/student.onnx"}
+    assert summary["student_onnx"]["onnx"] == "student.onnx" and summary["student_onnx"]["parity_max_abs_diff"] <= 1e-4
+    assert (out / "student" / "student.onnx").is_file()
     assert Path(run.info.artifact_uri.removeprefix("file://")).is_relative_to(out)
+    # the node's system metrics, sampled every 2 s while the students trained (MLflow's System metrics tab)
+    cpu = client.get_metric_history(run.info.run_id, "system/cpu_utilization_percentage")
+    assert len(cpu) >= 2 and sorted(m.step for m in cpu) == list(range(len(cpu))) and any(m.value > 0 for m in cpu)
+    assert {"system/system_memory_usage_megabytes", "system/disk_usage_percentage", "system/network_receive_megabytes"} <= set(run.data.metrics)
+    assert not any(k.startswith("system/gpu_") for k in run.data.metrics)  # no GPU on this node
 
 
 def test_exported_student_loads_in_timm_with_same_features(distilled):

@@ -20,7 +20,7 @@ pytestmark = [pytest.mark.ray, pytest.mark.faults, pytest.mark.timeout(1200)]
 
 def _sweep_cmd(out: Path, *extra: str) -> list[str]:
     exe = str(Path(sys.executable).with_name("simreg"))
-    return [exe, "sweep", "--space", "smoke", "--output-dir", str(out), "ray.num_cpus=2", *extra]
+    return [exe, "sweep", "--space", "smoke", "--output-dir", str(out), "ray.num_cpus=2", "tracking.system_metrics_s=2", *extra]
 
 
 def _runs(out: Path) -> dict:
@@ -109,6 +109,10 @@ def test_resume_runs_only_missing_trials_without_duplicate_runs(resumed_sweep):
     assert f"trial {first_done} (" not in stdout  # only the missing trials ran again (the console's per-trial lines)
     assert sum(f"trial {t['trial_id']} (" in stdout for t in trials) == 2
     assert "Trial status" not in stdout  # Tune's status tables: only with --verbose
+    # the node's system metrics (every 2 s) in the parent run and in the run of every trial while it trained
+    for run in (parent, *children):
+        cpu = client.get_metric_history(run.info.run_id, "system/cpu_utilization_percentage")
+        assert cpu and any(m.value > 0 for m in cpu), run.info.run_name
 
 
 def test_compare_prints_best_first(resumed_sweep):

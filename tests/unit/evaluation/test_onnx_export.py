@@ -11,6 +11,7 @@ import pytest
 import timm
 import torch
 
+from simreg.models.errors import SimRegError
 from simreg.orchestrator.cli.main import main
 from simreg.orchestrator.config import load_config
 from simreg.orchestrator.evaluation import onnx_export
@@ -70,3 +71,28 @@ def test_a_bad_card_or_a_remote_output_is_one_line(run_dir: Path, capsys):
     assert f"{card}: not a student card simreg wrote (JSONDecodeError" in err and err.count("\n") == 1
     assert main(["export", str(run_dir), "--output", "s3://bucket/x.onnx"]) == 2
     assert "--output s3://bucket/x.onnx: write the ONNX file to a local path" in capsys.readouterr().err
+
+
+class _Histogram(torch.nn.Module):
+    """A student whose pooled feature goes through torch.histc, an operator ONNX has no counterpart for."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = torch.nn.Conv2d(3, 4, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.histc(self.conv(x).mean((2, 3)), bins=4).expand(x.shape[0], -1)
+
+
+def test_a_student_that_does_not_export_is_refused_before_training_naming_the_operator(monkeypatch, capsys, fmnist_root, tmp_path):
+    monkeypatch.setattr(onnx_export, "student_network", lambda *a, **k: _Histogram())
+    with pytest.raises(SimRegError, match=r"does not export to ONNX: operator aten\.histc\S* is not supported$"):
+        onnx_export._export(_Histogram().eval(), 16, "histogram")
+    # export.onnx=true: `simreg distill` says so in one line before Ray starts, naming the operator and the fix
+    code = main(["distill", "--output-dir", str(tmp_path / "run"), f"data.root={fmnist_root}", "data.train_size=256",
+                 "data.knn_bank_size=256", "data.knn_query_size=64", "eval.val_every=0", "cache.enabled=false", "export.onnx=true"])
+    err = capsys.readouterr().err
+    assert code == 2, err
+    assert "export.onnx=true: student resnet10t does not export to ONNX: operator aten.histc" in err
+    assert "is not supported; set export.onnx=false or choose another student.arch" in err
+    assert err.count("\n") == 1 and "\x1b[" not in err and not (tmp_path / "run" / "mlflow.db").exists()

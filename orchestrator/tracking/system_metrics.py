@@ -1,0 +1,230 @@
+"""System metrics of a run's nodes in its MLflow run (MLflow's "System metrics" tab): CPU, memory, disk, network,
+and each GPU's utilisation and memory where there is one.
+
+One sampler per node of the cluster samples ``psutil`` (and ``pynvml`` on GPU nodes) every
+``tracking.system_metrics_s`` seconds under the names MLflow's own system metrics use, and keeps their
+means: a thread of the driver for the driver's node, a Ray actor of no CPU pinned to each other node. The
+driver collects every node's means at the same interval and logs them to the run as ``system/<metric>`` (one
+node) or ``system/<node>/<metric>`` (several), a step per collection. Only the driver writes to the tracking
+store (workers report to it), so a node needs no route to the tracking server. Its cost is measured in
+``benchmarks/system_metrics.py``.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import threading
+import time
+from collections.abc import Callable, Mapping
+from typing import Any
+
+from simreg.models.errors import first_line
+
+log = logging.getLogger("simreg")
+
+PREFIX = "system/"
+
+
+class NodeSampler:
+    """This node's CPU, memory, disk, network and (where NVML finds a GPU) GPUs, sampled in a thread of this actor,
+    under the names of MLflow's own system metrics (psutil and pynvml directly: no MLflow import in the actor)."""
+
+    def __init__(self, interval_s: float) -> None:
+        import psutil
+
+        self.interval_s = interval_s
+        self._psutil = psutil
+        psutil.cpu_percent()  # its next call measures from here
+        net = psutil.net_io_counters()
+        self._net0 = (net.bytes_recv, net.bytes_sent)
+        self._gpus: list[Any] = []
+        try:
+            import pynvml
+
+            pynvml.nvmlInit()
+            self._nvml = pynvml
+            self._gpus = [pynvml.nvmlDeviceGetHandleByIndex(i) for i in range(pynvml.nvmlDeviceGetCount())]
+        except Exception:  # noqa: BLE001  (no GPU, no driver, or nvidia-ml-py missing: no GPU metrics)
+            self._gpus = []
+        self._sums: dict[str, float] = {}
+        self._counts: dict[str, int] = {}
+        self._last: dict[str, float] = {}  # counters since the start (network): the latest value, not a mean
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self.cpu_s = 0.0  # CPU time of the samples taken (this thread's)
+        self._thread = threading.Thread(target=self._run, name="simreg-system-metrics-sampler", daemon=True)
+        self._thread.start()
+
+    def sample(self) -> tuple[dict[str, float], dict[str, float]]:
+        """(gauges to average, counters since the start) now."""
+        ps = self._psutil
+        mem = ps.virtual_memory()
+        disk = ps.disk_usage(os.sep)
+        net = ps.net_io_counters()
+        gauges = {
+            "cpu_utilization_percentage": ps.cpu_percent(),
+            "system_memory_usage_megabytes": mem.used / 1e6,
+            "system_memory_usage_percentage": mem.used / mem.total * 100,
+            "disk_usage_percentage": disk.percent,
+            "disk_usage_megabytes": disk.used / 1e6,
+            "disk_available_megabytes": disk.free / 1e6,
+        }
+        for i, h in enumerate(self._gpus):
+            try:
+                m = self._nvml.nvmlDeviceGetMemoryInfo(h)
+                gauges[f"gpu_{i}_memory_usage_percentage"] = m.used / m.total * 100
+                gauges[f"gpu_{i}_memory_usage_megabytes"] = m.used / 1e6
+                gauges[f"gpu_{i}_utilization_percentage"] = float(self._nvml.nvmlDeviceGetUtilizationRates(h).gpu)
+                gauges[f"gpu_{i}_power_usage_watts"] = self._nvml.nvmlDeviceGetPowerUsage(h) / 1000
+            except Exception:  # noqa: BLE001  (a counter this GPU does not offer)
+                continue
+        counters = {"network_receive_megabytes": (net.bytes_recv - self._net0[0]) / 1e6,
+                    "network_transmit_megabytes": (net.bytes_sent - self._net0[1]) / 1e6}
+        return gauges, counters
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.interval_s):
+            t0 = time.thread_time()
+            try:
+                gauges, counters = self.sample()
+            except Exception:  # noqa: BLE001  (a counter that cannot be read this time: the next sample tries again)
+                continue
+            finally:
+                self.cpu_s += time.thread_time() - t0
+            with self._lock:
+                for k, v in gauges.items():
+                    self._sums[k] = self._sums.get(k, 0.0) + float(v)
+                    self._counts[k] = self._counts.get(k, 0) + 1
+                self._last.update(counters)
+
+    def take(self) -> dict[str, float]:
+        """The mean of every gauge since the last take and the counters' latest values (empty: nothing sampled since)."""
+        with self._lock:
+            if not self._counts:
+                return {}
+            out = {k: round(self._sums[k] / self._counts[k], 1) for k in self._sums} | {k: round(v, 3) for k, v in self._last.items()}
+            self._sums.clear()
+            self._counts.clear()
+            return out
+
+    def cost(self) -> float:
+        """CPU seconds its samples took."""
+        return self.cpu_s
+
+    def stop(self) -> None:
+        self._stop.set()
+
+
+class SystemMetrics:
+    """Samplers on every alive node and the driver's thread that logs their means with ``log_metrics(metrics, step)``.
+    A context manager; ``interval_s <= 0`` does nothing. A sampler that cannot start or answer costs a warning once,
+    never the run."""
+
+    def __init__(self, log_metrics: Callable[[Mapping[str, float], int], None], interval_s: float, step: int = 0) -> None:
+        self.log_metrics = log_metrics
+        self.interval_s = interval_s
+        self.step = step
+        self.samplers: dict[str, Any] = {}  # node -> a sampler actor, or (the driver's node) a NodeSampler in this process
+        self.report: dict[str, Any] = {}  # at close: nodes, steps logged, CPU seconds of the samples
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._warned = False
+
+    def __enter__(self) -> SystemMetrics:
+        if self.interval_s > 0:
+            try:
+                self._start()
+            except Exception as e:  # noqa: BLE001
+                self._warn(e)
+        return self
+
+    def __exit__(self, exc_type: object, *exc: object) -> None:
+        self.close(final=exc_type is None)  # a run stopping (Ctrl-C, a failure) does not wait for one more collection
+
+    def _start(self) -> None:
+        import ray
+        from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+        nodes = [n for n in ray.nodes() if n.get("Alive")]
+        here = ray.get_runtime_context().get_node_id()
+        actor = ray.remote(NodeSampler)
+        for n in nodes:
+            name = n.get("NodeManagerHostname") or n["NodeID"][:8]
+            if name in self.samplers:
+                name = f"{name}-{n['NodeID'][:8]}"
+            if n["NodeID"] == here:  # the driver's node: sampled in this process (a laptop run starts no process for it)
+                self.samplers[name] = NodeSampler(self.interval_s)
+                continue
+            self.samplers[name] = actor.options(  # type: ignore[attr-defined]
+                num_cpus=0, max_restarts=0, scheduling_strategy=NodeAffinitySchedulingStrategy(n["NodeID"], soft=False),
+            ).remote(self.interval_s)
+        self._thread = threading.Thread(target=self._run, name="simreg-system-metrics", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.interval_s):
+            self.collect()
+
+    def collect(self) -> dict[str, float]:
+        """Every node's means since the last collection, logged as one step (returned, for tests)."""
+
+        names = list(self.samplers)
+        try:
+            got = self._ask(names, "take")
+        except Exception as e:  # noqa: BLE001  (a node gone: its sampler with it)
+            self._warn(e)
+            return {}
+        one = len(names) == 1
+        metrics = {f"{PREFIX}{'' if one else n + '/'}{k}": v for n, m in zip(names, got, strict=True) for k, v in m.items()}
+        if metrics:
+            try:
+                self.log_metrics(metrics, self.step)
+                self.step += 1
+            except Exception as e:  # noqa: BLE001  (the tracking store's own retries failed: the run goes on)
+                self._warn(e)
+        return metrics
+
+    def _ask(self, names: list[str], method: str) -> list[Any]:
+        """``method()`` of every sampler in ``names``: in this process, or one ray.get over the actors."""
+        import ray
+
+        remote = [n for n in names if not isinstance(self.samplers[n], NodeSampler)]
+        answers = dict(zip(remote, ray.get([getattr(self.samplers[n], method).remote() for n in remote],
+                                           timeout=max(10.0, self.interval_s)), strict=True)) if remote else {}
+        return [answers[n] if n in answers else getattr(self.samplers[n], method)() for n in names]
+
+    def _warn(self, e: BaseException) -> None:
+        if not self._warned:
+            self._warned = True
+            log.warning("system metrics: %s (the run goes on without them)", first_line(e, 200))
+
+    def close(self, final: bool = True) -> None:
+        """One last collection (``final``), then the samplers go."""
+        import ray
+
+        if self._thread is not None:
+            self._stop.set()
+            self._thread.join(timeout=self.interval_s + 15.0 if final else 1.0)
+            self._thread = None
+            if final:
+                self.collect()
+            try:
+                cpu = sum(self._ask(list(self.samplers), "cost"))
+            except Exception:  # noqa: BLE001  (a node gone: its figure with it)
+                cpu = float("nan")
+            self.report = {"nodes": len(self.samplers), "steps": self.step, "sampler_cpu_s": cpu, "interval_s": self.interval_s}
+        for a in self.samplers.values():
+            try:
+                a.stop() if isinstance(a, NodeSampler) else ray.kill(a)
+            except Exception:  # noqa: BLE001
+                pass
+        self.samplers.clear()
+
+
+def system_step(tracker: Any) -> int:
+    """The first step of this run's system metrics: after those an earlier attempt of a resumed run logged."""
+    try:
+        steps = tracker.logged_steps(f"{PREFIX}cpu_utilization_percentage")
+    except Exception:  # noqa: BLE001
+        return 0
+    return max(steps) + 1 if steps else 0

@@ -1,0 +1,87 @@
+"""A node's sampler: MLflow's system-metric names, means of the gauges since the last take, counters since the start;
+the driver's side logs one step per collection and never fails the run. (The Ray path: test_distill_ray, test_sweep_ray.)"""
+from __future__ import annotations
+
+import time
+
+import pytest
+
+from simreg.orchestrator.tracking.system_metrics import PREFIX, NodeSampler, SystemMetrics, system_step
+
+GAUGES = {"cpu_utilization_percentage", "system_memory_usage_megabytes", "system_memory_usage_percentage",
+          "disk_usage_percentage", "disk_usage_megabytes", "disk_available_megabytes"}
+COUNTERS = {"network_receive_megabytes", "network_transmit_megabytes"}
+
+
+def test_a_sampler_gives_the_means_since_its_last_take():
+    s = NodeSampler(0.05)
+    try:
+        deadline = time.monotonic() + 10
+        got: dict[str, float] = {}
+        while not got and time.monotonic() < deadline:
+            time.sleep(0.2)
+            got = s.take()
+        assert GAUGES | COUNTERS <= set(got)
+        assert 0 <= got["cpu_utilization_percentage"] <= 100 and 0 < got["system_memory_usage_percentage"] < 100
+        assert got["system_memory_usage_megabytes"] > 0 and got["disk_available_megabytes"] > 0
+        assert got["network_receive_megabytes"] >= 0
+        s.stop()
+        time.sleep(0.2)
+        s.take()  # what the last samples left
+        assert s.take() == {}  # nothing sampled since: nothing to log
+    finally:
+        s.stop()
+
+
+class _Sampler:
+    """A node's sampler as the driver sees it through Ray (``take.remote()`` -> a ref ``ray.get`` resolves)."""
+
+    def __init__(self, values: dict[str, float]) -> None:
+        self.values = values
+        self.take = self
+
+    def remote(self) -> dict[str, float]:
+        return self.values
+
+
+def test_the_driver_logs_one_step_per_collection_and_names_nodes_only_when_there_are_several(monkeypatch):
+    import ray
+
+    monkeypatch.setattr(ray, "get", lambda refs, timeout=None: list(refs))
+    logged: list[tuple[dict[str, float], int]] = []
+    sm = SystemMetrics(lambda m, step: logged.append((dict(m), step)), 10.0, step=3)
+    sm.samplers = {"node-a": _Sampler({"cpu_utilization_percentage": 50.0})}
+    sm.collect()
+    sm.samplers["node-b"] = _Sampler({"cpu_utilization_percentage": 20.0})
+    sm.collect()
+    sm.samplers = {"node-a": _Sampler({})}
+    sm.collect()  # nothing sampled: no step
+    assert logged == [({f"{PREFIX}cpu_utilization_percentage": 50.0}, 3),
+                      ({f"{PREFIX}node-a/cpu_utilization_percentage": 50.0, f"{PREFIX}node-b/cpu_utilization_percentage": 20.0}, 4)]
+
+
+def test_a_tracking_store_that_fails_costs_one_warning_never_the_run(monkeypatch, caplog):
+    import ray
+
+    monkeypatch.setattr(ray, "get", lambda refs, timeout=None: list(refs))
+
+    def down(m, step):
+        raise ConnectionError("tracking server went away")
+
+    sm = SystemMetrics(down, 10.0)
+    sm.samplers = {"n": _Sampler({"cpu_utilization_percentage": 1.0})}
+    with caplog.at_level("WARNING", logger="simreg"):
+        sm.collect()
+        sm.collect()
+    assert [r.getMessage() for r in caplog.records].count(
+        "system metrics: tracking server went away (the run goes on without them)") == 1
+
+
+@pytest.mark.parametrize(("steps", "first"), [(set(), 0), ({0, 1, 7}, 8)])
+def test_a_resumed_run_goes_on_after_the_steps_it_logged(steps, first):
+    class Tracker:
+        def logged_steps(self, metric: str) -> set[int]:
+            assert metric == f"{PREFIX}cpu_utilization_percentage"
+            return steps
+
+    assert system_step(Tracker()) == first
