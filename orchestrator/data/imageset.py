@@ -36,7 +36,7 @@ class StreamedImages(Protocol):
     """Images a source leaves in storage: a lazy uint8 (N, H, W, C) array the Ray Data view stage reads.
 
     Indexing selects rows without reading them (subsets stay lazy); ``np.asarray`` reads and decodes the
-    selected rows (the k-NN sets). ``pieces(rows)`` plans a streamed read: JSON-able descriptions of at
+    selected rows (the k-NN sets). ``pieces(rows)`` plans a streamed read: descriptions of at
     most ``rows`` rows each (one Ray Data block each); ``read_piece(piece)``, a static method, reads one in a
     view-stage task -> {"sample_id" (B,), "label" (B,), "image" uint8 (B, H, W, C)}."""
 
