@@ -129,6 +129,7 @@ class SystemMetrics:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._warned = False
+        self._by_node: bool | None = None  # metric names carry the node (several nodes at the first collection)
 
     def __enter__(self) -> SystemMetrics:
         if self.interval_s > 0:
@@ -174,8 +175,9 @@ class SystemMetrics:
         except Exception as e:  # noqa: BLE001  (a node gone: its sampler with it)
             self._warn(e)
             return {}
-        one = len(names) == 1
-        metrics = {f"{PREFIX}{'' if one else n + '/'}{k}": v for n, m in zip(names, got, strict=True) for k, v in m.items()}
+        if self._by_node is None:  # decided once: a node that leaves does not rename the others' series
+            self._by_node = len(names) > 1
+        metrics = {f"{PREFIX}{n + '/' if self._by_node else ''}{k}": v for n, m in zip(names, got, strict=True) for k, v in m.items()}
         if metrics:
             try:
                 self.log_metrics(metrics, self.step)
@@ -185,13 +187,26 @@ class SystemMetrics:
         return metrics
 
     def _ask(self, names: list[str], method: str) -> list[Any]:
-        """``method()`` of every sampler in ``names``: in this process, or one ray.get over the actors."""
+        """``method()`` of every sampler in ``names`` (in this process, or the actors' answers within the interval). A
+        sampler that does not answer is left out this time; one whose node went (an elastic cluster shrank) is dropped."""
         import ray
+        from ray.exceptions import RayActorError
 
-        remote = [n for n in names if not isinstance(self.samplers[n], NodeSampler)]
-        answers = dict(zip(remote, ray.get([getattr(self.samplers[n], method).remote() for n in remote],
-                                           timeout=max(10.0, self.interval_s)), strict=True)) if remote else {}
-        return [answers[n] if n in answers else getattr(self.samplers[n], method)() for n in names]
+        refs = {n: getattr(a, method).remote() for n in names if not isinstance(a := self.samplers[n], NodeSampler)}
+        answers: dict[str, Any] = {}
+        if refs:
+            ready, _ = ray.wait(list(refs.values()), num_returns=len(refs), timeout=max(10.0, self.interval_s))
+            done = {id(r) for r in ready}
+            for n, ref in refs.items():
+                if id(ref) not in done:
+                    continue
+                try:
+                    answers[n] = ray.get(ref)
+                except RayActorError:  # its node left the cluster
+                    log.info("system metrics: node %s left; no more samples from it", n)
+                    self.samplers.pop(n, None)
+        local = {n: getattr(a, method)() for n in names if isinstance(a := self.samplers.get(n), NodeSampler)}
+        return [answers.get(n, local.get(n, {} if method == "take" else 0.0)) for n in names]
 
     def _warn(self, e: BaseException) -> None:
         if not self._warned:

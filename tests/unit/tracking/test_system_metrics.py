@@ -33,6 +33,21 @@ def test_a_sampler_gives_the_means_since_its_last_take():
         s.stop()
 
 
+def _fake_ray(monkeypatch) -> None:
+    """ray.wait and ray.get over the fake samplers' answers (each answer is its own ref)."""
+    import ray
+    from ray.exceptions import RayActorError
+
+    def get(ref, timeout=None):
+        if isinstance(ref, Exception):
+            raise ref
+        return ref
+
+    monkeypatch.setattr(ray, "wait", lambda refs, num_returns=1, timeout=None: (list(refs), []))
+    monkeypatch.setattr(ray, "get", get)
+    assert RayActorError
+
+
 class _Sampler:
     """A node's sampler as the driver sees it through Ray (``take.remote()`` -> a ref ``ray.get`` resolves)."""
 
@@ -45,25 +60,22 @@ class _Sampler:
 
 
 def test_the_driver_logs_one_step_per_collection_and_names_nodes_only_when_there_are_several(monkeypatch):
-    import ray
-
-    monkeypatch.setattr(ray, "get", lambda refs, timeout=None: list(refs))
+    _fake_ray(monkeypatch)
     logged: list[tuple[dict[str, float], int]] = []
-    sm = SystemMetrics(lambda m, step: logged.append((dict(m), step)), 10.0, step=3)
-    sm.samplers = {"node-a": _Sampler({"cpu_utilization_percentage": 50.0})}
-    sm.collect()
-    sm.samplers["node-b"] = _Sampler({"cpu_utilization_percentage": 20.0})
-    sm.collect()
-    sm.samplers = {"node-a": _Sampler({})}
-    sm.collect()  # nothing sampled: no step
+    one = SystemMetrics(lambda m, step: logged.append((dict(m), step)), 10.0, step=3)
+    one.samplers = {"node-a": _Sampler({"cpu_utilization_percentage": 50.0})}
+    one.collect()
+    one.samplers = {"node-a": _Sampler({})}
+    one.collect()  # nothing sampled: no step
+    two = SystemMetrics(lambda m, step: logged.append((dict(m), step)), 10.0)
+    two.samplers = {"node-a": _Sampler({"cpu_utilization_percentage": 50.0}), "node-b": _Sampler({"cpu_utilization_percentage": 20.0})}
+    two.collect()
     assert logged == [({f"{PREFIX}cpu_utilization_percentage": 50.0}, 3),
-                      ({f"{PREFIX}node-a/cpu_utilization_percentage": 50.0, f"{PREFIX}node-b/cpu_utilization_percentage": 20.0}, 4)]
+                      ({f"{PREFIX}node-a/cpu_utilization_percentage": 50.0, f"{PREFIX}node-b/cpu_utilization_percentage": 20.0}, 0)]
 
 
 def test_a_tracking_store_that_fails_costs_one_warning_never_the_run(monkeypatch, caplog):
-    import ray
-
-    monkeypatch.setattr(ray, "get", lambda refs, timeout=None: list(refs))
+    _fake_ray(monkeypatch)
 
     def down(m, step):
         raise ConnectionError("tracking server went away")
@@ -75,6 +87,21 @@ def test_a_tracking_store_that_fails_costs_one_warning_never_the_run(monkeypatch
         sm.collect()
     assert [r.getMessage() for r in caplog.records].count(
         "system metrics: tracking server went away (the run goes on without them)") == 1
+
+
+def test_a_node_that_left_is_dropped_and_the_others_still_logged(monkeypatch, caplog):
+    from ray.exceptions import RayActorError
+
+    _fake_ray(monkeypatch)
+    logged: list[dict[str, float]] = []
+    sm = SystemMetrics(lambda m, step: logged.append(dict(m)), 10.0)
+    sm.samplers = {"a": _Sampler({"cpu_utilization_percentage": 5.0}), "b": _Sampler(RayActorError())}
+    with caplog.at_level("WARNING", logger="simreg"):
+        sm.collect()
+        sm.collect()
+    # the series keep their names (node a's) and no warning is shown: an elastic cluster shrinks
+    assert logged == [{f"{PREFIX}a/cpu_utilization_percentage": 5.0}] * 2
+    assert list(sm.samplers) == ["a"] and not caplog.records
 
 
 @pytest.mark.parametrize(("steps", "first"), [(set(), 0), ({0, 1, 7}, 8)])
