@@ -1,7 +1,7 @@
 """System metrics of a run's nodes in its MLflow run (MLflow's "System metrics" tab): CPU, memory, disk, network,
 and each GPU's utilisation and memory where there is one.
 
-One sampler per node of the cluster samples ``psutil`` (and ``pynvml`` on GPU nodes) every
+One sampler per node of the cluster reads Linux's /proc (and NVML on GPU nodes) every
 ``tracking.system_metrics_s`` seconds under the names MLflow's own system metrics use, and keeps their
 means: a thread of the driver for the driver's node, a Ray actor of no CPU pinned to each other node. The
 driver collects every node's means at the same interval and logs them to the run as ``system/<metric>`` (one
@@ -25,18 +25,48 @@ log = logging.getLogger("simreg")
 PREFIX = "system/"
 
 
+def _proc_cpu() -> tuple[int, int]:
+    """(busy, total) jiffies of every CPU since boot (/proc/stat)."""
+    with open("/proc/stat") as f:
+        vals = [int(v) for v in f.readline().split()[1:]]
+    idle = vals[3] + (vals[4] if len(vals) > 4 else 0)  # idle + iowait
+    total = sum(vals[:8])  # guest times are inside user and nice already
+    return total - idle, total
+
+
+def _proc_memory() -> tuple[float, float]:
+    """(used, total) bytes: used = total - available (/proc/meminfo)."""
+    info: dict[str, int] = {}
+    with open("/proc/meminfo") as f:
+        for line in f:
+            k, _, rest = line.partition(":")
+            if k in ("MemTotal", "MemAvailable"):
+                info[k] = int(rest.split()[0]) * 1024
+    return float(info["MemTotal"] - info["MemAvailable"]), float(info["MemTotal"])
+
+
+def _proc_net() -> tuple[int, int]:
+    """(received, sent) bytes since boot over every interface but loopback (/proc/net/dev)."""
+    recv = sent = 0
+    with open("/proc/net/dev") as f:
+        for line in f.readlines()[2:]:
+            name, _, rest = line.partition(":")
+            if name.strip() == "lo":
+                continue
+            cols = rest.split()
+            recv, sent = recv + int(cols[0]), sent + int(cols[8])
+    return recv, sent
+
+
 class NodeSampler:
-    """This node's CPU, memory, disk, network and (where NVML finds a GPU) GPUs, sampled in a thread of this actor,
-    under the names of MLflow's own system metrics (psutil and pynvml directly: no MLflow import in the actor)."""
+    """This node's CPU, memory, disk, network and (where NVML finds a GPU) GPUs, sampled in a thread, under the names
+    of MLflow's own system metrics. Linux's /proc and statvfs directly (no psutil: it would also wake Ray's own
+    per-process reporter on every node), NVML through nvidia-ml-py."""
 
     def __init__(self, interval_s: float) -> None:
-        import psutil
-
         self.interval_s = interval_s
-        self._psutil = psutil
-        psutil.cpu_percent()  # its next call measures from here
-        net = psutil.net_io_counters()
-        self._net0 = (net.bytes_recv, net.bytes_sent)
+        self._cpu0 = _proc_cpu()  # the first sample measures from here
+        self._net0 = _proc_net()
         self._gpus: list[Any] = []
         try:
             import pynvml
@@ -57,17 +87,20 @@ class NodeSampler:
 
     def sample(self) -> tuple[dict[str, float], dict[str, float]]:
         """(gauges to average, counters since the start) now."""
-        ps = self._psutil
-        mem = ps.virtual_memory()
-        disk = ps.disk_usage(os.sep)
-        net = ps.net_io_counters()
+        busy, total = _proc_cpu()
+        cpu = 100.0 * (busy - self._cpu0[0]) / max(1, total - self._cpu0[1])
+        self._cpu0 = (busy, total)
+        used, mem_total = _proc_memory()
+        st = os.statvfs(os.sep)
+        disk_used, disk_free = (st.f_blocks - st.f_bfree) * st.f_frsize, st.f_bavail * st.f_frsize
+        recv, sent = _proc_net()
         gauges = {
-            "cpu_utilization_percentage": ps.cpu_percent(),
-            "system_memory_usage_megabytes": mem.used / 1e6,
-            "system_memory_usage_percentage": mem.used / mem.total * 100,
-            "disk_usage_percentage": disk.percent,
-            "disk_usage_megabytes": disk.used / 1e6,
-            "disk_available_megabytes": disk.free / 1e6,
+            "cpu_utilization_percentage": cpu,
+            "system_memory_usage_megabytes": used / 1e6,
+            "system_memory_usage_percentage": used / mem_total * 100,
+            "disk_usage_percentage": 100.0 * disk_used / max(1, disk_used + disk_free),
+            "disk_usage_megabytes": disk_used / 1e6,
+            "disk_available_megabytes": disk_free / 1e6,
         }
         for i, h in enumerate(self._gpus):
             try:
@@ -78,8 +111,8 @@ class NodeSampler:
                 gauges[f"gpu_{i}_power_usage_watts"] = self._nvml.nvmlDeviceGetPowerUsage(h) / 1000
             except Exception:  # noqa: BLE001  (a counter this GPU does not offer)
                 continue
-        counters = {"network_receive_megabytes": (net.bytes_recv - self._net0[0]) / 1e6,
-                    "network_transmit_megabytes": (net.bytes_sent - self._net0[1]) / 1e6}
+        counters = {"network_receive_megabytes": (recv - self._net0[0]) / 1e6,
+                    "network_transmit_megabytes": (sent - self._net0[1]) / 1e6}
         return gauges, counters
 
     def _run(self) -> None:

@@ -69,8 +69,9 @@ class Cluster:
         self._ray("start", "--head", "--num-cpus", "1", "--port", str(port), "--dashboard-host", "127.0.0.1",
                   "--dashboard-port", str(dash), "--temp-dir", str(self.root / "ray"), "--disable-usage-stats")
         # its own temp dir: two nodes of one machine sharing one would each delete the other's job working dirs
+        # the second node alone offers `teacher_node`: a run that asks its teacher actor for it places it there
         self._ray("start", "--address", f"127.0.0.1:{port}", "--num-cpus", "1", "--temp-dir", str(self.root / "ray-node2"),
-                  "--disable-usage-stats")
+                  "--resources", '{"teacher_node": 1}', "--disable-usage-stats")
         return self
 
     def down(self) -> None:
@@ -165,10 +166,25 @@ def _fresh_cluster(root: Path, old: Cluster | None) -> Cluster:
 def test_distill_job_stopped_then_resumed_from_the_bucket_on_a_fresh_cluster(cluster_root, s3, mlflow_server_url):
     prefix = f"runs/{uuid.uuid4().hex[:8]}"
     out = f"s3://{BUCKET}/{prefix}"
+    # the teacher's weights in the bucket (pinned), fetched by its actor on the second node
+    import hashlib
+
+    import boto3
+
+    weights = REPO / "models" / "weights" / "fmnist_simclr_resnet10t.safetensors"
+    boto3.client("s3", endpoint_url=s3).upload_file(str(weights), BUCKET, f"{prefix}-teachers/simclr.safetensors")
+    pin = hashlib.sha256(weights.read_bytes()).hexdigest()
     cmd = [str(BIN / "simreg"), "distill", "--output-dir", out, "--tracking-uri", mlflow_server_url,
-           "train.epochs=3", f"cache.dir=s3://{BUCKET}/cache", *SMALL]
+           "train.epochs=3", f"cache.dir=s3://{BUCKET}/cache", *SMALL,
+           f"teachers.0.weights=s3://{BUCKET}/{prefix}-teachers/simclr.safetensors", f"teachers.0.sha256={pin}",
+           'teacher_pool.resources={"teacher_node": 0.01}', "tracking.system_metrics_s=2"]
     scratch_before = set(Path("/tmp").glob("simreg-scratch-*"))
     c = _fresh_cluster(cluster_root, None)
+    # `simreg doctor` from a job on the cluster, against everything the run will use: every row ok, exit 0
+    c.submit("doctor", str(BIN / "simreg"), "doctor", *cmd[2:], wait=True)
+    doctor = c.logs("doctor")
+    assert c.status("doctor") == "SUCCEEDED" and doctor.rstrip().endswith("every check passed"), doctor[-3000:]
+    assert "2 node(s)" in doctor and "conditional writes enforced" in doctor, doctor[-3000:]
     c.submit("distill-1", *cmd)
     c.wait_for("distill-1", "epoch 1/3")
     deadline = time.time() + 120  # epoch 0's checkpoint committed in the bucket, then stop mid epoch 1
@@ -215,6 +231,13 @@ def test_distill_job_stopped_then_resumed_from_the_bucket_on_a_fresh_cluster(clu
     assert any(k.endswith(f"{run_id}/artifacts/student/student.safetensors") for k in s3_objects(s3, BUCKET, "mlflow/"))
     metrics = {m["key"] for m in _mlflow(mlflow_server_url, f"runs/get?run_id={run_id}")["run"]["data"]["metrics"]}
     assert {"train/loss", "knn/student/top1_20nn", "knn/student_gain_20nn"} <= metrics
+    # both nodes' system metrics, each under its node's name (a sampler thread in the driver, an actor on the other;
+    # the two attempts ran on two clusters, and a second node of one host is named by its node id)
+    per_node = {k for k in metrics if k.startswith("system/") and k.endswith("/cpu_utilization_percentage")}
+    assert len(per_node) >= 2 and summary["system_metrics"]["nodes"] == 2 and summary["system_metrics"]["steps"] > 0, metrics
+    # the teacher ran on the second node (the only one with `teacher_node`) from the bucket's file, its pin checked
+    teachers = [r for r in summary["placements"] if r.get("role") == "teacher"]
+    assert teachers and all("teacher_node" in r["resources"] for r in teachers), summary["placements"]
     history_steps = _mlflow(mlflow_server_url, f"metrics/get-history?run_id={run_id}&metric_key=train/loss")["metrics"]
     assert sorted(m["step"] for m in history_steps) == [0, 1, 2]  # each epoch once, across both attempts
     assert _local_leftovers(cluster_root, REPO) == [] and set(Path("/tmp").glob("simreg-scratch-*")) == scratch_before
