@@ -12,9 +12,10 @@ tasks, the teacher actor, the target cache, the Train workers), not the models, 
 epochs with one view per image (``augment.view_bank=1``) and the target cache on: epoch 1 computes every
 target and stores it, epoch 2 reads every one back from the cache (with a bank of K views the first K epochs
 would all compute). The layout of the first command (one Train worker and the teacher actor on one thread
-each, 512-row blocks) is the fastest measured on 2 cores; its 64 MiB shard bound makes epoch 2 at 1M read its
-shards back from storage, and its 1 GiB object store bounds what every block-moving process maps of it (at 20,000 images, epoch 2: 1,707 images/s, against
-1,244-1,383 with 2 torch threads in the worker, or in the worker and the teacher actor). The cache lives in a fresh folder per point (a local one; at the first
+each, 512-row blocks) is the fastest measured on 2 cores (at 20,000 images, epoch 2: 1,707 images/s, against
+1,244-1,383 with 2 torch threads in the worker, or in the worker and the teacher actor); its 64 MiB shard bound
+makes epoch 2 at 1M read its shards back from storage, and its 1 GiB object store bounds what every
+block-moving process maps of it. The cache lives in a fresh folder per point (a local one; at the first
 size also a bucket on an S3 server, moto's, on 127.0.0.1). Every process of a run is sampled for memory every
 ``--every`` s (``benchmarks/memory.py``: peak RSS per process kind). After each run, ``simreg cache info`` is
 timed on its cache. The ceiling: the same views, teacher and student step in one process with 2 torch threads

@@ -347,7 +347,14 @@ class TrackingConfig(_Strict):
     )
     system_metrics_s: float = Field(
         10.0, ge=0, description="seconds between two samples of every node's CPU, memory, disk, network and GPUs, logged to "
-        "the run as system/... (MLflow's System metrics tab); 0 = none")
+        "the run as system/... (MLflow's System metrics tab); 0 = none, else at least 0.5")
+
+    @field_validator("system_metrics_s")
+    @classmethod
+    def _interval(cls, v: float) -> float:
+        if 0 < v < 0.5:
+            raise ValueError("sample at most every 0.5 s (or 0: none)")
+        return v
 
 
 class RayConfig(_Strict):

@@ -23,8 +23,8 @@ TRIM_FRACTION = 0.25  # the heap is given back to the system each time this frac
 
 def _malloc_trim() -> ctypes._CFuncPtr | None:  # type: ignore[name-defined]
     """glibc's ``malloc_trim``, or None (another C library). Shards are ~100 kB arrays made and freed by several threads
-    in an order the LRU decides: glibc keeps the holes they leave in its per-thread heaps, and a process that reads
-    past its bound held ~2.4 x the bound in them (benchmarks/million.py); ``malloc_trim(0)`` hands free pages back."""
+    in an order the LRU decides: glibc keeps the holes they leave in its per-thread heaps (with Arrow's pages below, a
+    process reading past its bound held ~2.4 x the bound); ``malloc_trim(0)`` hands free pages back."""
     try:
         libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
         return libc.malloc_trim  # type: ignore[no-any-return]
@@ -38,7 +38,7 @@ MALLOC_TRIM = _malloc_trim()
 def release_arrow() -> None:
     """Hand back the pages Arrow's allocator (mimalloc) keeps for this thread, after a shard is encoded or decoded
     in it (well under a microsecond). mimalloc keeps freed pages in a heap per thread, and only the thread itself can
-    hand them back: a reader of 4 I/O threads held ~4 x its bound in them."""
+    hand them back (a reader of 4 I/O threads kept most of what it freed)."""
     pa.default_memory_pool().release_unused()
 
 

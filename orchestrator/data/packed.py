@@ -91,8 +91,8 @@ def _cache_fingerprint(info: Mapping[str, Any], store_size: int) -> str:
 @dataclass(frozen=True)
 class PackedRows:
     """Rows of one pack split as a lazy uint8 (N, S, S, 3) array: indexing selects rows without decoding,
-    ``np.asarray`` decodes just those rows, ``pieces`` plans a streamed read ({shard, ids, store_size} per
-    piece of one shard) that ``read_piece`` reads in a Ray Data view task (``StreamedImages``)."""
+    ``np.asarray`` decodes just those rows, ``pieces`` plans a streamed read ({shard, start, stop, ids,
+    store_size} per piece of one shard: ``piece_ids``) that ``read_piece`` reads in a Ray Data view task (``StreamedImages``)."""
 
     root: str
     split: str
@@ -117,10 +117,12 @@ class PackedRows:
         """(shard path, sorted ids) pieces of at most ``rows_per_chunk`` rows, each within one shard."""
         out: list[tuple[str, np.ndarray]] = []
         ids = np.sort(self.rows)
+        if not len(ids):
+            return out
         order = np.argsort(self.shard_of[ids], kind="stable")  # by shard, ids sorted within: one pass, not one per shard
         ids = ids[order]
         owner = self.shard_of[ids]
-        starts = np.flatnonzero(np.r_[True, owner[1:] != owner[:-1]]) if len(ids) else np.zeros(0, np.int64)
+        starts = np.flatnonzero(np.r_[True, owner[1:] != owner[:-1]])
         for s, e in zip(starts.tolist(), [*starts[1:].tolist(), len(ids)], strict=True):
             mine = ids[s:e]
             out += [(self.shards[int(owner[s])], mine[i : i + rows_per_chunk]) for i in range(0, len(mine), rows_per_chunk)]

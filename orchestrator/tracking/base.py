@@ -36,6 +36,9 @@ class RunTracker(Protocol):
     def logged_steps(self, metric: str) -> set[int]:
         """Steps at which ``metric`` is already logged (a resumed run logs the missing epochs only)."""
 
+    def metric_names(self) -> set[str]:
+        """The metrics the run holds (each with its latest value)."""
+
     def end(self, status: str) -> None:
         """Close the run with one of ``RUN_STATUSES``."""
 

@@ -113,6 +113,9 @@ class MlflowRun:
     def logged_steps(self, metric: str) -> set[int]:
         return {m.step for m in self.client.get_metric_history(self.run_id, metric)}
 
+    def metric_names(self) -> set[str]:
+        return set(self.client.get_run(self.run_id).data.metrics)
+
     def end(self, status: str = "FINISHED") -> None:
         """End the run as ``status``; a KILLED run's RUNNING child runs (a sweep's trials) end KILLED with it."""
         if not fence.tracking_allowed(ending=status == "KILLED"):

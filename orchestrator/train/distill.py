@@ -17,7 +17,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
-from simreg.models.errors import SimRegError
+from simreg.models.errors import SimRegError, first_line
 from simreg.orchestrator import fence
 from simreg.orchestrator.config import SimRegConfig, flatten
 from simreg.orchestrator.evaluation.final import final_knn, knn_table
@@ -63,7 +63,7 @@ def _distill(
     config_file = publish(out, local, "config.json", safe_config_json(cfg))  # a local copy for MLflow at the end
 
     # 1-2. data (distillation subset, k-NN bank and queries, validation sets) and teachers, before Ray
-    prep = run_maps(out, prepare(cfg), resuming)
+    prep = run_maps(out, prepare(cfg, check_export=True), resuming)
     marks = {"data_ready": time.time()}  # start-up events, unix time (the run's actors add theirs to RunState)
     specs, teacher_dims, evals = prep.specs, prep.teacher_dims, prep.final_eval
 
@@ -308,9 +308,10 @@ def student_onnx(folder: Path) -> dict[str, Any]:
 
     try:
         record = export_onnx(folder)
-    except SimRegError as e:
-        log.warning("export.onnx=true: %s; the student is in %s as safetensors", e, folder)
-        return {"error": str(e)}
+    except Exception as e:  # noqa: BLE001  (the exporter, onnxruntime or the disk: the trained student is kept either way)
+        why = str(e) if isinstance(e, SimRegError) else f"{type(e).__name__}: {first_line(e, 300)}"
+        log.warning("export.onnx=true: %s; the student is in %s as safetensors", why, folder)
+        return {"error": why}
     log.info("student exported to ONNX: opset %d, parity with PyTorch %.1e (max abs over %d inputs)", record["opset"],
              record["parity_max_abs_diff"], record["parity_inputs"])
     return {**record, "onnx": Path(record["onnx"]).name}

@@ -40,10 +40,11 @@ class Prepared:
     target_maps: dict[str, NormMap] = field(default_factory=dict)  # their maps, what the workers apply
 
 
-def prepare(cfg: SimRegConfig, quiet: bool = False, stats_for_all: bool = False) -> Prepared:
+def prepare(cfg: SimRegConfig, quiet: bool = False, stats_for_all: bool = False, check_export: bool = False) -> Prepared:
     """Phases 1-2: load data and every teacher once, so a bad path or name fails before Ray starts; the target
     statistics of the teachers whose ``normalize`` needs them (``stats_for_all``: of every teacher, stored beside
-    the cache for trials that will need them)."""
+    the cache for trials that will need them); with ``check_export`` (a run's or a sweep's driver) and
+    ``export.onnx=true``, the student's network tried through the ONNX exporter."""
     train_full, held_out = load_splits(cfg.data, cfg.seed)
     # A streamed source (a pack, synthetic images): only the evaluation images are decoded or generated here
     train = train_full.subset(cfg.data.train_size, cfg.seed)
@@ -80,7 +81,7 @@ def prepare(cfg: SimRegConfig, quiet: bool = False, stats_for_all: bool = False)
                 stats[spec.name], maps[spec.name] = st, teacher_map(tcfg, f"teachers.{i}", st)
         del teacher
     build_objective(cfg, dims, maps)  # fails early on an unknown student arch or a bad head design
-    if cfg.export.onnx:  # an operator ONNX lacks is found now, not after the training
+    if check_export and cfg.export.onnx:  # an operator ONNX lacks is found now, not after the training
         from simreg.orchestrator.evaluation.onnx_export import check_exports
 
         check_exports(cfg.student.arch, cfg.student_input_size, dict(cfg.student.model_kwargs))

@@ -106,7 +106,8 @@ def _sweep(
 
     # 2. data and teachers once in the driver: a bad path fails here, not in every trial
     # a space that sets teachers[i].normalize: every teacher's statistics stored beside the cache now, read by the trials
-    prep = prepare(base_cfg, stats_for_all=any(k.startswith("teachers.") and k.endswith(".normalize") for k in keys))
+    prep = prepare(base_cfg, stats_for_all=any(k.startswith("teachers.") and k.endswith(".normalize") for k in keys),
+                   check_export=True)
 
     # 3. Ray, concurrency from the cluster's resources: with the teacher fleet (teacher_pool.fleet) the teachers
     #    hold their resources once and a trial only its student workers and view tasks
@@ -411,10 +412,13 @@ def _to_sweep_runs(parent: Any, runs_file: Store, uri: str) -> Any:
     backend = backend_for(uri)
 
     def log_metrics(metrics: Any, step: int) -> None:
-        parent.log_metrics(metrics, step)
-        runs = json.loads(runs_file.read_text()) if runs_file.is_file() else {}
-        for entry in runs.values():
-            if entry.get("status") == "RUNNING":
-                backend.attach(entry["run_id"]).log_metrics(metrics, step)
+        parent.log_metrics(metrics, step)  # raises when the store fails: the step is not counted
+        try:  # the trials' copies are best effort: the parent's step is logged, so the step counts
+            runs = json.loads(runs_file.read_text()) if runs_file.is_file() else {}
+            for entry in runs.values():
+                if entry.get("status") == "RUNNING":
+                    backend.attach(entry["run_id"]).log_metrics(metrics, step)
+        except Exception as e:  # noqa: BLE001
+            log.debug("system metrics: not logged to every trial (%s)", first_line(e, 200))
 
     return log_metrics

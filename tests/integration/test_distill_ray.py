@@ -129,7 +129,8 @@ def test_mlflow_run_has_params_epoch_metrics_and_artifacts(distilled):
     cpu = client.get_metric_history(run.info.run_id, "system/cpu_utilization_percentage")
     assert len(cpu) >= 2 and sorted(m.step for m in cpu) == list(range(len(cpu))) and any(m.value > 0 for m in cpu)
     assert {"system/system_memory_usage_megabytes", "system/disk_usage_percentage", "system/network_receive_megabytes"} <= set(run.data.metrics)
-    assert not any(k.startswith("system/gpu_") for k in run.data.metrics)  # no GPU on this node
+    if not torch.cuda.is_available():
+        assert not any(k.startswith("system/gpu_") for k in run.data.metrics)  # no GPU here: no GPU series
 
 
 def test_exported_student_loads_in_timm_with_same_features(distilled):

@@ -104,11 +104,17 @@ def test_a_node_that_left_is_dropped_and_the_others_still_logged(monkeypatch, ca
     assert list(sm.samplers) == ["a"] and not caplog.records
 
 
-@pytest.mark.parametrize(("steps", "first"), [(set(), 0), ({0, 1, 7}, 8)])
-def test_a_resumed_run_goes_on_after_the_steps_it_logged(steps, first):
+@pytest.mark.parametrize(("logged", "first"), [
+    ({}, 0),
+    ({f"{PREFIX}cpu_utilization_percentage": {0, 1, 7}, "train/loss": {0, 1, 2, 3, 40}}, 8),
+    ({f"{PREFIX}a/cpu_utilization_percentage": {0, 3}, f"{PREFIX}b-1234/cpu_utilization_percentage": {5}}, 6),  # several nodes
+])
+def test_a_resumed_run_goes_on_after_the_steps_it_logged(logged, first):
     class Tracker:
+        def metric_names(self) -> set[str]:
+            return set(logged)
+
         def logged_steps(self, metric: str) -> set[int]:
-            assert metric == f"{PREFIX}cpu_utilization_percentage"
-            return steps
+            return logged[metric]
 
     assert system_step(Tracker()) == first
