@@ -86,7 +86,7 @@ def _run_sweep(tmp_path: Path, monkeypatch, fails: list[bool]) -> tuple[Path, di
     monkeypatch.setattr(sweep_mod, "backend_for", lambda uri: _Backend(uri, book))
     monkeypatch.setattr(callback_mod, "backend_for", lambda uri: _Backend(uri, book))
     monkeypatch.setattr(rundir, "preflight", lambda *a: None)  # no server to reach
-    monkeypatch.setattr(prepare_mod, "prepare", lambda cfg, quiet=False, stats_for_all=False: None)
+    monkeypatch.setattr(prepare_mod, "prepare", lambda cfg, quiet=False, stats_for_all=False, check_export=False: None)
     monkeypatch.setattr(trainer_mod, "init_ray", lambda cfg: {"CPU": 2.0})
     real_with_parameters = tune.with_parameters
 
