@@ -205,7 +205,6 @@ class SystemMetrics:
 
     def collect(self) -> dict[str, float]:
         """Every node's means since the last collection, logged as one step (returned, for tests)."""
-
         names = list(self.samplers)
         try:
             got = self._ask(names, "take")
@@ -225,8 +224,8 @@ class SystemMetrics:
 
     def _ask(self, names: list[str], method: str) -> list[Any]:
         """``method()`` of every sampler in ``names`` (in this process, or the actors' answers within max(10 s, the
-        interval)). A
-        sampler that does not answer is left out this time; one whose node went (an elastic cluster shrank) is dropped."""
+        interval)). A sampler that does not answer is left out this time; one whose node went (an elastic cluster
+        shrank) is dropped."""
         import ray
         from ray.exceptions import RayActorError
 
